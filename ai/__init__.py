@@ -1,0 +1,1 @@
+"""Image analysis: normalisation, lung-field segmentation and classification (no networking, no database)."""

@@ -1,0 +1,1 @@
+"""Persistence: SQLAlchemy models, schema versioning and the analysis job queue."""

@@ -1,0 +1,74 @@
+"""Engine creation and schema check.
+
+SQLite is made safe for several processes: WAL journal, synchronous=FULL (a commit survives power loss before we
+answer Success), a busy timeout, and every transaction opened with BEGIN IMMEDIATE so that two writers never both
+read-then-write the same job. PostgreSQL needs none of this: its claim uses FOR UPDATE SKIP LOCKED instead.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from .models import SCHEMA_VERSION, Base, SchemaInfo
+
+SQLITE_BUSY_TIMEOUT_S = 30
+
+
+class SchemaError(RuntimeError):
+    """The database was written by a node with another schema version."""
+
+
+def make_engine(url: str) -> Engine:
+    """Create an engine; for SQLite also create the file's directory and install the multi-process settings."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True, hide_parameters=True)
+
+    if parsed.database and parsed.database != ":memory:":
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(
+        url,
+        connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False},
+        hide_parameters=True,  # SQL errors end up in logs: never with row values
+    )
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record):  # type: ignore[no-untyped-def]
+        # Let SQLAlchemy's "begin" hook below issue BEGIN itself instead of pysqlite's deferred BEGIN.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_S * 1000}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection):  # type: ignore[no-untyped-def]
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def init_schema(engine: Engine) -> int:
+    """Create missing tables and check the schema version; returns the version. Raises SchemaError on mismatch."""
+    Base.metadata.create_all(engine)
+    with Session(engine) as session, session.begin():
+        info = session.scalars(select(SchemaInfo).order_by(SchemaInfo.id).limit(1)).first()
+        if info is None:
+            session.add(SchemaInfo(version=SCHEMA_VERSION))
+            return SCHEMA_VERSION
+        if info.version != SCHEMA_VERSION:
+            raise SchemaError(
+                f"database schema version {info.version}, this node expects {SCHEMA_VERSION}: "
+                "migrate or point database.url at a new database"
+            )
+        return info.version

@@ -1,0 +1,105 @@
+"""Recording received instances: the instance row and its analysis job are committed in one transaction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from .models import Event, Instance, Job, JobState, utcnow
+
+
+@dataclass(frozen=True)
+class ReceivedInstance:
+    """Technical facts about one archived file; no patient name or ID by design."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    accession_number: str | None
+    modality: str | None
+    calling_aet: str
+    archive_path: str
+    size_bytes: int
+    sha256: str
+    transfer_syntax_uid: str
+    in_scope: bool
+    scope_reason: str
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    instance_id: int
+    archive_path: str
+    sha256: str
+    calling_aet: str
+
+
+def _initial_job(rec: ReceivedInstance) -> Job:
+    if rec.in_scope:
+        return Job(state=JobState.QUEUED, attempts=0)
+    return Job(state=JobState.NOT_ANALYSED, attempts=0, reason=rec.scope_reason)
+
+
+def find_instance(engine: Engine, sop_instance_uid: str) -> StoredInstance | None:
+    with Session(engine) as session:
+        inst = session.scalars(select(Instance).where(Instance.sop_instance_uid == sop_instance_uid)).first()
+        if inst is None:
+            return None
+        return StoredInstance(inst.id, inst.archive_path, inst.sha256, inst.calling_aet)
+
+
+def record_new(engine: Engine, rec: ReceivedInstance) -> int:
+    """Insert the instance, its job and a 'received' event atomically; returns the job id.
+
+    Raises sqlalchemy.exc.IntegrityError when another association recorded the same SOP Instance UID first.
+    """
+    with Session(engine) as session, session.begin():
+        inst = Instance(**{f.name: getattr(rec, f.name) for f in fields(rec)}, received_at=utcnow())
+        job = _initial_job(rec)
+        inst.jobs.append(job)
+        session.add(inst)
+        session.add(Event(kind="received", sop_instance_uid=rec.sop_instance_uid, calling_aet=rec.calling_aet,
+                          detail=f"{rec.size_bytes} bytes, scope={rec.scope_reason}"))
+        session.flush()
+        return job.id
+
+
+def record_replacement(engine: Engine, rec: ReceivedInstance, set_aside_path: str) -> int | None:
+    """The archived file was replaced by new content: update the row and make sure the new content is analysed.
+
+    A job still queued will read the new file anyway, so no second job is added for it; otherwise a new job is
+    queued. Returns the id of the job that will analyse the new content (None when out of scope).
+    """
+    with Session(engine) as session, session.begin():
+        inst = session.scalars(select(Instance).where(Instance.sop_instance_uid == rec.sop_instance_uid)).one()
+        for f in fields(rec):
+            setattr(inst, f.name, getattr(rec, f.name))
+        inst.received_at = utcnow()
+        session.add(Event(kind="replaced", sop_instance_uid=rec.sop_instance_uid, calling_aet=rec.calling_aet,
+                          detail=f"new sha256 {rec.sha256}; previous copy kept at {set_aside_path}"))
+        queued = [j for j in inst.jobs if j.state == JobState.QUEUED]
+        if queued and rec.in_scope:
+            return queued[0].id
+        for job in queued:  # out of scope now: the queued job must not analyse it
+            job.state = JobState.NOT_ANALYSED
+            job.reason = rec.scope_reason
+        job = _initial_job(rec)
+        inst.jobs.append(job)
+        session.flush()
+        return job.id if rec.in_scope else None
+
+
+def record_event(engine: Engine, kind: str, sop_instance_uid: str | None, calling_aet: str | None,
+                 detail: str) -> None:
+    with Session(engine) as session, session.begin():
+        session.add(Event(kind=kind, sop_instance_uid=sop_instance_uid, calling_aet=calling_aet, detail=detail))
+
+
+def count_instances(engine: Engine) -> int:
+    from sqlalchemy import func
+
+    with Session(engine) as session:
+        return int(session.scalar(select(func.count()).select_from(Instance)) or 0)

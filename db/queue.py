@@ -1,0 +1,201 @@
+"""The analysis queue contract shared by the intake (producer) and the worker processes (consumers).
+
+A worker *claims* one job atomically and holds it under a lease; it then *completes* it, *fails* it (retried until
+``max_attempts``, then failed for good), or marks it *not analysed* with a reason. Every write after the claim is
+fenced by the lease owner, so a worker whose lease was taken back cannot overwrite the new owner's result. A job
+whose lease expired (crashed worker) is claimable again.
+
+On SQLite the claim runs inside BEGIN IMMEDIATE (see ``db.engine``), which serialises writers; on PostgreSQL the same
+statement renders ``FOR UPDATE SKIP LOCKED`` so that concurrent workers skip each other's rows instead of waiting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import Engine, and_, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from .models import Event, Instance, Job, JobState, utcnow
+
+ERROR_TEXT_LIMIT = 2000
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """What a worker needs to process a claimed job, detached from any session."""
+
+    job_id: int
+    instance_id: int
+    sop_instance_uid: str
+    archive_path: str
+    attempt: int
+    lease_owner: str
+    lease_expires_at: datetime
+
+
+def _claimable(now: datetime):  # type: ignore[no-untyped-def]
+    return or_(
+        Job.state == JobState.QUEUED,
+        and_(Job.state == JobState.RUNNING, Job.lease_expires_at < now),
+    )
+
+
+def claim(engine: Engine, worker_id: str, lease_seconds: float, max_attempts: int) -> ClaimedJob | None:
+    """Claim the oldest queued job (or one whose lease expired) for ``worker_id``; None when there is none.
+
+    A job taken back from a crashed worker that has already used ``max_attempts`` ends as failed instead of
+    being handed out again, so a poison input cannot crash workers forever.
+    """
+    while True:
+        now = utcnow()
+        with Session(engine) as session, session.begin():
+            stmt = (
+                select(Job)
+                .where(_claimable(now))
+                .order_by(Job.id)
+                .limit(1)
+                .with_for_update(skip_locked=True)
+            )
+            job = session.scalars(stmt).first()
+            if job is None:
+                return None
+            if job.state == JobState.RUNNING and job.attempts >= max_attempts:
+                job.state = JobState.FAILED
+                job.reason = "lease_expired"
+                job.last_error = f"worker {job.lease_owner} lost its lease {job.attempts} times"
+                job.lease_owner = None
+                job.lease_expires_at = None
+                session.add(Event(kind="job_failed", sop_instance_uid=job.instance.sop_instance_uid,
+                                  detail=f"job {job.id}: lease expired after {job.attempts} attempts"))
+                continue
+            if job.state == JobState.RUNNING:
+                session.add(Event(kind="job_taken_back", sop_instance_uid=job.instance.sop_instance_uid,
+                                  detail=f"job {job.id}: lease of {job.lease_owner} expired"))
+            job.state = JobState.RUNNING
+            job.attempts += 1
+            job.lease_owner = worker_id
+            job.lease_expires_at = now + timedelta(seconds=lease_seconds)
+            instance = job.instance
+            return ClaimedJob(
+                job_id=job.id,
+                instance_id=instance.id,
+                sop_instance_uid=instance.sop_instance_uid,
+                archive_path=instance.archive_path,
+                attempt=job.attempts,
+                lease_owner=worker_id,
+                lease_expires_at=job.lease_expires_at,
+            )
+
+
+def _fenced_update(engine: Engine, job: ClaimedJob, event_kind: str, detail: str, **values: object) -> bool:
+    """Apply ``values`` only if ``job`` is still running under this worker's lease; returns whether it was."""
+    with Session(engine) as session, session.begin():
+        result = session.execute(
+            update(Job)
+            .where(Job.id == job.job_id, Job.state == JobState.RUNNING, Job.lease_owner == job.lease_owner)
+            .values(updated_at=utcnow(), **values)
+        )
+        if result.rowcount != 1:
+            return False
+        session.add(Event(kind=event_kind, sop_instance_uid=job.sop_instance_uid, detail=detail))
+        return True
+
+
+def extend_lease(engine: Engine, job: ClaimedJob, lease_seconds: float) -> bool:
+    """Keep a long-running job; False means the lease was lost and the worker must drop its result."""
+    with Session(engine) as session, session.begin():
+        result = session.execute(
+            update(Job)
+            .where(Job.id == job.job_id, Job.state == JobState.RUNNING, Job.lease_owner == job.lease_owner)
+            .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+        )
+        return result.rowcount == 1
+
+
+def complete(engine: Engine, job: ClaimedJob) -> bool:
+    return _fenced_update(
+        engine, job, "job_done", f"job {job.job_id} done on attempt {job.attempt}",
+        state=JobState.DONE, lease_owner=None, lease_expires_at=None, reason=None, last_error=None,
+    )
+
+
+def mark_not_analysed(engine: Engine, job: ClaimedJob, reason: str, detail: str = "") -> bool:
+    """The image was looked at and refused (e.g. ``no_lung_fields``): a final state, not an error."""
+    return _fenced_update(
+        engine, job, "job_not_analysed", f"job {job.job_id}: {reason}",
+        state=JobState.NOT_ANALYSED, lease_owner=None, lease_expires_at=None, reason=reason,
+        last_error=detail[:ERROR_TEXT_LIMIT] or None,
+    )
+
+
+def fail(engine: Engine, job: ClaimedJob, reason: str, error: str, max_attempts: int,
+         retryable: bool = True) -> JobState | None:
+    """Record a failed attempt: back to queued while attempts remain and the error is retryable, else failed.
+
+    Returns the new state, or None if this worker no longer held the lease.
+    """
+    final = not retryable or job.attempt >= max_attempts
+    state = JobState.FAILED if final else JobState.QUEUED
+    ok = _fenced_update(
+        engine, job, "job_failed" if final else "job_retry",
+        f"job {job.job_id} attempt {job.attempt}: {reason}",
+        state=state, lease_owner=None, lease_expires_at=None, reason=reason,
+        last_error=error[:ERROR_TEXT_LIMIT],
+    )
+    return state if ok else None
+
+
+def reclaim_expired(engine: Engine, max_attempts: int) -> int:
+    """Put every job whose lease expired back in the queue (or fail it when out of attempts); returns the count."""
+    now = utcnow()
+    with Session(engine) as session, session.begin():
+        expired = session.scalars(
+            select(Job).where(Job.state == JobState.RUNNING, Job.lease_expires_at < now)
+            .with_for_update(skip_locked=True)
+        ).all()
+        for job in expired:
+            out_of_attempts = job.attempts >= max_attempts
+            session.add(Event(kind="job_failed" if out_of_attempts else "job_taken_back",
+                              sop_instance_uid=job.instance.sop_instance_uid,
+                              detail=f"job {job.id}: lease of {job.lease_owner} expired"))
+            job.state = JobState.FAILED if out_of_attempts else JobState.QUEUED
+            job.reason = "lease_expired" if out_of_attempts else job.reason
+            job.lease_owner = None
+            job.lease_expires_at = None
+        return len(expired)
+
+
+def counts_by_state(engine: Engine) -> dict[str, int]:
+    with Session(engine) as session:
+        rows = session.execute(select(Job.state, func.count()).group_by(Job.state)).all()
+    counts = {state.value: 0 for state in JobState}
+    counts.update({state.value if isinstance(state, JobState) else str(state): n for state, n in rows})
+    return counts
+
+
+@dataclass(frozen=True)
+class JobRow:
+    job_id: int
+    state: str
+    attempts: int
+    reason: str | None
+    sop_instance_uid: str
+    modality: str | None
+    calling_aet: str
+    received_at: datetime
+    updated_at: datetime
+
+
+def list_jobs(engine: Engine, state: JobState | None = None, limit: int = 100) -> list[JobRow]:
+    """Newest first, for the CLI's table."""
+    with Session(engine) as session:
+        stmt = select(Job, Instance).join(Instance).order_by(Job.id.desc()).limit(limit)
+        if state is not None:
+            stmt = stmt.where(Job.state == state)
+        return [
+            JobRow(job.id, job.state.value, job.attempts, job.reason, inst.sop_instance_uid, inst.modality,
+                   inst.calling_aet, inst.received_at, job.updated_at)
+            for job, inst in session.execute(stmt).all()
+        ]

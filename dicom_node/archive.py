@@ -1,0 +1,120 @@
+"""The on-disk archive: durable placement of received files, the free-disk reserve, and conflict copies.
+
+Durability order (a C-STORE is acknowledged only after all of it): the received bytes are already in a temporary
+file under ``tmp/`` on the same file system; we fsync that file, rename it to
+``archive/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm`` and fsync the directories we touched. A crash at any moment
+leaves either no archive file or a whole one: the rename is atomic and partial data only ever lives in ``tmp/``,
+which is emptied at start-up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+from pathlib import Path
+
+UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+class InvalidUID(ValueError):
+    """A UID that is not a DICOM UID: it must never become part of a path."""
+
+
+def check_uid(uid: str | None, name: str) -> str:
+    uid = (uid or "").strip().rstrip("\x00")
+    if not uid or len(uid) > 64 or not UID_PATTERN.match(uid):
+        raise InvalidUID(f"{name} is missing or not a valid UID")
+    return uid
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory by path (Linux allows fsync on any descriptor of the inode)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Archive:
+    """Everything the node keeps on disk lives under ``root``."""
+
+    def __init__(self, root: Path, reserve_bytes: int) -> None:
+        self.root = root
+        self.archive_dir = root / "archive"
+        self.tmp_dir = root / "tmp"
+        self.conflicts_dir = root / "conflicts"
+        self.reserve_bytes = reserve_bytes
+
+    def prepare(self) -> int:
+        """Create the directories and delete leftovers of interrupted receptions; returns how many were removed."""
+        for directory in (self.root, self.archive_dir, self.tmp_dir, self.conflicts_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+        removed = 0
+        for leftover in self.tmp_dir.iterdir():
+            if leftover.is_file():
+                leftover.unlink()
+                removed += 1
+        return removed
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def has_room_for(self, incoming_bytes: int) -> bool:
+        """True while writing ``incoming_bytes`` more keeps free space above the reserve."""
+        return self.free_bytes() - incoming_bytes >= self.reserve_bytes
+
+    def relative(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+    def absolute(self, relative_path: str) -> Path:
+        return self.root / relative_path
+
+    def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        return self.archive_dir / study_uid / series_uid / f"{sop_uid}.dcm"
+
+    def _make_dirs_durable(self, directory: Path) -> None:
+        """Create ``directory`` and fsync each parent whose entry list changed."""
+        missing: list[Path] = []
+        current = directory
+        while not current.exists():
+            missing.append(current)
+            current = current.parent
+        directory.mkdir(parents=True, exist_ok=True)
+        for created in reversed(missing):
+            fsync_path(created.parent)
+
+    def place(self, tmp_file: Path, target: Path) -> None:
+        """Durably move a fully received temporary file to its archive path (replacing any file there)."""
+        fsync_path(tmp_file)
+        self._make_dirs_durable(target.parent)
+        os.replace(tmp_file, target)
+        fsync_path(target.parent)
+
+    def remove(self, target: Path) -> None:
+        """Undo ``place`` when the database commit failed: nothing may stay in the archive without a row."""
+        try:
+            target.unlink()
+        except FileNotFoundError:
+            return
+        fsync_path(target.parent)
+
+    def set_aside(self, source: Path, sop_uid: str, sha256: str) -> Path:
+        """Keep a copy that must not be analysed (a conflicting duplicate, a superseded version) under conflicts/."""
+        target = self.conflicts_dir / f"{sop_uid}.{sha256[:16]}.dcm"
+        fsync_path(source)
+        os.replace(source, target)
+        fsync_path(self.conflicts_dir)
+        if source.parent != self.tmp_dir:
+            fsync_path(source.parent)
+        return target

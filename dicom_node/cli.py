@@ -1,0 +1,157 @@
+"""``dicom-node``: serve, status, jobs.
+
+Every subcommand takes ``--config`` and ``--set section.key=value`` so that any configuration key can be changed
+from the command line; a bad value stops the command with exit status 2 and a message naming the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import Engine
+
+from db.engine import SchemaError, init_schema, make_engine
+from db.models import JobState
+from db.queue import counts_by_state, list_jobs
+
+from . import __version__
+from .archive import Archive
+from .config import ConfigError, NodeConfig, load_config, parse_set_options
+
+LOG = logging.getLogger("dicom_node")
+EXIT_CONFIG = 2
+
+
+@dataclass
+class Runtime:
+    config: NodeConfig
+    archive: Archive
+    engine: Engine
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # pynetdicom's INFO lines are per-PDU chatter; its DEBUG level dumps whole messages.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING if level != "DEBUG" else logging.INFO)
+
+
+def _open_runtime(args: argparse.Namespace) -> Runtime:
+    config = load_config(args.config, parse_set_options(args.set))
+    _setup_logging(config["logging.level"])
+    archive = Archive(config.storage_root, int(config["storage.free_disk_reserve_mb"] * 1024 * 1024))
+    archive.prepare() if args.command == "serve" else archive.root.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(config.database_url)
+    init_schema(engine)
+    return Runtime(config, archive, engine)
+
+
+def _cmd_serve(rt: Runtime) -> int:
+    from .intake import Intake
+    from .scp import StorageServer
+
+    cfg = rt.config
+    if not cfg["network.allowed_calling_aets"]:
+        LOG.warning("network.allowed_calling_aets is empty: every calling AE title is accepted")
+    intake = Intake(rt.archive, rt.engine, cfg["storage.duplicate_policy"])
+    server = StorageServer(cfg, intake)
+    server.start()
+    LOG.info("dicom-node %s: AE %s listening on %s:%d; archive %s; database %s; free %.1f GiB (reserve %.0f MiB)",
+             __version__, cfg["network.ae_title"], cfg["network.bind_address"], cfg["network.port"],
+             rt.archive.archive_dir, rt.engine.url.render_as_string(hide_password=True),
+             rt.archive.free_bytes() / 2**30, cfg["storage.free_disk_reserve_mb"])
+
+    stop = threading.Event()
+
+    def _request_stop(signum: int, _frame: object) -> None:
+        LOG.info("%s received: refusing new associations, finishing open ones", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _request_stop)
+    signal.signal(signal.SIGINT, _request_stop)
+    while not stop.wait(0.5):
+        pass
+    aborted = server.stop(grace_seconds=cfg["network.dimse_timeout"])
+    LOG.info("stopped (%d association(s) aborted after the grace period)", aborted)
+    return 0
+
+
+def _cmd_status(rt: Runtime) -> int:
+    counts = counts_by_state(rt.engine)
+    free = rt.archive.free_bytes()
+    reserve = rt.config["storage.free_disk_reserve_mb"] * 1024 * 1024
+    print(f"storage root : {rt.archive.root}")
+    print(f"database     : {rt.engine.url.render_as_string(hide_password=True)}")
+    print(f"disk free    : {free / 2**30:.2f} GiB (reserve {reserve / 2**20:.0f} MiB"
+          f"{', BELOW RESERVE: C-STOREs refused' if free < reserve else ''})")
+    print("jobs:")
+    for state in JobState:
+        print(f"  {state.value:<13}{counts.get(state.value, 0):>8}")
+    print(f"  {'total':<13}{sum(counts.values()):>8}")
+    return 0
+
+
+def _cmd_jobs(rt: Runtime, state: str | None, limit: int) -> int:
+    rows = list_jobs(rt.engine, JobState(state) if state else None, limit)
+    header = f"{'job':>6}  {'state':<13}{'tries':>5}  {'reason':<26}{'modality':<9}{'from AE':<17}{'received (UTC)':<20}"
+    print(header + "SOP Instance UID")
+    for r in rows:
+        print(f"{r.job_id:>6}  {r.state:<13}{r.attempts:>5}  {(r.reason or '-'):<26}{(r.modality or '-'):<9}"
+              f"{r.calling_aet:<17}{r.received_at:%Y-%m-%d %H:%M:%S}  {r.sop_instance_uid}")
+    if not rows:
+        print("(no jobs)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dicom-node", description="Pneumoconiosis CAD DICOM node")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, default=None,
+                        help="TOML configuration file (default: $DICOM_NODE_CONFIG, else ./config.toml if present)")
+    common.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                        help="override one configuration key; repeatable")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", parents=[common], help="run the Storage SCP until SIGINT/SIGTERM")
+    sub.add_parser("status", parents=[common], help="job counts per state and free disk space")
+    jobs = sub.add_parser("jobs", parents=[common], help="list analysis jobs, newest first")
+    jobs.add_argument("--state", choices=[s.value for s in JobState])
+    jobs.add_argument("--limit", type=int, default=100)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        rt = _open_runtime(args)
+    except ConfigError as exc:
+        print(f"dicom-node: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except SchemaError as exc:
+        print(f"dicom-node: database error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as exc:
+        print(f"dicom-node: cannot open the storage: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.command == "serve":
+        try:
+            return _cmd_serve(rt)
+        except OSError as exc:  # e.g. port already in use
+            LOG.error("cannot serve: %s", exc)
+            return 1
+    if args.command == "status":
+        return _cmd_status(rt)
+    return _cmd_jobs(rt, args.state, args.limit)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""Node configuration: built-in defaults < config.toml < environment < command line.
+
+Every key is declared once in ``SCHEMA`` with its type, default and a validator, so that a bad value anywhere
+stops start-up with a message naming the key (``ConfigError``), instead of failing later on the network.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+ENV_PREFIX = "DICOM_NODE_"
+DUPLICATE_POLICIES = ("reject", "never", "always", "same_source")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, of the wrong type or out of range; the message names the key."""
+
+
+def _check_ae_title(value: str) -> str | None:
+    if not value.strip():
+        return "must not be empty"
+    if len(value) > 16:
+        return "must be at most 16 characters"
+    if "\\" in value or any(ord(c) < 32 or ord(c) > 126 for c in value):
+        return "must be printable ASCII without backslash"
+    return None
+
+
+def _range(lo: float, hi: float | None = None) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if value < lo or (hi is not None and value > hi):
+            return f"must be between {lo} and {hi}" if hi is not None else f"must be >= {lo}"
+        return None
+
+    return check
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        return None if value in choices else f"must be one of {', '.join(choices)}"
+
+    return check
+
+
+def _check_ae_list(value: list[str]) -> str | None:
+    for item in value:
+        if not isinstance(item, str):
+            return "must be a list of strings"
+        problem = _check_ae_title(item)
+        if problem:
+            return f"entry {item!r} {problem}"
+    return None
+
+
+def _check_db_url(value: str) -> str | None:
+    if not value:
+        return None
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        make_url(value)
+    except ArgumentError as exc:
+        return f"is not a database URL ({exc})"
+    return None
+
+
+@dataclass(frozen=True)
+class Key:
+    type: type
+    default: Any
+    check: Callable[[Any], str | None] | None = None
+
+
+SCHEMA: dict[str, Key] = {
+    "network.ae_title": Key(str, "PNEUMOCAD", _check_ae_title),
+    "network.bind_address": Key(str, "0.0.0.0", lambda v: None if v.strip() else "must not be empty"),
+    "network.port": Key(int, 11112, _range(1, 65535)),
+    "network.allowed_calling_aets": Key(list, [], _check_ae_list),
+    "network.max_associations": Key(int, 10, _range(1, 1000)),
+    "network.network_timeout": Key(float, 60.0, _range(1)),
+    "network.acse_timeout": Key(float, 30.0, _range(1)),
+    "network.dimse_timeout": Key(float, 60.0, _range(1)),
+    "network.max_pdu_size": Key(int, 0, lambda v: None if v == 0 or v >= 4096 else "must be 0 (unlimited) or >= 4096"),
+    "storage.storage_root": Key(str, "./var", lambda v: None if v.strip() else "must not be empty"),
+    "storage.free_disk_reserve_mb": Key(float, 1024.0, _range(0)),
+    "storage.duplicate_policy": Key(str, "reject", _one_of(DUPLICATE_POLICIES)),
+    "database.url": Key(str, "", _check_db_url),
+    "queue.lease_seconds": Key(float, 300.0, _range(1)),
+    "queue.max_attempts": Key(int, 3, _range(1, 100)),
+    "logging.level": Key(str, "INFO", _one_of(LOG_LEVELS)),
+}
+
+
+def _env_name(key: str) -> str:
+    return ENV_PREFIX + key.replace(".", "_").upper()
+
+
+def _coerce(key: str, raw: Any, from_text: bool) -> Any:
+    """Convert ``raw`` to the key's type; text from env/CLI is parsed, TOML values must already match."""
+    spec = SCHEMA[key]
+    try:
+        if spec.type is list:
+            if from_text:
+                return [part.strip() for part in str(raw).split(",") if part.strip()]
+            if not isinstance(raw, list):
+                raise TypeError
+            return raw
+        if spec.type is bool:
+            if from_text:
+                if str(raw).lower() in ("1", "true", "yes", "on"):
+                    return True
+                if str(raw).lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError
+            if not isinstance(raw, bool):
+                raise TypeError
+            return raw
+        if spec.type is int:
+            if isinstance(raw, bool) or (not from_text and not isinstance(raw, int)):
+                raise TypeError
+            return int(str(raw).strip())
+        if spec.type is float:
+            if isinstance(raw, bool) or (not from_text and not isinstance(raw, (int, float))):
+                raise TypeError
+            return float(str(raw).strip())
+        if not from_text and not isinstance(raw, str):
+            raise TypeError
+        return str(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: expected {spec.type.__name__}, got {raw!r}") from None
+
+
+def _flatten(table: Mapping[str, Any], source: str) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for section, content in table.items():
+        if not isinstance(content, Mapping):
+            raise ConfigError(f"{section}: expected a [section] table in {source}")
+        for name, value in content.items():
+            flat[f"{section}.{name}"] = value
+    return flat
+
+
+@dataclass
+class NodeConfig:
+    """Validated configuration. ``values`` holds every key of ``SCHEMA``; ``base_dir`` anchors relative paths."""
+
+    values: dict[str, Any]
+    base_dir: Path
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values[key]
+
+    @property
+    def storage_root(self) -> Path:
+        root = Path(self.values["storage.storage_root"]).expanduser()
+        return root if root.is_absolute() else (self.base_dir / root).resolve()
+
+    @property
+    def database_url(self) -> str:
+        url = self.values["database.url"]
+        return url or f"sqlite:///{self.storage_root / 'node.sqlite'}"
+
+
+def default_config_path() -> Path | None:
+    """The config file used when none is named: $DICOM_NODE_CONFIG, else ./config.toml if it exists."""
+    env = os.environ.get(ENV_PREFIX + "CONFIG")
+    if env:
+        return Path(env)
+    candidate = Path.cwd() / "config.toml"
+    return candidate if candidate.is_file() else None
+
+
+def load_config(
+    path: Path | str | None = None,
+    overrides: Mapping[str, str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> NodeConfig:
+    """Build the configuration from defaults, a TOML file, the environment and ``overrides`` (CLI text values)."""
+    environ = os.environ if environ is None else environ
+    values = {key: spec.default for key, spec in SCHEMA.items()}
+    sources = {key: "default" for key in SCHEMA}
+    base_dir = Path.cwd()
+
+    config_path = Path(path) if path is not None else default_config_path()
+    if config_path is not None:
+        if not config_path.is_file():
+            raise ConfigError(f"config file {config_path} does not exist")
+        try:
+            table = tomllib.loads(config_path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {config_path} is not valid TOML: {exc}") from None
+        base_dir = config_path.resolve().parent
+        for key, raw in _flatten(table, str(config_path)).items():
+            if key not in SCHEMA:
+                raise ConfigError(f"{key}: unknown key in {config_path}")
+            values[key] = _coerce(key, raw, from_text=False)
+            sources[key] = str(config_path)
+
+    for key in SCHEMA:
+        name = _env_name(key)
+        if name in environ:
+            values[key] = _coerce(key, environ[name], from_text=True)
+            sources[key] = f"${name}"
+
+    for key, raw in (overrides or {}).items():
+        if key not in SCHEMA:
+            raise ConfigError(f"{key}: unknown key (known: {', '.join(SCHEMA)})")
+        values[key] = _coerce(key, raw, from_text=True)
+        sources[key] = "command line"
+
+    for key, value in values.items():
+        check = SCHEMA[key].check
+        problem = check(value) if check else None
+        if problem:
+            raise ConfigError(f"{key}: {problem} (got {value!r} from {sources[key]})")
+    return NodeConfig(values=values, base_dir=base_dir, sources=sources)
+
+
+def parse_set_options(items: list[str] | None) -> dict[str, str]:
+    """Turn ``--set section.key=value`` strings into a mapping, rejecting malformed ones."""
+    result: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        result[key.strip()] = value
+    return result

@@ -1,0 +1,210 @@
+"""What happens to one received C-STORE dataset, from a temporary file to an acknowledged, queued instance.
+
+The order is the contract with the sender: header check -> durable placement in the archive -> instance row and
+job committed in one transaction -> Success. Every failure before that answers a failure status and leaves no
+file in the archive. No pixel data is decoded here: analysis belongs to the worker processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from db.instances import (
+    ReceivedInstance,
+    StoredInstance,
+    find_instance,
+    record_event,
+    record_new,
+    record_replacement,
+)
+
+from .archive import Archive, InvalidUID, check_uid, sha256_of
+from .scope import header_scope
+
+LOG = logging.getLogger("dicom_node.intake")
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700  # free-disk reserve reached, or the disk write failed
+DATABASE_UNAVAILABLE = 0xA701  # the queue row could not be committed
+SOP_CLASS_MISMATCH = 0xA900  # dataset's SOP Class UID differs from the request's
+CANNOT_PARSE = 0xC001  # not a decodable DICOM dataset
+INVALID_UIDS = 0xC002  # missing or malformed Study/Series/SOP Instance UID
+SOP_INSTANCE_MISMATCH = 0xC003  # dataset's SOP Instance UID differs from the request's
+DUPLICATE_CONFLICT = 0xC010  # same SOP Instance UID, different content, policy says reject
+
+LOCK_STRIPES = 64
+
+
+@dataclass(frozen=True)
+class StoreOutcome:
+    status: int
+    comment: str = ""
+
+
+def _short_error(exc: BaseException) -> str:
+    """Class name and first line only: exception texts must not carry dataset values into the logs."""
+    first_line = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {first_line[:200]}"
+
+
+class Intake:
+    """Stores received datasets durably and queues them; one instance serves every association thread."""
+
+    def __init__(self, archive: Archive, engine: Engine, duplicate_policy: str) -> None:
+        self.archive = archive
+        self.engine = engine
+        self.duplicate_policy = duplicate_policy
+        # Two associations storing the same SOP Instance UID at once are serialised by these locks.
+        self._locks = [threading.Lock() for _ in range(LOCK_STRIPES)]
+
+    def _lock_for(self, sop_uid: str) -> threading.Lock:
+        return self._locks[zlib.crc32(sop_uid.encode()) % LOCK_STRIPES]
+
+    def store(self, tmp_file: Path, calling_aet: str, request_sop_class: str, request_sop_instance: str,
+              transfer_syntax: str) -> StoreOutcome:
+        started = time.perf_counter()
+        outcome = self._store(tmp_file, calling_aet, request_sop_class, request_sop_instance, transfer_syntax)
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        level = logging.INFO if outcome.status == SUCCESS else logging.WARNING
+        LOG.log(level, "C-STORE from %s sop=%s status=0x%04X %s (%.0f ms)", calling_aet, request_sop_instance,
+                outcome.status, outcome.comment, elapsed_ms)
+        return outcome
+
+    def _store(self, tmp_file: Path, calling_aet: str, request_sop_class: str, request_sop_instance: str,
+               transfer_syntax: str) -> StoreOutcome:
+        size = tmp_file.stat().st_size
+        if not self.archive.has_room_for(0):
+            return StoreOutcome(OUT_OF_RESOURCES, "free disk space below the configured reserve")
+
+        try:
+            ds = dcmread(tmp_file, defer_size=1024)
+        except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OSError) as exc:
+            return StoreOutcome(CANNOT_PARSE, f"dataset cannot be parsed ({type(exc).__name__})")
+        try:
+            study_uid = check_uid(ds.get("StudyInstanceUID"), "Study Instance UID")
+            series_uid = check_uid(ds.get("SeriesInstanceUID"), "Series Instance UID")
+            sop_uid = check_uid(ds.get("SOPInstanceUID"), "SOP Instance UID")
+            sop_class = check_uid(ds.get("SOPClassUID"), "SOP Class UID")
+        except InvalidUID as exc:
+            return StoreOutcome(INVALID_UIDS, str(exc))
+        except Exception as exc:  # a malformed element value surfaces only when read
+            return StoreOutcome(CANNOT_PARSE, f"dataset cannot be parsed ({type(exc).__name__})")
+        if sop_uid != request_sop_instance:
+            return StoreOutcome(SOP_INSTANCE_MISMATCH, "dataset SOP Instance UID differs from the request's")
+        if sop_class != request_sop_class:
+            return StoreOutcome(SOP_CLASS_MISMATCH, "dataset SOP Class UID differs from the request's")
+
+        try:
+            verdict = header_scope(ds)
+        except Exception as exc:
+            return StoreOutcome(CANNOT_PARSE, f"header cannot be read ({type(exc).__name__})")
+        record = ReceivedInstance(
+            sop_instance_uid=sop_uid,
+            sop_class_uid=sop_class,
+            study_instance_uid=study_uid,
+            series_instance_uid=series_uid,
+            accession_number=str(ds.get("AccessionNumber", "") or "")[:16] or None,
+            modality=str(ds.get("Modality", "") or "")[:16] or None,
+            calling_aet=calling_aet,
+            archive_path=self.archive.relative(self.archive.path_for(study_uid, series_uid, sop_uid)),
+            size_bytes=size,
+            sha256=sha256_of(tmp_file),
+            transfer_syntax_uid=transfer_syntax,
+            in_scope=verdict.in_scope,
+            scope_reason=verdict.reason,
+        )
+        del ds
+
+        with self._lock_for(sop_uid):
+            try:
+                existing = find_instance(self.engine, sop_uid)
+            except SQLAlchemyError as exc:
+                LOG.error("database lookup failed: %s", _short_error(exc))
+                return StoreOutcome(DATABASE_UNAVAILABLE, "database unavailable")
+            if existing is None:
+                return self._store_new(tmp_file, record)
+            return self._store_duplicate(tmp_file, record, existing)
+
+    def _store_new(self, tmp_file: Path, record: ReceivedInstance) -> StoreOutcome:
+        target = self.archive.absolute(record.archive_path)
+        try:
+            self.archive.place(tmp_file, target)
+        except OSError as exc:
+            LOG.error("archive write failed: %s", _short_error(exc))
+            return StoreOutcome(OUT_OF_RESOURCES, "archive write failed")
+        try:
+            job_id = record_new(self.engine, record)
+        except SQLAlchemyError as exc:
+            LOG.error("database commit failed, file removed: %s", _short_error(exc))
+            self.archive.remove(target)
+            return StoreOutcome(DATABASE_UNAVAILABLE, "database commit failed")
+        return StoreOutcome(SUCCESS, f"stored, job {job_id}, {record.scope_reason}")
+
+    def _store_duplicate(self, tmp_file: Path, record: ReceivedInstance, existing: StoredInstance) -> StoreOutcome:
+        target = self.archive.absolute(existing.archive_path)
+        if existing.sha256 == record.sha256 and target.exists():
+            self._audit("duplicate_identical", record, "identical content already archived; no new job")
+            return StoreOutcome(SUCCESS, "identical duplicate, already stored")
+
+        policy = self.duplicate_policy
+        if policy == "same_source":
+            policy = "always" if record.calling_aet == existing.calling_aet else "reject"
+        if existing.sha256 == record.sha256:  # row present but file lost: restore it from this copy
+            policy = "always"
+
+        if policy == "reject":
+            self._audit("duplicate_rejected", record, f"differs from archived sha256 {existing.sha256}")
+            return StoreOutcome(DUPLICATE_CONFLICT, "SOP Instance UID already stored with different content")
+        if policy == "never":
+            try:
+                aside = self.archive.set_aside(tmp_file, record.sop_instance_uid, record.sha256)
+            except OSError as exc:
+                LOG.error("conflict copy write failed: %s", _short_error(exc))
+                return StoreOutcome(OUT_OF_RESOURCES, "archive write failed")
+            if not self._audit("duplicate_kept_aside", record, f"new content kept at {self.archive.relative(aside)}"):
+                aside.unlink(missing_ok=True)
+                return StoreOutcome(DATABASE_UNAVAILABLE, "database commit failed")
+            return StoreOutcome(SUCCESS, "differing duplicate kept aside; archived copy unchanged")
+        return self._replace(tmp_file, record, existing)
+
+    def _replace(self, tmp_file: Path, record: ReceivedInstance, existing: StoredInstance) -> StoreOutcome:
+        """Policy 'always': the new content takes the archive path; the old content is kept under conflicts/."""
+        old = self.archive.absolute(existing.archive_path)
+        new_target = self.archive.absolute(record.archive_path)
+        aside: Path | None = None
+        try:
+            if old.exists() and existing.sha256 != record.sha256:
+                aside = self.archive.set_aside(old, record.sop_instance_uid, existing.sha256)
+            self.archive.place(tmp_file, new_target)
+        except OSError as exc:
+            LOG.error("archive write failed: %s", _short_error(exc))
+            if aside is not None:
+                self.archive.place(aside, old)
+            return StoreOutcome(OUT_OF_RESOURCES, "archive write failed")
+        try:
+            job_id = record_replacement(self.engine, record, self.archive.relative(aside) if aside else "-")
+        except SQLAlchemyError as exc:
+            LOG.error("database commit failed, replacement undone: %s", _short_error(exc))
+            self.archive.remove(new_target)
+            if aside is not None:
+                self.archive.place(aside, old)
+            return StoreOutcome(DATABASE_UNAVAILABLE, "database commit failed")
+        return StoreOutcome(SUCCESS, f"replaced archived copy, job {job_id}")
+
+    def _audit(self, kind: str, record: ReceivedInstance, detail: str) -> bool:
+        try:
+            record_event(self.engine, kind, record.sop_instance_uid, record.calling_aet, detail)
+            return True
+        except SQLAlchemyError as exc:
+            LOG.error("audit event not recorded: %s", _short_error(exc))
+            return False

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Set up (Debian test peers + .venv) and run the whole test suite. Used unchanged by .ci/run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+missing=""
+for tool in storescu dciodvfy Orthanc; do command -v "$tool" >/dev/null 2>&1 || missing=1; done
+if [ -n "$missing" ]; then
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dcmtk dicom3tools orthanc >/dev/null
+fi
+bash scripts/setup.sh
+# pytest exits 5 when it collected no test: that must fail, not pass.
+exec .venv/bin/python -m pytest -q "$@"

@@ -1,0 +1,1 @@
+"""Training and evaluation of the node's models (datasets, losses, cross-validation, reports)."""
