@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Engine, and_, func, or_, select, update
+from sqlalchemy import Engine, Select, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from .models import Event, Instance, Job, JobState, utcnow
@@ -42,6 +42,11 @@ def _claimable(now: datetime):  # type: ignore[no-untyped-def]
     )
 
 
+def claim_statement(now: datetime) -> Select[tuple[Job]]:
+    """The oldest claimable job, row-locked; PostgreSQL skips rows another worker is claiming right now."""
+    return select(Job).where(_claimable(now)).order_by(Job.id).limit(1).with_for_update(skip_locked=True)
+
+
 def claim(engine: Engine, worker_id: str, lease_seconds: float, max_attempts: int) -> ClaimedJob | None:
     """Claim the oldest queued job (or one whose lease expired) for ``worker_id``; None when there is none.
 
@@ -51,14 +56,7 @@ def claim(engine: Engine, worker_id: str, lease_seconds: float, max_attempts: in
     while True:
         now = utcnow()
         with Session(engine) as session, session.begin():
-            stmt = (
-                select(Job)
-                .where(_claimable(now))
-                .order_by(Job.id)
-                .limit(1)
-                .with_for_update(skip_locked=True)
-            )
-            job = session.scalars(stmt).first()
+            job = session.scalars(claim_statement(now)).first()
             if job is None:
                 return None
             if job.state == JobState.RUNNING and job.attempts >= max_attempts:

@@ -1,0 +1,75 @@
+"""Configuration: documented defaults, precedence, and errors that name the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+
+import pytest
+
+from dicom_node.config import SCHEMA, ConfigError, load_config
+
+from .conftest import CONFIG, REPO
+
+
+def test_config_toml_documents_every_key_with_the_built_in_default():
+    table = tomllib.loads(CONFIG.read_text())
+    flat = {f"{section}.{key}": value for section, content in table.items() for key, value in content.items()}
+    assert set(flat) == set(SCHEMA), "config.toml and the schema disagree on the keys"
+    for key, value in flat.items():
+        assert value == SCHEMA[key].default, key
+    text = CONFIG.read_text()
+    for key in SCHEMA:  # each key has a comment right above it
+        lines = text.splitlines()
+        index = next(i for i, line in enumerate(lines) if line.startswith(key.split(".")[1] + " ="))
+        assert lines[index - 1].startswith("#"), f"{key} has no comment"
+
+
+def test_defaults_and_storage_root_relative_to_the_config_file(tmp_path):
+    cfg = load_config(CONFIG, environ={})
+    assert cfg["network.port"] == 11112 and cfg["network.ae_title"] == "PNEUMOCAD"
+    assert cfg.storage_root == (REPO / "var").resolve()
+    assert cfg.database_url == f"sqlite:///{REPO / 'var' / 'node.sqlite'}"
+
+
+def test_precedence_file_then_environment_then_command_line(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[network]\nport = 2000\nae_title = "FROMFILE"\n')
+    env = {"DICOM_NODE_NETWORK_PORT": "3000", "DICOM_NODE_NETWORK_ALLOWED_CALLING_AETS": "A, B"}
+    cfg = load_config(path, {"network.port": "4000"}, environ=env)
+    assert cfg["network.port"] == 4000 and cfg.sources["network.port"] == "command line"
+    assert cfg["network.ae_title"] == "FROMFILE"
+    assert cfg["network.allowed_calling_aets"] == ["A", "B"]
+    assert load_config(path, environ=env)["network.port"] == 3000
+
+
+@pytest.mark.parametrize(
+    ("toml", "overrides", "env", "message"),
+    [
+        ('[network]\nport = 70000\n', {}, {}, "network.port: must be between 1 and 65535"),
+        ('[network]\nport = "eleven"\n', {}, {}, "network.port: expected int"),
+        ('[network]\nae_title = "A_TITLE_FAR_TOO_LONG"\n', {}, {}, "network.ae_title: must be at most 16"),
+        ('[network]\nprot = 1\n', {}, {}, "network.prot: unknown key"),
+        ('[storage]\nduplicate_policy = "maybe"\n', {}, {}, "storage.duplicate_policy: must be one of"),
+        ('', {"queue.max_attempts": "0"}, {}, "queue.max_attempts: must be between 1"),
+        ('', {}, {"DICOM_NODE_STORAGE_FREE_DISK_RESERVE_MB": "lots"}, "storage.free_disk_reserve_mb: expected"),
+        ('', {}, {"DICOM_NODE_DATABASE_URL": "not a url"}, "database.url: is not a database URL"),
+        ('[network\n', {}, {}, "is not valid TOML"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path, toml, overrides, env, message):
+    path = tmp_path / "c.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        load_config(path, overrides, environ=env)
+
+
+def test_bad_config_stops_start_up_with_exit_2_and_the_key(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(CONFIG), "--set", "network.port=0",
+         "--set", f"storage.storage_root={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "network.port" in proc.stderr and "configuration error" in proc.stderr

@@ -1,0 +1,150 @@
+"""The queue contract on a real SQLite file: atomic claims across processes, leases, retries, fencing."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.orm import Session
+
+from db import queue
+from db.engine import SchemaError, init_schema, make_engine
+from db.instances import ReceivedInstance, record_new
+from db.models import Event, Job, JobState, SchemaInfo, utcnow
+
+MAX_ATTEMPTS = 3
+
+
+def _record(i: int, in_scope: bool = True) -> ReceivedInstance:
+    return ReceivedInstance(
+        sop_instance_uid=f"1.2.3.{i}", sop_class_uid="1.2.840.10008.5.1.4.1.1.1", study_instance_uid="1.2.3",
+        series_instance_uid="1.2.3.0", accession_number=None, modality="CR", calling_aet="TEST",
+        archive_path=f"archive/1.2.3/1.2.3.0/1.2.3.{i}.dcm", size_bytes=1, sha256="0" * 64,
+        transfer_syntax_uid="1.2.840.10008.1.2.1", in_scope=in_scope,
+        scope_reason="in_scope" if in_scope else "body_part_not_chest",
+    )
+
+
+@pytest.fixture
+def engine(tmp_path):
+    engine = make_engine(f"sqlite:///{tmp_path / 'q.sqlite'}")
+    init_schema(engine)
+    return engine
+
+
+def test_claim_complete_and_empty_queue(engine):
+    record_new(engine, _record(1))
+    record_new(engine, _record(2, in_scope=False))  # goes straight to not_analysed: never claimable
+    job = queue.claim(engine, "w1", lease_seconds=60, max_attempts=MAX_ATTEMPTS)
+    assert job is not None and job.sop_instance_uid == "1.2.3.1" and job.attempt == 1
+    assert queue.claim(engine, "w2", 60, MAX_ATTEMPTS) is None
+    assert queue.complete(engine, job)
+    assert queue.counts_by_state(engine) == {"queued": 0, "running": 0, "done": 1, "failed": 0,
+                                             "not_analysed": 1}
+
+
+def test_failures_are_retried_then_final(engine):
+    record_new(engine, _record(1))
+    states = []
+    for _ in range(MAX_ATTEMPTS):
+        job = queue.claim(engine, "w1", 60, MAX_ATTEMPTS)
+        states.append(queue.fail(engine, job, "decode_error", "broken JPEG stream", MAX_ATTEMPTS))
+    assert states == [JobState.QUEUED, JobState.QUEUED, JobState.FAILED]
+    assert queue.claim(engine, "w1", 60, MAX_ATTEMPTS) is None
+    with Session(engine) as session:
+        job_row = session.scalars(select(Job)).one()
+        assert (job_row.attempts, job_row.reason, job_row.last_error) == (3, "decode_error", "broken JPEG stream")
+
+
+def test_non_retryable_failure_is_final_at_once(engine):
+    record_new(engine, _record(1))
+    job = queue.claim(engine, "w1", 60, MAX_ATTEMPTS)
+    assert queue.fail(engine, job, "corrupt_pixels", "x", MAX_ATTEMPTS, retryable=False) == JobState.FAILED
+
+
+def test_expired_lease_is_taken_back_and_the_old_owner_is_fenced_off(engine):
+    record_new(engine, _record(1))
+    crashed = queue.claim(engine, "crashed-worker", lease_seconds=0.2, max_attempts=MAX_ATTEMPTS)
+    assert queue.claim(engine, "w2", 60, MAX_ATTEMPTS) is None  # lease still valid
+    time.sleep(0.3)
+    taken = queue.claim(engine, "w2", 60, MAX_ATTEMPTS)
+    assert taken is not None and taken.job_id == crashed.job_id and taken.attempt == 2
+    assert not queue.complete(engine, crashed), "a worker that lost its lease must not write a result"
+    assert not queue.extend_lease(engine, crashed, 60)
+    assert queue.complete(engine, taken)
+    with Session(engine) as session:
+        kinds = [e.kind for e in session.scalars(select(Event).order_by(Event.id))]
+    assert "job_taken_back" in kinds and kinds[-1] == "job_done"
+
+
+def test_lease_expiry_counts_as_an_attempt(engine):
+    record_new(engine, _record(1))
+    for _ in range(MAX_ATTEMPTS):
+        assert queue.claim(engine, "dying", 0.05, MAX_ATTEMPTS) is not None
+        time.sleep(0.1)
+    assert queue.claim(engine, "w", 60, MAX_ATTEMPTS) is None  # a poison job does not crash workers forever
+    assert queue.counts_by_state(engine)["failed"] == 1
+
+
+def test_reclaim_expired_sweeps(engine):
+    for i in range(3):
+        record_new(engine, _record(i))
+    for _ in range(3):
+        queue.claim(engine, "dying", 0.05, MAX_ATTEMPTS)
+    time.sleep(0.1)
+    assert queue.reclaim_expired(engine, MAX_ATTEMPTS) == 3
+    assert queue.counts_by_state(engine)["queued"] == 3
+
+
+def _drain(url: str, worker_id: str, out: "mp.Queue[list[int]]") -> None:
+    engine = make_engine(url)
+    claimed = []
+    while (job := queue.claim(engine, worker_id, 60, MAX_ATTEMPTS)) is not None:
+        claimed.append(job.job_id)
+        assert queue.complete(engine, job)
+    out.put(claimed)
+
+
+def test_four_worker_processes_claim_each_job_exactly_once(tmp_path):
+    url = f"sqlite:///{tmp_path / 'q.sqlite'}"
+    engine = make_engine(url)
+    init_schema(engine)
+    for i in range(200):
+        record_new(engine, _record(i))
+    ctx = mp.get_context("spawn")
+    results: mp.Queue = ctx.Queue()
+    procs = [ctx.Process(target=_drain, args=(url, f"w{i}", results)) for i in range(4)]
+    for p in procs:
+        p.start()
+    claimed = [job_id for _ in procs for job_id in results.get(timeout=120)]
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    assert sorted(claimed) == list(range(1, 201)), "a job was claimed twice or never"
+    assert queue.counts_by_state(engine)["done"] == 200
+
+
+def test_postgresql_claim_skips_locked_rows():
+    """The same claim statement renders FOR UPDATE SKIP LOCKED on PostgreSQL (SQLite ignores it)."""
+    sql = str(queue.claim_statement(utcnow()).compile(dialect=postgresql.dialect()))
+    assert "FOR UPDATE SKIP LOCKED" in sql
+    from sqlalchemy.dialects import sqlite
+
+    assert "FOR UPDATE" not in str(queue.claim_statement(utcnow()).compile(dialect=sqlite.dialect()))
+
+
+def test_schema_version_mismatch_is_refused(engine):
+    with Session(engine) as session, session.begin():
+        session.scalars(select(SchemaInfo)).one().version = 999
+    with pytest.raises(SchemaError, match="999"):
+        init_schema(engine)
+
+
+def test_sqlite_runs_in_wal_mode_with_full_sync(engine, tmp_path: Path):
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
