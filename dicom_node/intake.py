@@ -29,7 +29,7 @@ from db.instances import (
 )
 
 from .archive import Archive, InvalidUID, check_uid, sha256_of
-from .scope import header_scope
+from ai.header_scope import header_scope
 
 LOG = logging.getLogger("dicom_node.intake")
 

@@ -181,7 +181,8 @@ STORESCU_FLAG = {
     "1.2.840.10008.1.2.2": "-xb",
     "1.2.840.10008.1.2.4.50": "-xy",
     "1.2.840.10008.1.2.4.51": "-xx",
-    "1.2.840.10008.1.2.4.57": "-xs",
+    # 1.2.840.10008.1.2.4.57 (JPEG lossless process 14, not SV1): no storescu flag proposes it; see the -xf
+    # profile in test_transfer_syntaxes.py.
     "1.2.840.10008.1.2.4.70": "-xs",
     "1.2.840.10008.1.2.4.80": "-xt",
     "1.2.840.10008.1.2.4.81": "-xu",

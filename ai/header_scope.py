@@ -1,4 +1,4 @@
-"""Header-level scope verdict: is this instance something the chest CAD should analyse?
+"""Header-level scope verdict: is this instance something the chest CAD should analyse? (No pixel decoding.)
 
 Out-of-scope instances are still stored and acknowledged (a modality must not keep retrying them); their job goes
 straight to "not analysed" with the reason code below. Image-based checks (two plausible lung fields) belong to
