@@ -112,6 +112,39 @@ def _cmd_jobs(rt: Runtime, state: str | None, limit: int) -> int:
     return 0
 
 
+def _cmd_analyse(files: list[Path], as_json: bool, mask_out: Path | None, device: str | None) -> int:
+    """Run the analysis on files without the network: one result per file, in input order, errors included."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from ai import analyse
+
+    if mask_out is not None:
+        mask_out.mkdir(parents=True, exist_ok=True)
+    failures = 0
+    for path in files:
+        if not path.is_file():
+            record_json = {"source": str(path), "analysed": False, "reason": "unreadable_image",
+                           "explanation": "file not found", "error": "file not found"}
+            record = None
+        else:
+            record = analyse(path, device=device)
+            record_json = record.to_json()
+        failures += record_json.get("error") is not None
+        if record is not None and record.labels is not None and mask_out is not None:
+            Image.fromarray(record.labels.astype(np.uint8), mode="L").save(mask_out / f"{path.stem}.png")
+        if as_json:
+            print(json.dumps(record_json), flush=True)
+        else:
+            verdict = "analysed" if record_json["analysed"] else f"not analysed: {record_json['reason']}"
+            areas = record_json.get("lung_area_px")
+            extra = f"  lungs R {areas['right']} px, L {areas['left']} px" if areas else ""
+            print(f"{path}: {verdict} ({record_json['explanation']}){extra}", flush=True)
+    return 0 if failures == 0 else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dicom-node", description="Pneumoconiosis CAD DICOM node")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -126,11 +159,19 @@ def build_parser() -> argparse.ArgumentParser:
     jobs = sub.add_parser("jobs", parents=[common], help="list analysis jobs, newest first")
     jobs.add_argument("--state", choices=[s.value for s in JobState])
     jobs.add_argument("--limit", type=int, default=100)
+    analyse = sub.add_parser("analyse", help="analyse DICOM, PNG or JPEG files without the network")
+    analyse.add_argument("files", nargs="+", type=Path)
+    analyse.add_argument("--json", action="store_true", help="one JSON object per line, one line per file")
+    analyse.add_argument("--mask-out", type=Path, help="write <file stem>.png label masks (0 bg, 1 right, 2 left)")
+    analyse.add_argument("--device", help="cpu or cuda (default: CUDA when present)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "analyse":
+        logging.basicConfig(level=logging.WARNING)
+        return _cmd_analyse(args.files, args.json, args.mask_out, args.device)
     try:
         rt = _open_runtime(args)
     except ConfigError as exc:

@@ -1,0 +1,87 @@
+"""Image-based input check: does the image look like a frontal chest radiograph with two plausible lung fields?
+
+The header can say CHEST and PA while the pixels show a hand, a lateral view or a dog: the classifier must only
+ever see frontal chests. The U-Net's lung fields are judged for count, area, balance, position and shape; the
+thresholds are deliberately loose for real chests (the public chest sets and the DICOM chest samples pass with a
+wide margin, see tests/test_input_check.py) and tight enough that other anatomy fails at least one of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from .lungs import LEFT_LUNG, RIGHT_LUNG
+
+MIN_SIDE_PIXELS = 256
+AREA_FRACTION = (0.06, 0.60)  # both lungs together, of the whole image
+BALANCE_MIN = 0.35  # smaller lung area / larger lung area
+HEIGHT_FRACTION_MIN = 0.22  # each lung's height, of the image height
+ASPECT = (0.9, 4.5)  # each lung's bounding-box height / width
+CENTRE_ROWS = (0.15, 0.80)  # each lung's centre, as a fraction of the image height
+
+REASONS = {
+    "image_too_small": "image smaller than a chest radiograph",
+    "no_lung_fields": "no lung field found",
+    "single_lung_field": "only one lung field found",
+    "lung_area_implausible": "lung fields too small or too large for a chest radiograph",
+    "lung_fields_unbalanced": "the two lung fields differ too much in size",
+    "lung_position_implausible": "lung fields not where a frontal chest has them",
+    "lung_shape_implausible": "lung fields not shaped like lungs",
+}
+
+
+@dataclass
+class InputCheck:
+    accepted: bool
+    reason: str  # "in_scope" when accepted, else one of REASONS
+    measurements: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def explanation(self) -> str:
+        return "frontal chest radiograph with two lung fields" if self.accepted else REASONS[self.reason]
+
+
+def _refuse(reason: str, measurements: dict[str, float]) -> InputCheck:
+    return InputCheck(False, reason, measurements)
+
+
+def check_lung_fields(labels: np.ndarray) -> InputCheck:
+    rows, cols = labels.shape
+    m: dict[str, float] = {}
+    if min(rows, cols) < MIN_SIDE_PIXELS:
+        return _refuse("image_too_small", m)
+    areas = np.bincount(labels.ravel(), minlength=3).astype(float)
+    right, left = areas[RIGHT_LUNG], areas[LEFT_LUNG]
+    m["right_area_fraction"] = right / labels.size
+    m["left_area_fraction"] = left / labels.size
+    if right == 0 and left == 0:
+        return _refuse("no_lung_fields", m)
+    if right == 0 or left == 0:
+        return _refuse("single_lung_field", m)
+    total = (right + left) / labels.size
+    m["area_fraction"] = total
+    if not AREA_FRACTION[0] <= total <= AREA_FRACTION[1]:
+        return _refuse("lung_area_implausible", m)
+    m["balance"] = min(right, left) / max(right, left)
+    if m["balance"] < BALANCE_MIN:
+        return _refuse("lung_fields_unbalanced", m)
+    boxes = ndimage.find_objects(labels, max_label=2)
+    for name, value, box in (("right", RIGHT_LUNG, boxes[0]), ("left", LEFT_LUNG, boxes[1])):
+        height = (box[0].stop - box[0].start) / rows
+        aspect = (box[0].stop - box[0].start) / max(box[1].stop - box[1].start, 1)
+        centre_row, centre_col = ndimage.center_of_mass(labels == value)
+        m[f"{name}_height_fraction"] = height
+        m[f"{name}_aspect"] = aspect
+        m[f"{name}_centre_row"] = centre_row / rows
+        m[f"{name}_centre_col"] = centre_col / cols
+    if not (m["right_centre_col"] < 0.5 < m["left_centre_col"]):
+        return _refuse("lung_position_implausible", m)
+    for name in ("right", "left"):
+        if not CENTRE_ROWS[0] <= m[f"{name}_centre_row"] <= CENTRE_ROWS[1]:
+            return _refuse("lung_position_implausible", m)
+        if m[f"{name}_height_fraction"] < HEIGHT_FRACTION_MIN or not ASPECT[0] <= m[f"{name}_aspect"] <= ASPECT[1]:
+            return _refuse("lung_shape_implausible", m)
+    return InputCheck(True, "in_scope", m)

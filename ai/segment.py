@@ -1,0 +1,71 @@
+"""Lung-field segmentation: normalised image -> labelled lung mask on the native pixel grid."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .geometry import Letterbox
+from .lungs import postprocess_probability
+from .normalise import NormalisedImage, stretch_contrast
+from .unet import UNet
+
+
+@dataclass
+class Segmentation:
+    labels: np.ndarray  # uint8 on the native grid: 0 background, 1 right lung, 2 left lung
+    probability: np.ndarray  # float32 (size, size) model-resolution lung probability
+    letterbox: Letterbox
+    timings: dict[str, float]  # seconds: segment (model), postprocess
+
+
+def model_input(image: NormalisedImage, size: int) -> tuple[np.ndarray, Letterbox]:
+    """Letterbox to ``size`` and standardise contrast inside the content (padding stays black)."""
+    box = Letterbox.fit(image.pixels.shape, size)
+    pixels = image.pixels
+    small = box.to_model(pixels)
+    valid = np.zeros_like(small, dtype=bool)
+    top, left = box.offset
+    valid[top:top + box.content_shape[0], left:left + box.content_shape[1]] = True
+    if image.padding_mask is not None:
+        valid &= box.to_model(~image.padding_mask) > 0.5
+    return stretch_contrast(small, valid), box
+
+
+class LungSegmenter:
+    """Loads the weights once; ``segment`` takes a batch of normalised images."""
+
+    def __init__(self, weights: Path, device: torch.device) -> None:
+        checkpoint = torch.load(weights, map_location="cpu", weights_only=False)
+        self.name: str = checkpoint["name"]
+        self.version: str = checkpoint["version"]
+        self.input_size: int = int(checkpoint["input_size"])
+        self.model = UNet(base_width=int(checkpoint["base_width"]), depth=int(checkpoint["depth"]))
+        self.model.load_state_dict({k: v.float() if v.is_floating_point() else v
+                                    for k, v in checkpoint["state_dict"].items()})
+        self.model.eval().to(device)
+        self.device = device
+        self.test_metrics: dict = checkpoint.get("test_metrics", {})
+
+    @torch.inference_mode()
+    def probabilities(self, inputs: np.ndarray) -> np.ndarray:
+        """(N, size, size) model inputs -> (N, size, size) lung probabilities."""
+        tensor = torch.from_numpy(inputs[:, None]).to(self.device)
+        return torch.sigmoid(self.model(tensor))[:, 0].float().cpu().numpy()
+
+    def segment(self, images: list[NormalisedImage]) -> list[Segmentation]:
+        prepared = [model_input(image, self.input_size) for image in images]
+        started = time.perf_counter()
+        probs = self.probabilities(np.stack([p[0] for p in prepared]))
+        model_seconds = (time.perf_counter() - started) / max(len(images), 1)
+        results = []
+        for prob, (_, box) in zip(probs, prepared):
+            started = time.perf_counter()
+            labels = postprocess_probability(box.to_source(prob))
+            results.append(Segmentation(labels, prob, box, {"segment": model_seconds,
+                                                            "postprocess": time.perf_counter() - started}))
+        return results

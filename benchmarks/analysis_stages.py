@@ -1,0 +1,77 @@
+"""Per-stage analysis time on the Philips CR chest sample (decode, normalise, segment, post-process, input check).
+
+    .venv/bin/python benchmarks/analysis_stages.py [--runs 15] [--threads 2] [--file PATH]
+
+Median and p90 of several runs after a warm-up, on the CPU with a fixed number of torch threads; prints a Markdown
+table. The data are read from $PNEUMO_DATA_DIR or ../shared/data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+DEFAULT_FILE = Path(os.environ.get("PNEUMO_DATA_DIR", REPO.parent / "shared" / "data")) / \
+    "dicom-samples" / "chest" / "RG1_UNCR.dcm"
+STAGES = ("decode", "normalise", "segment", "postprocess", "input_check", "total")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--file", type=Path, default=DEFAULT_FILE)
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from ai import analyse
+    from ai.models import lung_segmenter
+
+    segmenter = lung_segmenter("cpu")
+    samples: dict[str, list[float]] = {stage: [] for stage in STAGES}
+    for i in range(args.warmup + args.runs):
+        record = analyse(args.file, device="cpu")
+        if not record.in_scope:
+            print(f"warning: {args.file.name} was not analysed ({record.reason})", file=sys.stderr)
+        if i >= args.warmup:
+            for stage in STAGES:
+                samples[stage].append(record.timings.get(stage, 0.0) * 1000)
+
+    print(f"Analysis stages, {args.file.name} ({record.rows}x{record.columns}), model {segmenter.name} "
+          f"{segmenter.version} at {segmenter.input_size} px")
+    print(f"{cpu_model()}, {os.cpu_count()} cores visible, torch {torch.__version__} with {args.threads} threads, "
+          f"Python {platform.python_version()}, {args.runs} runs after {args.warmup} warm-up, "
+          f"{time.strftime('%Y-%m-%d')}")
+    print()
+    print("| stage | median ms | p90 ms |")
+    print("| --- | ---: | ---: |")
+    for stage in STAGES:
+        values = sorted(samples[stage])
+        p90 = values[min(len(values) - 1, int(round(0.9 * (len(values) - 1))))]
+        print(f"| {stage} | {statistics.median(values):.1f} | {p90:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,156 @@
+"""Train and evaluate the lung-field U-Net on the public Montgomery + Shenzhen masks.
+
+    python -m train.segmenter --out runs/seg128 --size 128 --epochs 40
+    python -m train.segmenter --out runs/seg256 --size 256 --epochs 10 --init runs/seg128/best.pt \
+        --export ai/models/lung_unet.pt
+
+A seeded split stratified by source (train / validation / test = 80 / 10 / 10 %); Dice + BCE loss; intensity and
+small geometric augmentation (no left-right flips); checkpoints and resume in --out. A fully convolutional U-Net
+can be trained cheaply at 128 px first and fine-tuned at 256 px, which is how the shipped weights were made on two
+CPU cores (see ai/models/lung_unet.md). The test split is only touched by the final report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ai.lungs import postprocess_probability
+from ai.normalise import stretch_contrast
+from ai.unet import UNet
+
+from .augment import AugmentConfig, augment_pair
+from .datasets import LungSample, load_gray, load_mask, read_lung_masks, stratified_split
+from .engine import FitConfig, fit, resolve_device, seed_everything, tensor_batches
+from .losses import batch_dice, dice_bce_loss, dice_iou
+
+MODEL_NAME = "lung-field-unet"
+
+
+def _stack(samples: list[LungSample], size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    images = np.stack([stretch_contrast(load_gray(s.image_path, size)) for s in samples])[:, None]
+    masks = np.stack([load_mask(s.mask_path, size) for s in samples])[:, None]
+    return torch.from_numpy(images), torch.from_numpy(masks)
+
+
+@torch.no_grad()
+def test_report(model: UNet, samples: list[LungSample], size: int, device: torch.device) -> dict:
+    """Dice and IoU per image on the masks' own 512 x 512 grid, raw threshold and after post-processing."""
+    model.eval()
+    per_source: dict[str, dict[str, list[float]]] = {}
+    for s in samples:
+        image = torch.from_numpy(stretch_contrast(load_gray(s.image_path, size)))[None, None].to(device)
+        prob_small = torch.sigmoid(model(image)).float()
+        truth = load_mask(s.mask_path) > 0.5
+        prob = F.interpolate(prob_small, size=truth.shape, mode="bilinear", align_corners=False)[0, 0].cpu().numpy()
+        labels = postprocess_probability(prob)
+        d_raw, i_raw = dice_iou(prob > 0.5, truth)
+        d_pp, i_pp = dice_iou(labels > 0, truth)
+        entry = per_source.setdefault(s.source, {"dice_raw": [], "iou_raw": [], "dice": [], "iou": [], "files": []})
+        entry["dice_raw"].append(d_raw)
+        entry["iou_raw"].append(i_raw)
+        entry["dice"].append(d_pp)
+        entry["iou"].append(i_pp)
+        entry["files"].append(s.file)
+    report = {}
+    for source, e in sorted(per_source.items()):
+        worst = int(np.argmin(e["dice"]))
+        report[source] = {
+            "n": len(e["dice"]),
+            "dice_mean": float(np.mean(e["dice"])), "dice_worst": float(np.min(e["dice"])),
+            "iou_mean": float(np.mean(e["iou"])), "iou_worst": float(np.min(e["iou"])),
+            "dice_mean_before_postprocessing": float(np.mean(e["dice_raw"])),
+            "worst_file": e["files"][worst],
+        }
+    all_dice = [d for e in per_source.values() for d in e["dice"]]
+    all_iou = [d for e in per_source.values() for d in e["iou"]]
+    report["all"] = {"n": len(all_dice), "dice_mean": float(np.mean(all_dice)), "dice_worst": float(np.min(all_dice)),
+                     "iou_mean": float(np.mean(all_iou)), "iou_worst": float(np.min(all_iou))}
+    return report
+
+
+def export_weights(model: UNet, path: Path, size: int, version: str, metrics: dict, split_seed: int) -> None:
+    """The shipped file: half-precision weights plus what is needed to rebuild and describe the model."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: (v.half() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    torch.save({"name": MODEL_NAME, "version": version, "architecture": "unet", "base_width": model.base_width,
+                "depth": model.depth, "input_size": size, "split_seed": split_seed, "test_metrics": metrics,
+                "state_dict": state}, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=None, help="cxr-lung-masks folder (default: shared data)")
+    parser.add_argument("--out", type=Path, required=True, help="run folder: checkpoints, history, report")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--base-width", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--patience", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=2026)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    parser.add_argument("--init", type=Path, help="start from this checkpoint (e.g. a lower-resolution run)")
+    parser.add_argument("--limit", type=int, default=0, help="use only this many images per split (smoke runs)")
+    parser.add_argument("--export", type=Path, help="write the shipped weights file here")
+    parser.add_argument("--version", default="1.0.0")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    generator = seed_everything(args.seed)
+    samples = read_lung_masks(args.data)
+    split = stratified_split(samples, args.seed)
+    if args.limit:
+        split = {k: v[:args.limit] for k, v in split.items()}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "split.json").write_text(json.dumps({k: [s.file for s in v] for k, v in split.items()}, indent=1))
+    train_x, train_y = _stack(split["train"], args.size)
+    val_x, val_y = _stack(split["val"], args.size)
+
+    model = UNet(base_width=args.base_width)
+    if args.init:
+        state = torch.load(args.init, map_location="cpu", weights_only=False)
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v
+                               for k, v in (state.get("state_dict") or state["model"]).items()})
+    aug = AugmentConfig()
+    cfg = FitConfig(epochs=args.epochs, lr=args.lr, patience=args.patience, device=args.device, seed=args.seed,
+                    out_dir=args.out, progress=not args.no_progress)
+    started = time.perf_counter()
+    history = fit(
+        model,
+        train_batches=lambda epoch: tensor_batches(train_x, train_y, args.batch_size, shuffle_seed=args.seed + epoch),
+        val_batches=lambda: tensor_batches(val_x, val_y, 16),
+        loss_fn=dice_bce_loss,
+        score_fn=batch_dice,
+        cfg=cfg,
+        train_transform=lambda x, y: augment_pair(x, y, aug, generator if x.device.type == "cpu" else None),
+        extra_state={"base_width": args.base_width, "input_size": args.size},
+    )
+    report = {
+        "model": MODEL_NAME, "version": args.version, "input_size": args.size, "base_width": args.base_width,
+        "seed": args.seed, "split_sizes": {k: len(v) for k, v in split.items()},
+        "best_epoch": history.best_epoch, "val_dice": history.best_score, "epochs_run": len(history.epochs),
+        "train_seconds": round(time.perf_counter() - started, 1), "device": str(resolve_device(args.device)),
+        "augmentation": asdict(aug), "init": str(args.init) if args.init else None,
+        "test": test_report(model, split["test"], args.size, resolve_device(args.device)),
+    }
+    (args.out / "report.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report["test"], indent=2))
+    if args.export:
+        export_weights(model.cpu(), args.export, args.size, args.version, report["test"], args.seed)
+        print(f"weights written to {args.export}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
