@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from .models import SCHEMA_VERSION, Base, SchemaInfo
 
 SQLITE_BUSY_TIMEOUT_S = 30
+READ_ONLY_OPTION = "pneumo_read_only"
 
 
 class SchemaError(RuntimeError):
@@ -49,9 +50,19 @@ def make_engine(url: str) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection):  # type: ignore[no-untyped-def]
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # Readers (see ``readonly``) take no write lock; every other transaction reserves it up front.
+        if connection.get_execution_options().get(READ_ONLY_OPTION):
+            connection.exec_driver_sql("BEGIN DEFERRED")
+        else:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+def readonly(engine: Engine) -> Engine:
+    """The same engine (same pool) for read-only work: on SQLite its transactions do not take the write lock,
+    so lookups never queue behind, or block, the intake and the workers."""
+    return engine.execution_options(**{READ_ONLY_OPTION: True})
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, insert, select
 from sqlalchemy.orm import Session
 
+from .engine import readonly
 from .models import Event, Instance, Job, JobState, utcnow
 
 
@@ -44,11 +45,12 @@ def _initial_job(rec: ReceivedInstance) -> Job:
 
 
 def find_instance(engine: Engine, sop_instance_uid: str) -> StoredInstance | None:
-    with Session(engine) as session:
-        inst = session.scalars(select(Instance).where(Instance.sop_instance_uid == sop_instance_uid)).first()
-        if inst is None:
-            return None
-        return StoredInstance(inst.id, inst.archive_path, inst.sha256, inst.calling_aet)
+    with readonly(engine).connect() as conn:
+        row = conn.execute(
+            select(Instance.id, Instance.archive_path, Instance.sha256, Instance.calling_aet)
+            .where(Instance.sop_instance_uid == sop_instance_uid)
+        ).first()
+    return StoredInstance(*row) if row is not None else None
 
 
 def record_new(engine: Engine, rec: ReceivedInstance) -> int:
@@ -56,15 +58,21 @@ def record_new(engine: Engine, rec: ReceivedInstance) -> int:
 
     Raises sqlalchemy.exc.IntegrityError when another association recorded the same SOP Instance UID first.
     """
-    with Session(engine) as session, session.begin():
-        inst = Instance(**{f.name: getattr(rec, f.name) for f in fields(rec)}, received_at=utcnow())
-        job = _initial_job(rec)
-        inst.jobs.append(job)
-        session.add(inst)
-        session.add(Event(kind="received", sop_instance_uid=rec.sop_instance_uid, calling_aet=rec.calling_aet,
-                          detail=f"{rec.size_bytes} bytes, scope={rec.scope_reason}"))
-        session.flush()
-        return job.id
+    # Core statements, not the ORM: this runs once per received instance, inside the C-STORE's latency.
+    now = utcnow()
+    job = _initial_job(rec)
+    with engine.begin() as conn:
+        instance_id = conn.execute(
+            insert(Instance).values(**{f.name: getattr(rec, f.name) for f in fields(rec)}, received_at=now)
+        ).inserted_primary_key[0]
+        job_id = conn.execute(
+            insert(Job).values(instance_id=instance_id, state=job.state, attempts=0, reason=job.reason,
+                               created_at=now, updated_at=now)
+        ).inserted_primary_key[0]
+        conn.execute(insert(Event).values(at=now, kind="received", sop_instance_uid=rec.sop_instance_uid,
+                                          calling_aet=rec.calling_aet,
+                                          detail=f"{rec.size_bytes} bytes, scope={rec.scope_reason}"))
+    return int(job_id)
 
 
 def record_replacement(engine: Engine, rec: ReceivedInstance, set_aside_path: str) -> int | None:
@@ -101,5 +109,5 @@ def record_event(engine: Engine, kind: str, sop_instance_uid: str | None, callin
 def count_instances(engine: Engine) -> int:
     from sqlalchemy import func
 
-    with Session(engine) as session:
+    with Session(readonly(engine)) as session:
         return int(session.scalar(select(func.count()).select_from(Instance)) or 0)

@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import Engine, Select, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from .engine import readonly
 from .models import Event, Instance, Job, JobState, utcnow
 
 ERROR_TEXT_LIMIT = 2000
@@ -166,7 +167,7 @@ def reclaim_expired(engine: Engine, max_attempts: int) -> int:
 
 
 def counts_by_state(engine: Engine) -> dict[str, int]:
-    with Session(engine) as session:
+    with Session(readonly(engine)) as session:
         rows = session.execute(select(Job.state, func.count()).group_by(Job.state)).all()
     counts = {state.value: 0 for state in JobState}
     counts.update({state.value if isinstance(state, JobState) else str(state): n for state, n in rows})
@@ -188,7 +189,7 @@ class JobRow:
 
 def list_jobs(engine: Engine, state: JobState | None = None, limit: int = 100) -> list[JobRow]:
     """Newest first, for the CLI's table."""
-    with Session(engine) as session:
+    with Session(readonly(engine)) as session:
         stmt = select(Job, Instance).join(Instance).order_by(Job.id.desc()).limit(limit)
         if state is not None:
             stmt = stmt.where(Job.state == state)

@@ -148,3 +148,22 @@ def test_sqlite_runs_in_wal_mode_with_full_sync(engine, tmp_path: Path):
     with engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+
+
+def test_lookups_do_not_wait_for_the_write_lock(engine, tmp_path):
+    """A worker holding a write transaction must not stall the intake's duplicate lookup."""
+    import sqlite3
+
+    from db.instances import find_instance
+
+    record_new(engine, _record(1))
+    writer = sqlite3.connect(tmp_path / "q.sqlite", isolation_level=None, timeout=1)
+    writer.execute("BEGIN IMMEDIATE")
+    try:
+        started = time.monotonic()
+        found = find_instance(engine, "1.2.3.1")
+        assert found is not None and time.monotonic() - started < 1.0
+        assert queue.counts_by_state(engine)["queued"] == 1
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
