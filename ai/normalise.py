@@ -48,7 +48,8 @@ def decode_pixels(ds: Dataset) -> np.ndarray:
     try:
         array = ds.pixel_array
     except Exception as exc:  # plugins raise RuntimeError, NotImplementedError, ValueError...
-        if str(ds.file_meta.get("TransferSyntaxUID", "")) == "1.2.840.10008.1.2.4.51":
+        # getattr: a dataset built in memory may have no file meta at all; it must still end in UnreadableImage.
+        if str(getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID", "")) == "1.2.840.10008.1.2.4.51":
             array = _decode_with_gdcm(ds)
         else:
             raise UnreadableImage(f"pixel data cannot be decoded ({type(exc).__name__})") from None
@@ -141,7 +142,8 @@ def _voi(ds: Dataset | None, values: np.ndarray, valid: np.ndarray, steps: list[
                 steps.append("window_linear_exact")
                 return (values - (centre - width / 2)) / width
             steps.append("window_linear")
-            return ((values - (centre - 0.5)) / (width - 1)) + 0.5 if width > 1 else (values >= centre) * 1.0
+            # PS3.3 C.11.2.1.2.1; for w = 1 the ramp degenerates to x <= c - 0.5 -> 0, x > c - 0.5 -> 1
+            return ((values - (centre - 0.5)) / (width - 1)) + 0.5 if width > 1 else (values > centre - 0.5) * 1.0
     steps.append("percentile_window")
     lo, hi = robust_window(values, valid)
     return (values - lo) / max(hi - lo, 1e-6)
@@ -204,7 +206,9 @@ def normalise_picture(path: Path) -> NormalisedImage:
         kind = (img.format or path.suffix.lstrip(".")).lower()
         if img.mode in ("I;16", "I;16B", "I;16L", "I"):
             array = np.asarray(img, dtype=np.float64)
-            top = 65535.0 if array.max() > 255 else 255.0
+            # A 16-bit file is on a 0..65535 scale whatever its content (a dark one must stay dark); only the
+            # 32-bit "I" mode, whose depth is not declared, keeps the guess.
+            top = 65535.0 if img.mode.startswith("I;16") or array.max() > 255 else 255.0
         else:
             array = np.asarray(img.convert("L"), dtype=np.float64)
             top = 255.0
