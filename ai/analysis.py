@@ -80,6 +80,8 @@ def _prepare(source: Source) -> _Prepared:
         path = None if ds is not None else Path(source)  # type: ignore[arg-type]
         if path is not None and is_dicom_file(path):
             ds = dcmread(path)
+            if "SOPClassUID" not in ds:
+                raise UnreadableImage("not a readable DICOM dataset (no SOP Class UID)")
         if ds is not None:
             record.sop_instance_uid = str(ds.get("SOPInstanceUID", "")) or None
             verdict = header_scope(ds)
