@@ -94,9 +94,13 @@ class Archive:
         for created in reversed(missing):
             fsync_path(created.parent)
 
-    def place(self, tmp_file: Path, target: Path) -> None:
-        """Durably move a fully received temporary file to its archive path (replacing any file there)."""
-        fsync_path(tmp_file)
+    def place(self, tmp_file: Path, target: Path, already_synced: bool = False) -> None:
+        """Durably move a fully received temporary file to its archive path (replacing any file there).
+
+        ``already_synced``: the caller fsynced ``tmp_file`` itself (the intake overlaps that with its checks).
+        """
+        if not already_synced:
+            fsync_path(tmp_file)
         self._make_dirs_durable(target.parent)
         os.replace(tmp_file, target)
         fsync_path(target.parent)

@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from db.instances import (
     record_replacement,
 )
 
-from .archive import Archive, InvalidUID, check_uid, sha256_of
+from .archive import Archive, InvalidUID, check_uid, fsync_path, sha256_of
 from ai.header_scope import header_scope
 
 LOG = logging.getLogger("dicom_node.intake")
@@ -66,6 +67,8 @@ class Intake:
         self.duplicate_policy = duplicate_policy
         # Two associations storing the same SOP Instance UID at once are serialised by these locks.
         self._locks = [threading.Lock() for _ in range(LOCK_STRIPES)]
+        # fsync of the received file runs here while the handler parses, hashes and looks up the instance.
+        self._fsync_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync")
 
     def _lock_for(self, sop_uid: str) -> threading.Lock:
         return self._locks[zlib.crc32(sop_uid.encode()) % LOCK_STRIPES]
@@ -85,7 +88,15 @@ class Intake:
         size = tmp_file.stat().st_size
         if not self.archive.has_room_for(0):
             return StoreOutcome(OUT_OF_RESOURCES, "free disk space below the configured reserve")
+        synced = self._fsync_pool.submit(fsync_path, tmp_file)
+        try:
+            return self._check_and_store(tmp_file, size, synced, calling_aet, request_sop_class,
+                                         request_sop_instance, transfer_syntax)
+        finally:
+            synced.exception()  # never leave the fsync running on a file pynetdicom is about to delete
 
+    def _check_and_store(self, tmp_file: Path, size: int, synced: Future, calling_aet: str, request_sop_class: str,
+                         request_sop_instance: str, transfer_syntax: str) -> StoreOutcome:
         try:
             ds = dcmread(tmp_file, defer_size=1024)
         except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OSError) as exc:
@@ -132,13 +143,14 @@ class Intake:
                 LOG.error("database lookup failed: %s", _short_error(exc))
                 return StoreOutcome(DATABASE_UNAVAILABLE, "database unavailable")
             if existing is None:
-                return self._store_new(tmp_file, record)
+                return self._store_new(tmp_file, record, synced)
             return self._store_duplicate(tmp_file, record, existing)
 
-    def _store_new(self, tmp_file: Path, record: ReceivedInstance) -> StoreOutcome:
+    def _store_new(self, tmp_file: Path, record: ReceivedInstance, synced: Future) -> StoreOutcome:
         target = self.archive.absolute(record.archive_path)
         try:
-            self.archive.place(tmp_file, target)
+            synced.result()
+            self.archive.place(tmp_file, target, already_synced=True)
         except OSError as exc:
             LOG.error("archive write failed: %s", _short_error(exc))
             return StoreOutcome(OUT_OF_RESOURCES, "archive write failed")
