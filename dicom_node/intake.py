@@ -49,7 +49,8 @@ LOCK_STRIPES = 64
 @dataclass(frozen=True)
 class StoreOutcome:
     status: int
-    comment: str = ""
+    comment: str = ""  # sent to the peer as Error Comment (64 characters at most)
+    detail: str = ""  # for the log only: the cause, never dataset values
 
 
 def _short_error(exc: BaseException) -> str:
@@ -79,8 +80,9 @@ class Intake:
         outcome = self._store(tmp_file, calling_aet, request_sop_class, request_sop_instance, transfer_syntax)
         elapsed_ms = (time.perf_counter() - started) * 1000
         level = logging.INFO if outcome.status == SUCCESS else logging.WARNING
-        LOG.log(level, "C-STORE from %s sop=%s status=0x%04X %s (%.0f ms)", calling_aet, request_sop_instance,
-                outcome.status, outcome.comment, elapsed_ms)
+        detail = f" [{outcome.detail}]" if outcome.detail else ""
+        LOG.log(level, "C-STORE from %s sop=%s status=0x%04X %s%s (%.0f ms)", calling_aet, request_sop_instance,
+                outcome.status, outcome.comment, detail, elapsed_ms)
         return outcome
 
     def _store(self, tmp_file: Path, calling_aet: str, request_sop_class: str, request_sop_instance: str,
@@ -140,8 +142,7 @@ class Intake:
             try:
                 existing = find_instance(self.engine, sop_uid)
             except SQLAlchemyError as exc:
-                LOG.error("database lookup failed: %s", _short_error(exc))
-                return StoreOutcome(DATABASE_UNAVAILABLE, "database unavailable")
+                return StoreOutcome(DATABASE_UNAVAILABLE, "database unavailable", _short_error(exc))
             if existing is None:
                 return self._store_new(tmp_file, record, synced)
             return self._store_duplicate(tmp_file, record, existing)
@@ -152,14 +153,13 @@ class Intake:
             synced.result()
             self.archive.place(tmp_file, target, already_synced=True)
         except OSError as exc:
-            LOG.error("archive write failed: %s", _short_error(exc))
-            return StoreOutcome(OUT_OF_RESOURCES, "archive write failed")
+            return StoreOutcome(OUT_OF_RESOURCES, "archive write failed", _short_error(exc))
         try:
             job_id = record_new(self.engine, record)
         except SQLAlchemyError as exc:
-            LOG.error("database commit failed, file removed: %s", _short_error(exc))
             self.archive.remove(target)
-            return StoreOutcome(DATABASE_UNAVAILABLE, "database commit failed")
+            return StoreOutcome(DATABASE_UNAVAILABLE, "database commit failed",
+                                f"file removed from the archive; {_short_error(exc)}")
         return StoreOutcome(SUCCESS, f"stored, job {job_id}, {record.scope_reason}")
 
     def _store_duplicate(self, tmp_file: Path, record: ReceivedInstance, existing: StoredInstance) -> StoreOutcome:
@@ -181,8 +181,7 @@ class Intake:
             try:
                 aside = self.archive.set_aside(tmp_file, record.sop_instance_uid, record.sha256)
             except OSError as exc:
-                LOG.error("conflict copy write failed: %s", _short_error(exc))
-                return StoreOutcome(OUT_OF_RESOURCES, "archive write failed")
+                return StoreOutcome(OUT_OF_RESOURCES, "archive write failed", _short_error(exc))
             if not self._audit("duplicate_kept_aside", record, f"new content kept at {self.archive.relative(aside)}"):
                 aside.unlink(missing_ok=True)
                 return StoreOutcome(DATABASE_UNAVAILABLE, "database commit failed")
@@ -199,18 +198,17 @@ class Intake:
                 aside = self.archive.set_aside(old, record.sop_instance_uid, existing.sha256)
             self.archive.place(tmp_file, new_target)
         except OSError as exc:
-            LOG.error("archive write failed: %s", _short_error(exc))
             if aside is not None:
                 self.archive.place(aside, old)
-            return StoreOutcome(OUT_OF_RESOURCES, "archive write failed")
+            return StoreOutcome(OUT_OF_RESOURCES, "archive write failed", _short_error(exc))
         try:
             job_id = record_replacement(self.engine, record, self.archive.relative(aside) if aside else "-")
         except SQLAlchemyError as exc:
-            LOG.error("database commit failed, replacement undone: %s", _short_error(exc))
             self.archive.remove(new_target)
             if aside is not None:
                 self.archive.place(aside, old)
-            return StoreOutcome(DATABASE_UNAVAILABLE, "database commit failed")
+            return StoreOutcome(DATABASE_UNAVAILABLE, "database commit failed",
+                                f"replacement undone; {_short_error(exc)}")
         return StoreOutcome(SUCCESS, f"replaced archived copy, job {job_id}")
 
     def _audit(self, kind: str, record: ReceivedInstance, detail: str) -> bool:

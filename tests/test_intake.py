@@ -213,7 +213,9 @@ def test_failing_database_step_gives_failure_and_leaves_no_file(node, tmp_path):
     ok = storescu(node.port, [files[1]])
     assert ok.statuses == [(str(files[1]), "Success")]
     assert len(archived_files(node)) == 1
-    assert "database commit failed" in node.log()
+    failed_uid = dcmread(files[0], stop_before_pixels=True).SOPInstanceUID
+    failure_lines = [line for line in node.log().splitlines() if failed_uid in line]
+    assert len(failure_lines) == 1 and "database commit failed" in failure_lines[0], failure_lines
 
 
 def test_identical_duplicate_is_success_without_a_second_job(node, tmp_path):
