@@ -35,16 +35,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pydicom
 import pynetdicom
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 CONFIG = REPO / "config.toml"
-UID_ROOT = "1.2.826.0.1.3680043.10.1456."  # test data only (same root as tests/dicomgen.py)
-DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
 PEER_ENV = {**os.environ, "TCP_NODELAY": "1"}
 CALLED_AET = "PNEUMOCAD"
 CALLING_AET = "BENCHSCU"
@@ -56,44 +52,10 @@ NODE_LOG_RE = re.compile(r"C-STORE from \S+ sop=\S+ status=0x0000 .*\((\d+) ms\)
 
 
 def write_instances(out_dir: Path, count: int, rows: int, cols: int) -> list[Path]:
-    """``count`` DX-for-presentation files with distinct UIDs and distinct pixel data (noise), one study."""
-    rng = np.random.default_rng(2)
-    pixels = rng.integers(0, 4096, size=(rows, cols), dtype=np.uint16)
-    study = generate_uid(UID_ROOT)
-    series = ""
-    paths = []
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-        if i % 50 == 0:
-            series = generate_uid(UID_ROOT)
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = DX_STORAGE
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.SOPClassUID = DX_STORAGE
-        ds.SOPInstanceUID = generate_uid(UID_ROOT)
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.StudyInstanceUID = study
-        ds.SeriesInstanceUID = series
-        ds.InstanceNumber = i + 1
-        ds.Modality = "DX"
-        ds.PatientName = "Bench^Synthetic"
-        ds.PatientID = "BENCH-0001"
-        ds.AccessionNumber = "BENCH1"
-        ds.BodyPartExamined = "CHEST"
-        ds.ViewPosition = "PA"
-        ds.ImageType = ["ORIGINAL", "PRIMARY"]
-        ds.PresentationIntentType = "FOR PRESENTATION"
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows, ds.Columns = rows, cols
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        pixels[0, :4] = (i & 0xFFF, (i >> 12) & 0xFFF, 0, 0)  # distinct content per instance
-        ds.PixelData = pixels.tobytes()
-        path = out_dir / f"img{i:04d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
+    """``count`` DX instances of rows x cols 16-bit pixels with distinct UIDs (the tests' generator)."""
+    from tests.dicomgen import clone_instances, synthetic_dx
+
+    return clone_instances(synthetic_dx(rows, cols, seed=2), out_dir, count)
 
 
 # --------------------------------------------------------------------------------------------------------------------
