@@ -1,6 +1,8 @@
-"""Losses: Dice + BCE for segmentation; overlap metrics used in reports."""
+"""Losses: Dice + BCE for segmentation, focal losses for the classifier; overlap metrics used in reports."""
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,3 +41,59 @@ def batch_dice(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> floa
         for o, t in zip(out, tgt):
             scores.append(dice_iou((o > 0).numpy(), (t > 0.5).numpy())[0])
     return float(sum(scores) / max(len(scores), 1))
+
+
+# --- focal loss (Lin et al. 2017, "Focal Loss for Dense Object Detection", equation 1) ---------------------------
+# FL(p_t) = -alpha_t (1 - p_t)^gamma log(p_t). Pneumoconiosis-positive films and the higher ILO categories are a
+# small minority: the (1 - p_t)^gamma factor stops the many easy negatives from dominating the gradient, and
+# alpha_t rebalances the classes. Both are computed from log-probabilities, never from probabilities, so very
+# confident logits give neither log(0) nor NaN.
+
+def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "none":
+        return loss
+    raise ValueError(f"unknown reduction {reduction!r}")
+
+
+def focal_loss_binary(logits: torch.Tensor, targets: torch.Tensor, alpha: float | None = 0.25, gamma: float = 2.0,
+                      reduction: str = "mean") -> torch.Tensor:
+    """Sigmoid focal loss; alpha_t = alpha for positives and 1 - alpha for negatives (None: no weighting).
+
+    Written for soft targets as well (p_t = p y + (1 - p)(1 - y), the cross-entropy term as BCE), which equals
+    equation 1 exactly for 0/1 targets and lets label smoothing be added later without a second loss.
+    """
+    targets = targets.to(logits.dtype)
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")  # -log(p_t)
+    one_minus_pt = targets * torch.sigmoid(-logits) + (1 - targets) * torch.sigmoid(logits)
+    loss = one_minus_pt.pow(gamma) * ce
+    if alpha is not None:
+        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+    return _reduce(loss, reduction)
+
+
+def focal_loss_multiclass(logits: torch.Tensor, targets: torch.Tensor,
+                          alpha: float | Sequence[float] | None = None, gamma: float = 2.0,
+                          reduction: str = "mean") -> torch.Tensor:
+    """Softmax focal loss over dim 1 (logits (N, C, ...), int64 targets (N, ...)).
+
+    ``alpha`` as a sequence gives alpha_t = alpha[target] (one weight per ILO category, so the rare categories 2
+    and 3 can be weighted up); a scalar multiplies every class; None is no weighting. With gamma 0 and alpha None
+    this is plain cross-entropy.
+    """
+    log_probs = F.log_softmax(logits, dim=1)
+    log_pt = log_probs.gather(1, targets.long().unsqueeze(1)).squeeze(1)
+    one_minus_pt = -torch.expm1(log_pt)  # 1 - p_t without cancellation when p_t is close to 1
+    loss = -one_minus_pt.pow(gamma) * log_pt
+    if alpha is not None:
+        if isinstance(alpha, (int, float)):
+            loss = alpha * loss
+        else:
+            weights = torch.as_tensor(alpha, dtype=loss.dtype, device=loss.device)
+            if weights.numel() != logits.shape[1]:
+                raise ValueError(f"alpha has {weights.numel()} weights for {logits.shape[1]} classes")
+            loss = weights[targets.long()] * loss
+    return _reduce(loss, reduction)
