@@ -17,7 +17,7 @@ from .lungs import LEFT_LUNG, RIGHT_LUNG
 
 MIN_SIDE_PIXELS = 256
 AREA_FRACTION = (0.06, 0.60)  # both lungs together, of the whole image
-BALANCE_MIN = 0.35  # smaller lung area / larger lung area
+BALANCE_MIN = 0.2  # smaller lung area / larger lung area (a diseased lung may be mostly opaque)
 HEIGHT_FRACTION_MIN = 0.22  # each lung's height, of the image height
 ASPECT = (0.9, 4.5)  # each lung's bounding-box height / width
 CENTRE_ROWS = (0.15, 0.80)  # each lung's centre, as a fraction of the image height
