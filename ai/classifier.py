@@ -21,6 +21,7 @@ from torch import nn
 from torchvision.models import resnet34
 
 from .geometry import Letterbox
+from .normalise import NormalisedImage
 from .lungs import LEFT_LUNG, RIGHT_LUNG
 
 # torchvision's file name for ResNet34_Weights.IMAGENET1K_V1; hard-coded so that finding it never needs the URL.
@@ -258,3 +259,19 @@ def zone_scores(heat_native: np.ndarray, labels: np.ndarray) -> dict[str, float]
             inside = lung & (third == k)
             scores[f"{side}_{zone}"] = float(heat_native[inside].mean()) if inside.any() else 0.0
     return {name: scores[name] for name in ZONES}
+
+
+def classifier_input(image: NormalisedImage, labels: np.ndarray, size: int, margin: float = 0.05,
+                     suppress_outside: bool = False) -> tuple[np.ndarray, CropGeometry]:
+    """The classifier's (size, size) input in [0, 1], made the same way in training and at inference: lung crop,
+    letterbox, then the contrast standardisation the segmenter also uses (vendors' windows differ widely)."""
+    from .normalise import stretch_contrast
+
+    crop, geometry = lung_crop(image.pixels, labels, size, margin=margin, suppress_outside=suppress_outside)
+    valid = np.zeros_like(crop, dtype=bool)
+    top, left = geometry.letterbox.offset
+    rows, cols = geometry.letterbox.content_shape
+    valid[top:top + rows, left:left + cols] = True
+    if suppress_outside:
+        valid &= crop > 0
+    return stretch_contrast(crop, valid), geometry

@@ -164,11 +164,22 @@ def build_parser() -> argparse.ArgumentParser:
     analyse.add_argument("--json", action="store_true", help="one JSON object per line, one line per file")
     analyse.add_argument("--mask-out", type=Path, help="write <file stem>.png label masks (0 bg, 1 right, 2 left)")
     analyse.add_argument("--device", help="cpu or cuda (default: CUDA when present)")
+    train = sub.add_parser("train", help="train a model (see docs): segmenter or classifier",
+                           description="Arguments after the model name go to python -m train.<model>; "
+                                       "use 'dicom-node train classifier --help' for them.")
+    train.add_argument("model", choices=["segmenter", "classifier"])
+    train.add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
+    if args.command == "train":
+        import importlib
+
+        return importlib.import_module(f"train.{args.model}").main(args.args + extra)
+    if extra:
+        build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "analyse":
         logging.basicConfig(level=logging.WARNING)
         return _cmd_analyse(args.files, args.json, args.mask_out, args.device)

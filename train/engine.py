@@ -10,7 +10,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -64,11 +64,13 @@ def fit(
     cfg: FitConfig,
     train_transform: Callable[[torch.Tensor, torch.Tensor], Batch] | None = None,
     extra_state: dict | None = None,
+    accuracy_fn: Callable[[Any, torch.Tensor], tuple[int, int]] | None = None,
 ) -> History:
     """Train ``model``; keep ``best.pt`` (by ``score_fn`` on validation) and ``last.pt`` (resumable) in out_dir.
 
     ``train_batches(epoch)`` yields (inputs, targets) on the CPU, freshly shuffled per epoch; ``train_transform``
-    augments them on the device (training data only).
+    augments them on the device (training data only). Model outputs may be tensors or dicts of tensors (several
+    heads). ``accuracy_fn(outputs, targets) -> (correct, count)`` adds train and validation accuracy per epoch.
     """
     device = resolve_device(cfg.device)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
@@ -94,7 +96,7 @@ def fit(
     sign = 1 if cfg.higher_is_better else -1
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
-        total, count = 0.0, 0
+        total, count, correct, judged = 0.0, 0, 0, 0
         batches = train_batches(epoch)
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False)
         for inputs, targets in bar:
@@ -103,7 +105,11 @@ def fit(
                 inputs, targets = train_transform(inputs, targets)
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device.type, enabled=use_amp):
-                loss = loss_fn(model(inputs), targets)
+                outputs = model(inputs)
+                loss = loss_fn(outputs, targets)
+            if accuracy_fn is not None:
+                c, n = accuracy_fn(_detach(outputs), targets)
+                correct, judged = correct + c, judged + n
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
@@ -111,8 +117,13 @@ def fit(
             count += inputs.shape[0]
             bar.set_postfix(loss=f"{total / count:.4f}")
 
-        val_loss, score = evaluate(model, val_batches(), loss_fn, score_fn, device)
+        val_loss, score, outputs, targets = evaluate(model, val_batches(), loss_fn, score_fn, device,
+                                                     keep_outputs=True)
         record = {"epoch": epoch + 1, "train_loss": total / max(count, 1), "val_loss": val_loss, "val_score": score}
+        if accuracy_fn is not None:
+            record["train_acc"] = correct / max(judged, 1)
+            c, n = accuracy_fn(_concat(outputs), torch.cat(targets)) if outputs else (0, 0)
+            record["val_acc"] = c / max(n, 1)
         history.epochs.append(record)
         improved = math.isnan(history.best_score) or sign * (score - history.best_score) > 0
         if improved:
@@ -135,9 +146,22 @@ def fit(
     return history
 
 
+def _detach(out: Any) -> Any:
+    if isinstance(out, dict):
+        return {k: v.detach().float().cpu() for k, v in out.items()}
+    return out.detach().float().cpu()
+
+
+def _concat(outputs: list[Any]) -> Any:
+    if isinstance(outputs[0], dict):
+        return {k: torch.cat([o[k] for o in outputs]) for k in outputs[0]}
+    return torch.cat(outputs)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[Batch], loss_fn, score_fn, device: torch.device
-             ) -> tuple[float, float]:
+def evaluate(model: nn.Module, batches: Iterable[Batch], loss_fn, score_fn, device: torch.device,
+             keep_outputs: bool = False):  # type: ignore[no-untyped-def]
+    """Validation loss and score; with ``keep_outputs`` also the CPU outputs and targets per batch."""
     model.eval()
     outputs, targets, total, count = [], [], 0.0, 0
     for inputs, target in batches:
@@ -145,9 +169,10 @@ def evaluate(model: nn.Module, batches: Iterable[Batch], loss_fn, score_fn, devi
         out = model(inputs)
         total += loss_fn(out, target).item() * inputs.shape[0]
         count += inputs.shape[0]
-        outputs.append(out.float().cpu())
+        outputs.append(_detach(out))
         targets.append(target.cpu())
-    return total / max(count, 1), score_fn(outputs, targets)
+    result = (total / max(count, 1), score_fn(outputs, targets))
+    return (*result, outputs, targets) if keep_outputs else result
 
 
 def tensor_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle_seed: int | None = None

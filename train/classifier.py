@@ -1,0 +1,310 @@
+"""Train the pneumoconiosis classifier with the seed paper's protocol, readable top to bottom.
+
+    python -m train.classifier --data DIR_OR_CSV --out runs/cls [--folds 10] [--epochs 50] [--size 384] ...
+
+1. Data: a folder with ``labels.csv`` in the public lung-mask layout (file, source, finding; masks in ``masks/``),
+   or any CSV with ``file`` and ``present`` (0/1) and optionally ``category`` (ILO 0-3), ``patient_id`` or
+   ``source_file`` (the grouping key: synthetic images made from one radiograph share it) and ``mask``.
+   Images without a mask file are segmented with the node's lung U-Net.
+2. Every image becomes the classifier's input once, the same way inference makes it (``ai.classifier``): lung crop
+   with a margin, optional outside-lung suppression, letterbox to ``--size``, contrast standardisation.
+3. k-fold cross-validation (default 10), stratified, grouped by patient; brightness augmentation after the split,
+   on training folds only: ``random`` (a factor in 0.7-1.3 per image per epoch, the default, as cheap as no
+   augmentation) or ``copies`` (the paper's eight brightness levels as eight copies: eight times the epoch time).
+4. ResNet-34 with a binary head and an ILO profusion head, focal loss on each (alpha, gamma per head); Adam, lr 1e-4,
+   batch 32, 50 epochs, early stopping on validation AUC, resumable (``fold*/last.pt``); CPU or CUDA (AMP on CUDA).
+5. Per fold and pooled out-of-fold: accuracy, AUC with DeLong 95 % CI, sensitivity, specificity, confusion matrix,
+   and for the profusion head accuracy and quadratic weighted kappa; ROC, confusion and history figures; report.md
+   and report.json.
+6. ``--final``: a model trained on all data for the median best epoch of the folds, with the decision threshold
+   chosen on the pooled out-of-fold predictions (``--threshold-rule youden`` or ``sensitivity:0.90``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ai.classifier import PROFUSION_CATEGORIES, PneumoconiosisNet, classifier_input
+from ai.lungs import postprocess_probability
+from ai.normalise import normalise
+
+from .engine import FitConfig, fit, resolve_device, seed_everything
+from .folds import BRIGHTNESS_RANGE, brightness_levels, check_no_leakage, stratified_group_kfold
+from .losses import focal_loss_binary, focal_loss_multiclass
+from .metrics import binary_summary, multiclass_metrics, roc_auc, roc_curve, threshold_for_sensitivity, \
+    youden_threshold
+from .report import plot_confusion, plot_history, plot_roc, write_report
+
+MODEL_NAME = "pneumoconiosis-resnet34"
+
+
+@dataclass
+class Item:
+    image: Path
+    present: int
+    category: int  # -1 when unknown
+    group: str
+    mask: Path | None
+
+
+def read_items(data: Path) -> list[Item]:
+    """The training table: a lung-mask-layout folder or a generic CSV (see the module docstring)."""
+    csv_path = data / "labels.csv" if data.is_dir() else data
+    root = csv_path.parent
+    with csv_path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    items = []
+    for row in rows:
+        image = Path(row["file"]) if Path(row["file"]).is_absolute() else root / (
+            "images/" + row["file"] if (root / "images" / row["file"]).exists() else row["file"])
+        if "present" in row:
+            present = int(row["present"])
+        else:
+            present = int(row["finding"].strip().lower() != "normal")
+        category = int(row["category"]) if row.get("category", "") not in ("", None) else -1
+        group = row.get("patient_id") or row.get("source_file") or Path(row["file"]).stem.rsplit("_", 1)[0]
+        mask = Path(row["mask"]) if row.get("mask") else root / "masks" / row["file"]
+        items.append(Item(image, present, category, group, mask if mask.is_file() else None))
+    return items
+
+
+def prepare_inputs(items: list[Item], size: int, margin: float, suppress: bool) -> torch.Tensor:
+    """(N, 1, size, size) uint8 classifier inputs, made once (the lung U-Net runs only where no mask exists)."""
+    from PIL import Image
+
+    out = torch.empty((len(items), 1, size, size), dtype=torch.uint8)
+    segmenter = None
+    for i, item in enumerate(items):
+        image = normalise(item.image)
+        if item.mask is not None:
+            with Image.open(item.mask) as m:
+                mask = np.asarray(m.convert("L").resize(image.pixels.shape[::-1]), dtype=np.float32) / 255
+            labels = postprocess_probability(mask)
+        else:
+            if segmenter is None:
+                from ai.models import lung_segmenter
+
+                segmenter = lung_segmenter()
+            labels = segmenter.segment([image])[0].labels
+        x, _ = classifier_input(image, labels, size, margin, suppress)
+        out[i, 0] = torch.from_numpy(np.round(x * 255).astype(np.uint8))
+    return out
+
+
+def make_loss(alpha_b: float, gamma_b: float, alpha_p: float | None, gamma_p: float, with_profusion: bool):
+    def loss(outputs: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+        value = focal_loss_binary(outputs["binary"], targets[:, 0].float(), alpha=alpha_b, gamma=gamma_b)
+        if with_profusion:
+            known = targets[:, 1] >= 0
+            if known.any():
+                value = value + focal_loss_multiclass(outputs["profusion"][known], targets[known, 1].long(),
+                                                      alpha=alpha_p, gamma=gamma_p)
+        return value
+
+    return loss
+
+
+def auc_score(outputs: list[dict[str, torch.Tensor]], targets: list[torch.Tensor]) -> float:
+    y = torch.cat(targets)[:, 0].numpy()
+    scores = torch.cat([o["binary"] for o in outputs]).numpy()
+    if y.min() == y.max():
+        return float(np.mean((scores > 0) == y))
+    return roc_auc(y, scores)
+
+
+def binary_accuracy(outputs: dict[str, torch.Tensor], targets: torch.Tensor) -> tuple[int, int]:
+    return int(((outputs["binary"] > 0).long() == targets[:, 0].long()).sum()), int(targets.shape[0])
+
+
+def batches(x: torch.Tensor, y: torch.Tensor, index: np.ndarray, batch_size: int, seed: int | None,
+            brightness: list[float] | None = None):
+    """Float batches in [0, 1]; ``brightness`` expands each index into one copy per level (the paper's copies)."""
+    rows = np.repeat(index, len(brightness)) if brightness else index
+    factors = np.tile(brightness, len(index)) if brightness else np.ones(len(rows))
+    order = np.random.default_rng(seed).permutation(len(rows)) if seed is not None else np.arange(len(rows))
+    for start in range(0, len(rows), batch_size):
+        pick = order[start:start + batch_size]
+        images = x[rows[pick]].float() / 255
+        images = (images * torch.from_numpy(factors[pick]).float().view(-1, 1, 1, 1)).clamp(0, 1)
+        yield images, y[rows[pick]]
+
+
+def random_brightness(generator: torch.Generator):
+    lo, hi = BRIGHTNESS_RANGE
+
+    def transform(images: torch.Tensor, targets: torch.Tensor):
+        factors = torch.rand(images.shape[0], generator=generator) * (hi - lo) + lo
+        return (images * factors.to(images.device).view(-1, 1, 1, 1)).clamp(0, 1), targets
+
+    return transform
+
+
+@torch.no_grad()
+def predict(model: PneumoconiosisNet, x: torch.Tensor, index: np.ndarray, device: torch.device
+            ) -> tuple[np.ndarray, np.ndarray]:
+    model.eval().to(device)
+    probs, cats = [], []
+    for start in range(0, len(index), 64):
+        out = model((x[index[start:start + 64]].float() / 255).to(device))
+        probs.append(torch.sigmoid(out["binary"]).float().cpu())
+        cats.append(torch.softmax(out["profusion"], dim=1).float().cpu())
+    return torch.cat(probs).numpy(), torch.cat(cats).numpy()
+
+
+def choose_threshold(rule: str, y: np.ndarray, p: np.ndarray) -> float:
+    if rule == "youden":
+        return float(youden_threshold(y, p))
+    if rule.startswith("sensitivity:"):
+        return float(threshold_for_sensitivity(y, p, float(rule.split(":", 1)[1])))
+    raise ValueError(f"unknown threshold rule {rule!r} (youden or sensitivity:0.90)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="folder with labels.csv, or a CSV file")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--folds", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--patience", type=int, default=10)
+    parser.add_argument("--size", type=int, default=384)
+    parser.add_argument("--margin", type=float, default=0.05)
+    parser.add_argument("--suppress-outside", action="store_true")
+    parser.add_argument("--augment", choices=["random", "copies", "none"], default="random")
+    parser.add_argument("--focal-alpha", type=float, default=0.25)
+    parser.add_argument("--focal-gamma", type=float, default=2.0)
+    parser.add_argument("--profusion-alpha", type=float, default=None)
+    parser.add_argument("--profusion-gamma", type=float, default=2.0)
+    parser.add_argument("--imagenet-weights", type=Path, help="local ImageNet ResNet-34 state dict")
+    parser.add_argument("--threshold-rule", default="youden")
+    parser.add_argument("--final", action="store_true", help="also train the final model on all data")
+    parser.add_argument("--version", default="0.1.0")
+    parser.add_argument("--trained-on", default="", help="what the data are, for the model card and every result")
+    parser.add_argument("--seed", type=int, default=2026)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--limit", type=int, default=0, help="use only the first N images (smoke runs)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    device = resolve_device(args.device)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    # 1-2. Data and inputs
+    items = read_items(args.data)
+    if args.limit:
+        items = items[:args.limit]
+    with_profusion = any(i.category >= 0 for i in items)
+    x = prepare_inputs(items, args.size, args.margin, args.suppress_outside)
+    y = torch.tensor([[i.present, i.category] for i in items], dtype=torch.long)
+    present = y[:, 0].numpy()
+
+    # 3. Folds, grouped by patient, stratified by the label
+    strata = [f"{i.present}/{i.category}" for i in items]
+    folds = stratified_group_kfold(strata, [i.group for i in items], k=args.folds, seed=args.seed)
+    levels = brightness_levels(8) if args.augment == "copies" else None
+
+    # 4. One model per fold
+    loss_fn = make_loss(args.focal_alpha, args.focal_gamma, args.profusion_alpha, args.profusion_gamma,
+                        with_profusion)
+    oof_prob = np.zeros(len(items))
+    oof_cat = np.zeros((len(items), PROFUSION_CATEGORIES))
+    per_fold, histories, curves, init = [], [], [], "scratch"
+    for k, (train_idx, val_idx) in enumerate(folds, start=1):
+        check_no_leakage(train_idx, val_idx, [i.group for i in items])
+        generator = seed_everything(args.seed + k)
+        model = PneumoconiosisNet.create(imagenet_weights=args.imagenet_weights)
+        init = model.init
+        cfg = FitConfig(epochs=args.epochs, lr=args.lr, patience=args.patience, device=args.device,
+                        seed=args.seed + k, out_dir=args.out / f"fold{k:02d}", progress=not args.no_progress)
+        history = fit(
+            model,
+            train_batches=lambda epoch, t=train_idx: batches(x, y, t, args.batch_size, args.seed + epoch, levels),
+            val_batches=lambda v=val_idx: batches(x, y, v, 64, None),
+            loss_fn=loss_fn, score_fn=auc_score, cfg=cfg, accuracy_fn=binary_accuracy,
+            train_transform=random_brightness(generator) if args.augment == "random" else None,
+        )
+        prob, cat = predict(model, x, val_idx, device)
+        oof_prob[val_idx], oof_cat[val_idx] = prob, cat
+        row = {"fold": k, "best_epoch": history.best_epoch, **binary_summary(present[val_idx], prob, 0.5)}
+        known = y[val_idx, 1].numpy() >= 0
+        if with_profusion and known.any():
+            mc = multiclass_metrics(y[val_idx, 1].numpy()[known], cat[known])
+            row.update(profusion_accuracy=mc["accuracy"], qwk=mc["qwk"])
+        per_fold.append(row)
+        histories.append(history.epochs)
+        if 0 < present[val_idx].sum() < len(val_idx):
+            fpr, tpr, _ = roc_curve(present[val_idx], prob)
+            curves.append((fpr, tpr, f"fold {k}", row["auc"]))
+
+    # 5. Pooled out-of-fold results, threshold, figures, report
+    threshold = choose_threshold(args.threshold_rule, present, oof_prob)
+    pooled = {"fold": "pooled", **binary_summary(present, oof_prob, threshold)}
+    fpr, tpr, _ = roc_curve(present, oof_prob)
+    curves.append((fpr, tpr, "pooled out-of-fold", pooled["auc"]))
+    plot_roc(curves, args.out / "roc.png")
+    plot_confusion(pooled["confusion"], ["absent", "present"], args.out / "confusion.png")
+    plot_history(histories, args.out / "history.png", labels=[f"fold {k}" for k in range(1, len(folds) + 1)])
+    known = y[:, 1].numpy() >= 0
+    if with_profusion and known.any():
+        mc = multiclass_metrics(y[:, 1].numpy()[known], oof_cat[known])
+        pooled.update(profusion_accuracy=mc["accuracy"], qwk=mc["qwk"])
+        plot_confusion(mc["confusion"], ["0", "1", "2", "3"], args.out / "confusion_profusion.png")
+    np.savez(args.out / "oof.npz", prob=oof_prob, category=oof_cat, present=present,
+             files=np.array([str(i.image) for i in items]))
+    summary = {
+        "title": "Classifier cross-validation", "pooled": pooled, "class_names": ["absent", "present"],
+        "images": len(items), "groups": len({i.group for i in items}), "positives": int(present.sum()),
+        "folds": args.folds, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+        "size": args.size, "margin": args.margin, "suppress_outside": args.suppress_outside,
+        "augmentation": args.augment, "focal_binary": [args.focal_alpha, args.focal_gamma],
+        "focal_profusion": [args.profusion_alpha, args.profusion_gamma] if with_profusion else None,
+        "initialisation": init, "threshold_rule": args.threshold_rule, "threshold": threshold,
+        "device": str(device), "seed": args.seed, "data": str(args.data),
+    }
+
+    # 6. Final model on all data
+    if args.final:
+        epochs = max(1, int(statistics.median(r["best_epoch"] for r in per_fold)))
+        model = PneumoconiosisNet.create(imagenet_weights=args.imagenet_weights)
+        everything = np.arange(len(items))
+        generator = seed_everything(args.seed)
+        fit(model, train_batches=lambda epoch: batches(x, y, everything, args.batch_size, args.seed + epoch, levels),
+            val_batches=lambda: batches(x, y, everything[:64], 64, None), loss_fn=loss_fn, score_fn=auc_score,
+            cfg=FitConfig(epochs=epochs, lr=args.lr, patience=epochs + 1, device=args.device, seed=args.seed,
+                          out_dir=args.out / "final", progress=not args.no_progress),
+            train_transform=random_brightness(generator) if args.augment == "random" else None)
+        export_classifier(model, args.out / "classifier.pt", args, threshold, init, epochs, pooled)
+        summary["final_epochs"] = epochs
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    write_report(args.out, summary, per_fold)
+    print(json.dumps({k: pooled[k] for k in ("accuracy", "auc", "auc_ci", "sensitivity", "specificity")}))
+    return 0
+
+
+def export_classifier(model: PneumoconiosisNet, path: Path, args: argparse.Namespace, threshold: float, init: str,
+                      epochs: int, pooled: dict) -> None:
+    """Half-precision weights with everything inference and the model card need."""
+    state = {k: (v.half() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    torch.save({"name": MODEL_NAME, "version": args.version, "state_dict": state, "threshold": threshold,
+                "threshold_rule": args.threshold_rule, "input_size": args.size, "margin": args.margin,
+                "suppress_outside": args.suppress_outside, "initialisation": init, "epochs": epochs,
+                "trained_on": args.trained_on, "cross_validation": {k: pooled.get(k) for k in
+                                                                    ("accuracy", "auc", "auc_ci", "sensitivity",
+                                                                     "specificity", "qwk")}}, path)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
