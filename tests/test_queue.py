@@ -36,6 +36,17 @@ def engine(tmp_path):
     return engine
 
 
+def expire_leases(engine) -> None:
+    """Let lease time pass deterministically (sleeping would make the tests depend on the machine's load)."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    with Session(engine) as session, session.begin():
+        session.execute(update(Job).where(Job.state == JobState.RUNNING)
+                        .values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+
+
 def test_claim_complete_and_empty_queue(engine):
     record_new(engine, _record(1))
     record_new(engine, _record(2, in_scope=False))  # goes straight to not_analysed: never claimable
@@ -68,9 +79,9 @@ def test_non_retryable_failure_is_final_at_once(engine):
 
 def test_expired_lease_is_taken_back_and_the_old_owner_is_fenced_off(engine):
     record_new(engine, _record(1))
-    crashed = queue.claim(engine, "crashed-worker", lease_seconds=0.2, max_attempts=MAX_ATTEMPTS)
+    crashed = queue.claim(engine, "crashed-worker", lease_seconds=60, max_attempts=MAX_ATTEMPTS)
     assert queue.claim(engine, "w2", 60, MAX_ATTEMPTS) is None  # lease still valid
-    time.sleep(0.3)
+    expire_leases(engine)
     taken = queue.claim(engine, "w2", 60, MAX_ATTEMPTS)
     assert taken is not None and taken.job_id == crashed.job_id and taken.attempt == 2
     assert not queue.complete(engine, crashed), "a worker that lost its lease must not write a result"
@@ -84,8 +95,8 @@ def test_expired_lease_is_taken_back_and_the_old_owner_is_fenced_off(engine):
 def test_lease_expiry_counts_as_an_attempt(engine):
     record_new(engine, _record(1))
     for _ in range(MAX_ATTEMPTS):
-        assert queue.claim(engine, "dying", 0.05, MAX_ATTEMPTS) is not None
-        time.sleep(0.1)
+        assert queue.claim(engine, "dying", 60, MAX_ATTEMPTS) is not None
+        expire_leases(engine)
     assert queue.claim(engine, "w", 60, MAX_ATTEMPTS) is None  # a poison job does not crash workers forever
     assert queue.counts_by_state(engine)["failed"] == 1
 
@@ -94,8 +105,8 @@ def test_reclaim_expired_sweeps(engine):
     for i in range(3):
         record_new(engine, _record(i))
     for _ in range(3):
-        queue.claim(engine, "dying", 0.05, MAX_ATTEMPTS)
-    time.sleep(0.1)
+        queue.claim(engine, "dying", 60, MAX_ATTEMPTS)
+    expire_leases(engine)
     assert queue.reclaim_expired(engine, MAX_ATTEMPTS) == 3
     assert queue.counts_by_state(engine)["queued"] == 3
 
