@@ -24,6 +24,7 @@ from pydicom.encaps import generate_frames
 from pydicom.pixels import get_decoder, pixel_array
 from pydicom.uid import generate_uid
 
+from ai.normalise import decode_pixels
 from dicom_node.scp import TRANSFER_SYNTAXES
 
 from .conftest import PEER_ENV, SAMPLES, Node, dcmtk_wire_encoding, free_port, require_tool, storescu
@@ -265,8 +266,10 @@ def test_received_file_keeps_its_syntax_and_decodes(case_id, prepared, scp, tmp_
     bits = int(ds.BitsStored)
     decoder = get_decoder(case.uid)
     assert decoder.available_plugins == case.plugins, decoder.missing_dependencies
+    # The node's own decoder (ai.normalise.decode_pixels) handles every case, the 12-bit JPEG Extended one included.
+    _check_pixels(f"{case_id} via the node's decoder", case, decode_pixels(dcmread(archived)), item.reference, bits,
+                  near)
     if not case.pydicom_decodes:  # see test_pydicom_decodes_12bit_jpeg_extended
-        _check_pixels(f"{case_id} via python-gdcm", case, _gdcm_decode(archived), item.reference, bits, near)
         return
     # pydicom's default choice (the first plugin that succeeds), then every installed plugin explicitly.
     _check_pixels(case_id, case, ds.pixel_array, item.reference, bits, near)
@@ -275,25 +278,9 @@ def test_received_file_keeps_its_syntax_and_decodes(case_id, prepared, scp, tmp_
         _check_pixels(f"{case_id} via {plugin}", case, decoded, item.reference, bits, near)
 
 
-def _gdcm_decode(path: Path) -> np.ndarray:
-    """Decode a single-frame monochrome image with python-gdcm's own reader, bypassing pydicom's plugin checks."""
-    import gdcm
-
-    reader = gdcm.ImageReader()
-    reader.SetFileName(str(path))
-    assert reader.Read(), f"GDCM cannot read {path}"
-    image = reader.GetImage()
-    fmt = image.GetPixelFormat()
-    assert fmt.GetSamplesPerPixel() == 1 and image.GetNumberOfDimensions() == 2
-    dtype = f"<{'i' if fmt.GetPixelRepresentation() else 'u'}{fmt.GetBitsAllocated() // 8}"
-    columns, rows = image.GetDimension(0), image.GetDimension(1)
-    buffer = image.GetBuffer().encode("utf-8", "surrogateescape")  # SWIG hands the bytes over as a str
-    return np.frombuffer(buffer, dtype=dtype).reshape(rows, columns)
-
-
 @pytest.mark.xfail(strict=True, raises=RuntimeError,
                    reason="pydicom 3 refuses 12-bit JPEG Extended in its gdcm plugin (pillow cannot do 12-bit and "
-                          "pylibjpeg-libjpeg is GPL); python-gdcm itself decodes it, see _gdcm_decode. When this "
+                          "pylibjpeg-libjpeg is GPL); python-gdcm itself decodes it, see ai.normalise.decode_pixels. When this "
                           "passes, drop the workaround and decode that case through pydicom like the others.")
 def test_pydicom_decodes_12bit_jpeg_extended(prepared):
     dcmread(prepared["jpeg-extended-12bit"].path).pixel_array
