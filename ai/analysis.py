@@ -135,7 +135,7 @@ def analyse_batch(sources: Sequence[Source], device: str | None = None) -> list[
             p.record.timings.update(seg.timings)
             p.record.models.append({"name": segmenter.name, "version": segmenter.version})
             started = time.perf_counter()
-            check = check_lung_fields(seg.labels)
+            check = check_lung_fields(seg.labels, seg.confidence)
             p.record.timings["input_check"] = time.perf_counter() - started
             _finish(p.record, seg.labels, check)
     for p in prepared:

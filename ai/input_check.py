@@ -1,8 +1,8 @@
 """Image-based input check: does the image look like a frontal chest radiograph with two plausible lung fields?
 
 The header can say CHEST and PA while the pixels show a hand, a lateral view or a dog: the classifier must only
-ever see frontal chests. The U-Net's lung fields are judged for count, area, balance, position and shape; the
-thresholds are deliberately loose for real chests (the public chest sets and the DICOM chest samples pass with a
+ever see frontal chests. The U-Net's lung fields are judged for count, area, balance, the model's own confidence,
+position and shape; the thresholds are deliberately loose for real chests (the public chest sets and the DICOM chest samples pass with a
 wide margin, see tests/test_input_check.py) and tight enough that other anatomy fails at least one of them.
 """
 
@@ -21,6 +21,8 @@ BALANCE_MIN = 0.2  # smaller lung area / larger lung area (a diseased lung may b
 HEIGHT_FRACTION_MIN = 0.22  # each lung's height, of the image height
 ASPECT = (0.9, 4.5)  # each lung's bounding-box height / width
 CENTRE_ROWS = (0.15, 0.80)  # each lung's centre, as a fraction of the image height
+MIN_MEAN_PROBABILITY = 0.945  # 704 public chests: >= 0.960; a lower-leg radiograph: 0.929; a hand: 0.816
+MAX_UNCERTAIN_RATIO = 0.6  # 704 public chests: <= 0.35; a lower-leg radiograph: 0.33; a hand: 1.26
 
 REASONS = {
     "image_too_small": "image smaller than a chest radiograph",
@@ -30,6 +32,7 @@ REASONS = {
     "lung_fields_unbalanced": "the two lung fields differ too much in size",
     "lung_position_implausible": "lung fields not where a frontal chest has them",
     "lung_shape_implausible": "lung fields not shaped like lungs",
+    "lung_fields_uncertain": "the lung-field model is not confident that this is a chest radiograph",
 }
 
 
@@ -48,11 +51,17 @@ def _refuse(reason: str, measurements: dict[str, float]) -> InputCheck:
     return InputCheck(False, reason, measurements)
 
 
-def check_lung_fields(labels: np.ndarray) -> InputCheck:
-    rows, cols = labels.shape
-    m: dict[str, float] = {}
-    if min(rows, cols) < MIN_SIDE_PIXELS:
+MEASURE_SIDE = 512  # fractions and centres are scale-free: measure on a subsampled grid of about this size
+
+
+def check_lung_fields(labels: np.ndarray, confidence: dict[str, float] | None = None) -> InputCheck:
+    """``confidence``: the segmenter's ``mean_probability`` and ``uncertain_ratio`` (ai.segment.confidence)."""
+    m: dict[str, float] = dict(confidence or {})
+    if min(labels.shape) < MIN_SIDE_PIXELS:
         return _refuse("image_too_small", m)
+    step = max(1, min(labels.shape) // MEASURE_SIDE)
+    labels = labels[::step, ::step]
+    rows, cols = labels.shape
     areas = np.bincount(labels.ravel(), minlength=3).astype(float)
     right, left = areas[RIGHT_LUNG], areas[LEFT_LUNG]
     m["right_area_fraction"] = right / labels.size
@@ -77,6 +86,9 @@ def check_lung_fields(labels: np.ndarray) -> InputCheck:
         m[f"{name}_aspect"] = aspect
         m[f"{name}_centre_row"] = centre_row / rows
         m[f"{name}_centre_col"] = centre_col / cols
+    if confidence is not None and (confidence["mean_probability"] < MIN_MEAN_PROBABILITY
+                                   or confidence["uncertain_ratio"] > MAX_UNCERTAIN_RATIO):
+        return _refuse("lung_fields_uncertain", m)
     if not (m["right_centre_col"] < 0.5 < m["left_centre_col"]):
         return _refuse("lung_position_implausible", m)
     for name in ("right", "left"):

@@ -7,8 +7,13 @@ the patient's right lung is on the image's left, so the component whose centre l
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from scipy import ndimage
+
+if TYPE_CHECKING:
+    from .geometry import Letterbox
 
 BACKGROUND, RIGHT_LUNG, LEFT_LUNG = 0, 1, 2
 
@@ -31,3 +36,28 @@ def postprocess_probability(prob: np.ndarray, threshold: float = 0.5) -> np.ndar
         side = RIGHT_LUNG if centres[ordered[0]] < prob.shape[1] / 2 else LEFT_LUNG
         labels[labels > 0] = side
     return labels
+
+
+def labels_on_source(prob_model: np.ndarray, letterbox: "Letterbox") -> np.ndarray:
+    """Native-grid labels from a model-size probability map, with the expensive work done at model size.
+
+    Component selection, hole filling and side labelling run on the (small) letterbox content; the native mask is
+    then the bilinearly resampled probability thresholded at 0.5, so its boundary keeps the model's sub-pixel
+    information. Before resampling, the probability is pushed just above 0.5 inside the kept, filled lung fields
+    and just below it everywhere else, so that the native mask has exactly the small map's topology.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    top, left = letterbox.offset
+    rows, cols = letterbox.content_shape
+    content = np.asarray(prob_model, dtype=np.float32)[top:top + rows, left:left + cols]
+    small = postprocess_probability(content)
+    keep = small > 0
+    clean = np.where(keep, np.maximum(content, 0.55), np.minimum(content, 0.45)).astype(np.float32)
+    grown = ndimage.grey_dilation(small, size=3)  # boundary pixels of the native mask still find their side
+    size = letterbox.source_shape
+    prob = F.interpolate(torch.from_numpy(clean)[None, None], size=size, mode="bilinear", align_corners=False)
+    side = F.interpolate(torch.from_numpy(grown.astype(np.float32))[None, None], size=size, mode="nearest")
+    labels = torch.where(prob > 0.5, side, torch.zeros_like(side))[0, 0]
+    return labels.to(torch.uint8).numpy()

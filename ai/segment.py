@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .geometry import Letterbox
-from .lungs import postprocess_probability
+from .lungs import labels_on_source
 from .normalise import NormalisedImage, stretch_contrast
 from .unet import UNet
 
@@ -20,7 +20,22 @@ class Segmentation:
     labels: np.ndarray  # uint8 on the native grid: 0 background, 1 right lung, 2 left lung
     probability: np.ndarray  # float32 (size, size) model-resolution lung probability
     letterbox: Letterbox
-    timings: dict[str, float]  # seconds: segment (model), postprocess
+    timings: dict[str, float]  # seconds: segment (model input + model), postprocess
+    confidence: dict[str, float]  # how sure the model is: see ``confidence``
+
+
+def confidence(prob: np.ndarray, box: Letterbox) -> dict[str, float]:
+    """Mean probability inside the predicted fields, and the uncertain area (0.1 < p < 0.9) relative to them.
+
+    On chest radiographs the U-Net is nearly binary; on other anatomy it hedges, which is a better tell than any
+    shape rule (see ai/input_check.py)."""
+    top, left = box.offset
+    content = prob[top:top + box.content_shape[0], left:left + box.content_shape[1]]
+    fields = content > 0.5
+    if not fields.any():
+        return {"mean_probability": 0.0, "uncertain_ratio": 0.0}
+    uncertain = np.count_nonzero((content > 0.1) & (content < 0.9))
+    return {"mean_probability": float(content[fields].mean()), "uncertain_ratio": uncertain / fields.sum()}
 
 
 def model_input(image: NormalisedImage, size: int) -> tuple[np.ndarray, Letterbox]:
@@ -58,14 +73,15 @@ class LungSegmenter:
         return torch.sigmoid(self.model(tensor))[:, 0].float().cpu().numpy()
 
     def segment(self, images: list[NormalisedImage]) -> list[Segmentation]:
-        prepared = [model_input(image, self.input_size) for image in images]
         started = time.perf_counter()
+        prepared = [model_input(image, self.input_size) for image in images]
         probs = self.probabilities(np.stack([p[0] for p in prepared]))
         model_seconds = (time.perf_counter() - started) / max(len(images), 1)
         results = []
         for prob, (_, box) in zip(probs, prepared):
             started = time.perf_counter()
-            labels = postprocess_probability(box.to_source(prob))
+            labels = labels_on_source(prob, box)
             results.append(Segmentation(labels, prob, box, {"segment": model_seconds,
-                                                            "postprocess": time.perf_counter() - started}))
+                                                            "postprocess": time.perf_counter() - started},
+                                        confidence(prob, box)))
         return results

@@ -36,7 +36,7 @@ def draw(files: list[Path], out: Path, width_per_image: float = 3.2) -> None:
             title = f"{path.name[:28]}\nrefused: {record.reason}"
         ax.set_title(title, fontsize=8)
         ax.axis("off")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ai.lungs import postprocess_probability
+from ai.geometry import Letterbox
+from ai.lungs import labels_on_source
 from ai.normalise import stretch_contrast
 from ai.unet import UNet
 
@@ -50,7 +51,8 @@ def test_report(model: UNet, samples: list[LungSample], size: int, device: torch
         prob_small = torch.sigmoid(model(image)).float()
         truth = load_mask(s.mask_path) > 0.5
         prob = F.interpolate(prob_small, size=truth.shape, mode="bilinear", align_corners=False)[0, 0].cpu().numpy()
-        labels = postprocess_probability(prob)
+        # The same path as inference (ai.segment): post-processing at model size, then resampled to the mask's grid.
+        labels = labels_on_source(prob_small[0, 0].cpu().numpy(), Letterbox.fit(truth.shape, size))
         d_raw, i_raw = dice_iou(prob > 0.5, truth)
         d_pp, i_pp = dice_iou(labels > 0, truth)
         entry = per_source.setdefault(s.source, {"dice_raw": [], "iou_raw": [], "dice": [], "iou": [], "files": []})
