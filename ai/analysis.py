@@ -18,7 +18,8 @@ from pydicom.dataset import Dataset
 from .header_scope import header_scope
 from .input_check import InputCheck, check_lung_fields
 from .lungs import LEFT_LUNG, RIGHT_LUNG
-from .models import lung_segmenter
+from .classifier import Classification
+from .models import lung_segmenter, pneumoconiosis_classifier
 from .normalise import NormalisedImage, UnreadableImage, decode_pixels, is_dicom_file, normalise_dataset, \
     normalise_picture
 
@@ -43,6 +44,7 @@ class AnalysisRecord:
     timings: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     image: NormalisedImage | None = None  # kept for result rendering (heat map, secondary capture)
+    classification: Classification | None = None  # None when not analysed or no classifier is installed
 
     def to_json(self) -> dict[str, Any]:
         """The JSON line of ``dicom-node analyse --json`` (no pixel arrays)."""
@@ -61,6 +63,19 @@ class AnalysisRecord:
             "models": self.models,
             "timings_ms": {k: round(v * 1000, 1) for k, v in self.timings.items()},
             "error": self.error,
+            **self._classification_json(),
+        }
+
+    def _classification_json(self) -> dict[str, Any]:
+        c = self.classification
+        if c is None:
+            return {"pneumoconiosis": None, "profusion_category": None, "zones": None}
+        return {
+            "pneumoconiosis": {"probability": round(c.probability, 4), "present": c.present,
+                               "threshold": round(c.threshold, 4)},
+            "profusion_category": {"most_likely": c.most_likely_category,
+                                   "probabilities": [round(p, 4) for p in c.category_probabilities]},
+            "zones": {k: round(v, 4) for k, v in c.zones.items()},
         }
 
 
@@ -128,6 +143,7 @@ def _finish(record: AnalysisRecord, labels: np.ndarray, check: InputCheck) -> No
 def analyse_batch(sources: Sequence[Source], device: str | None = None) -> list[AnalysisRecord]:
     """Analyse several inputs with one model call for all that reach segmentation (the worker's form)."""
     segmenter = lung_segmenter(device)
+    classifier = pneumoconiosis_classifier(device)
     prepared = [_prepare(s) for s in sources]
     todo = [p for p in prepared if p.image is not None]
     if todo:
@@ -138,6 +154,10 @@ def analyse_batch(sources: Sequence[Source], device: str | None = None) -> list[
             check = check_lung_fields(seg.labels, seg.confidence)
             p.record.timings["input_check"] = time.perf_counter() - started
             _finish(p.record, seg.labels, check)
+            if classifier is not None and p.record.in_scope:
+                p.record.classification = classifier.classify(p.image, seg.labels)  # type: ignore[arg-type]
+                p.record.timings.update(p.record.classification.timings)
+                p.record.models.append(classifier.describe())
     for p in prepared:
         p.record.timings["total"] = sum(p.record.timings.values())
     return [p.record for p in prepared]

@@ -275,3 +275,69 @@ def classifier_input(image: NormalisedImage, labels: np.ndarray, size: int, marg
     if suppress_outside:
         valid &= crop > 0
     return stretch_contrast(crop, valid), geometry
+
+
+@dataclass
+class Classification:
+    """What the classifier says about one accepted radiograph, on the source's native grid."""
+
+    probability: float  # pneumoconiosis present
+    present: bool  # probability >= threshold
+    threshold: float
+    category_probabilities: list[float]  # ILO major categories 0, 1, 2, 3
+    most_likely_category: int
+    zones: dict[str, float]  # mean heat in the six ILO zones
+    heat_map: np.ndarray  # float32 native grid in [0, 1], 0 outside the lung crop
+    timings: dict[str, float]
+
+
+class PneumoconiosisClassifier:
+    """A trained classifier file (``train/classifier.py --final`` writes it) ready for inference.
+
+    The file carries its own decision threshold (chosen on out-of-fold predictions), input geometry, what it was
+    trained on and, for demo weights, the notice that must reach every result.
+    """
+
+    def __init__(self, path: Path, device: torch.device) -> None:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        self.name: str = checkpoint["name"]
+        self.version: str = checkpoint["version"]
+        self.threshold = float(checkpoint["threshold"])
+        self.input_size = int(checkpoint["input_size"])
+        self.margin = float(checkpoint.get("margin", 0.05))
+        self.suppress_outside = bool(checkpoint.get("suppress_outside", False))
+        self.trained_on: str = checkpoint.get("trained_on", "")
+        self.notice: str = checkpoint.get("notice", "")
+        self.model = PneumoconiosisNet()
+        self.model.load_state_dict({k: v.float() if v.is_floating_point() else v
+                                    for k, v in checkpoint["state_dict"].items()})
+        self.model.eval().to(device)
+        self.device = device
+
+    def describe(self) -> dict[str, str]:
+        info = {"name": self.name, "version": self.version}
+        if self.trained_on:
+            info["trained_on"] = self.trained_on
+        if self.notice:
+            info["notice"] = self.notice
+        return info
+
+    def classify(self, image: NormalisedImage, labels: np.ndarray) -> Classification:
+        import time
+
+        started = time.perf_counter()
+        x, geometry = classifier_input(image, labels, self.input_size, self.margin, self.suppress_outside)
+        tensor = torch.from_numpy(x)[None, None].to(self.device)
+        with torch.inference_mode():
+            out = self.model(tensor)
+            probability = float(torch.sigmoid(out["binary"])[0])
+            categories = torch.softmax(out["profusion"][0].float(), dim=0).cpu().numpy()
+        classified = time.perf_counter()
+        heat = geometry.to_source(grad_cam(self.model, tensor, head="binary"))
+        zones = zone_scores(heat, labels)
+        return Classification(
+            probability=probability, present=probability >= self.threshold, threshold=self.threshold,
+            category_probabilities=[float(c) for c in categories], most_likely_category=int(categories.argmax()),
+            zones=zones, heat_map=heat,
+            timings={"classify": classified - started, "heat_map": time.perf_counter() - classified},
+        )

@@ -11,6 +11,7 @@ import torch
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "models"
 LUNG_UNET = "lung_unet.pt"
+CLASSIFIER = "classifier.pt"
 
 _lock = threading.Lock()
 
@@ -39,3 +40,19 @@ def _load_segmenter(path: Path, device: str):  # type: ignore[no-untyped-def]
 def lung_segmenter(device: str | None = None):  # type: ignore[no-untyped-def]
     with _lock:
         return _load_segmenter(model_path(LUNG_UNET), str(select_device(device)))
+
+
+@lru_cache(maxsize=4)
+def _load_classifier(path: Path, device: str):  # type: ignore[no-untyped-def]
+    from .classifier import PneumoconiosisClassifier
+
+    return PneumoconiosisClassifier(path, torch.device(device))
+
+
+def pneumoconiosis_classifier(device: str | None = None):  # type: ignore[no-untyped-def]
+    """The installed classifier, or None while no classifier file is installed (lung fields only)."""
+    path = model_path(CLASSIFIER)
+    if not path.is_file():
+        return None
+    with _lock:
+        return _load_classifier(path, str(select_device(device)))

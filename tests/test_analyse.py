@@ -103,6 +103,8 @@ def test_cli_json_lines_in_input_order_with_errors_and_masks(tmp_path):
     chest_line, broken_line, hand_line, text_line, png_line, missing_line = lines
     assert chest_line["analysed"] and chest_line["lung_area_px"]["right"] > 0
     assert chest_line["models"][0]["name"] == "lung-field-unet" and chest_line["models"][0]["version"]
+    # No classifier is bundled yet: the lung-field part answers, the classifier's keys say nothing rather than guess.
+    assert chest_line["pneumoconiosis"] is None and chest_line["zones"] is None and len(chest_line["models"]) == 1
     for bad in (broken_line, text_line, missing_line):
         assert not bad["analysed"] and bad["error"]
     assert not hand_line["analysed"] and hand_line["reason"] == "body_part_not_chest"

@@ -190,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--final", action="store_true", help="also train the final model on all data")
     parser.add_argument("--version", default="0.1.0")
     parser.add_argument("--trained-on", default="", help="what the data are, for the model card and every result")
+    parser.add_argument("--notice", default="", help="sentence every result must carry (e.g. demo / not for "
+                                                      "clinical use)")
     parser.add_argument("--seed", type=int, default=2026)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0)
@@ -301,7 +303,7 @@ def export_classifier(model: PneumoconiosisNet, path: Path, args: argparse.Names
     torch.save({"name": MODEL_NAME, "version": args.version, "state_dict": state, "threshold": threshold,
                 "threshold_rule": args.threshold_rule, "input_size": args.size, "margin": args.margin,
                 "suppress_outside": args.suppress_outside, "initialisation": init, "epochs": epochs,
-                "trained_on": args.trained_on, "cross_validation": {k: pooled.get(k) for k in
+                "trained_on": args.trained_on, "notice": args.notice, "cross_validation": {k: pooled.get(k) for k in
                                                                     ("accuracy", "auc", "auc_ci", "sensitivity",
                                                                      "specificity", "qwk")}}, path)
 
