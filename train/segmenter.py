@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=None, help="cxr-lung-masks folder (default: shared data)")
     parser.add_argument("--out", type=Path, required=True, help="run folder: checkpoints, history, report")
     parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--base-width", type=int, default=16)
+    parser.add_argument("--base-width", type=int, default=12)
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
