@@ -113,6 +113,9 @@ def _prepare(source: Source) -> _Prepared:
         record.error = str(exc)
         record.explanation = str(exc)
         return _Prepared(record, None)
+    except FileNotFoundError:
+        record.error = record.explanation = "file not found"
+        return _Prepared(record, None)
     except Exception as exc:  # a corrupt file must give a clear answer, never a crash
         record.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
         record.explanation = "the file cannot be read as an image"

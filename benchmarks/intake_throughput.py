@@ -26,7 +26,6 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,7 @@ import pynetdicom
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from tests.conftest import free_port  # noqa: E402
 CONFIG = REPO / "config.toml"
 PEER_ENV = {**os.environ, "TCP_NODELAY": "1"}
 CALLED_AET = "PNEUMOCAD"
@@ -60,12 +60,6 @@ def write_instances(out_dir: Path, count: int, rows: int, cols: int) -> list[Pat
 
 # --------------------------------------------------------------------------------------------------------------------
 # Processes
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:

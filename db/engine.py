@@ -11,7 +11,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event, select
 from sqlalchemy.engine import make_url
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from .models import SCHEMA_VERSION, Base, SchemaInfo
 
@@ -63,10 +63,6 @@ def readonly(engine: Engine) -> Engine:
     """The same engine (same pool) for read-only work: on SQLite its transactions do not take the write lock,
     so lookups never queue behind, or block, the intake and the workers."""
     return engine.execution_options(**{READ_ONLY_OPTION: True})
-
-
-def session_factory(engine: Engine) -> sessionmaker[Session]:
-    return sessionmaker(engine, expire_on_commit=False)
 
 
 def init_schema(engine: Engine) -> int:

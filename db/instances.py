@@ -104,10 +104,3 @@ def record_event(engine: Engine, kind: str, sop_instance_uid: str | None, callin
                  detail: str) -> None:
     with Session(engine) as session, session.begin():
         session.add(Event(kind=kind, sop_instance_uid=sop_instance_uid, calling_aet=calling_aet, detail=detail))
-
-
-def count_instances(engine: Engine) -> int:
-    from sqlalchemy import func
-
-    with Session(readonly(engine)) as session:
-        return int(session.scalar(select(func.count()).select_from(Instance)) or 0)

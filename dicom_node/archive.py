@@ -1,7 +1,7 @@
 """The on-disk archive: durable placement of received files, the free-disk reserve, and conflict copies.
 
 Durability order (a C-STORE is acknowledged only after all of it): the received bytes are already in a temporary
-file under ``tmp/`` on the same file system; we fsync that file, rename it to
+file under ``tmp/`` on the same file system; the intake fsyncs it (``fsync_path``), then ``place`` renames it to
 ``archive/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm`` and fsync the directories we touched. A crash at any moment
 leaves either no archive file or a whole one: the rename is atomic and partial data only ever lives in ``tmp/``,
 which is emptied at start-up.
@@ -70,9 +70,10 @@ class Archive:
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
 
-    def has_room_for(self, incoming_bytes: int) -> bool:
-        """True while writing ``incoming_bytes`` more keeps free space above the reserve."""
-        return self.free_bytes() - incoming_bytes >= self.reserve_bytes
+    def above_reserve(self) -> bool:
+        """False once free space has dropped below the configured reserve (checked per C-STORE, so the node
+        recovers by itself when space returns)."""
+        return self.free_bytes() >= self.reserve_bytes
 
     def relative(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
@@ -94,15 +95,14 @@ class Archive:
         for created in reversed(missing):
             fsync_path(created.parent)
 
-    def place(self, tmp_file: Path, target: Path, already_synced: bool = False) -> None:
-        """Durably move a fully received temporary file to its archive path (replacing any file there).
+    def place(self, synced_file: Path, target: Path) -> None:
+        """Durably move a file whose data are already fsynced to its archive path (replacing any file there).
 
-        ``already_synced``: the caller fsynced ``tmp_file`` itself (the intake overlaps that with its checks).
+        The intake fsyncs each received file itself, overlapped with its checks; every other file this is called
+        with (a copy set aside) was placed durably before.
         """
-        if not already_synced:
-            fsync_path(tmp_file)
         self._make_dirs_durable(target.parent)
-        os.replace(tmp_file, target)
+        os.replace(synced_file, target)
         fsync_path(target.parent)
 
     def remove(self, target: Path) -> None:
@@ -114,9 +114,10 @@ class Archive:
         fsync_path(target.parent)
 
     def set_aside(self, source: Path, sop_uid: str, sha256: str) -> Path:
-        """Keep a copy that must not be analysed (a conflicting duplicate, a superseded version) under conflicts/."""
+        """Keep a copy that must not be analysed (a conflicting duplicate, a superseded version) under conflicts/.
+
+        ``source`` is an fsynced received file or an archived one, so only the directory entries need syncing."""
         target = self.conflicts_dir / f"{sop_uid}.{sha256[:16]}.dcm"
-        fsync_path(source)
         os.replace(source, target)
         fsync_path(self.conflicts_dir)
         if source.parent != self.tmp_dir:

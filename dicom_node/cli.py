@@ -125,15 +125,10 @@ def _cmd_analyse(files: list[Path], as_json: bool, mask_out: Path | None, device
         mask_out.mkdir(parents=True, exist_ok=True)
     failures = 0
     for path in files:
-        if not path.is_file():
-            record_json = {"source": str(path), "analysed": False, "reason": "unreadable_image",
-                           "explanation": "file not found", "error": "file not found"}
-            record = None
-        else:
-            record = analyse(path, device=device)
-            record_json = record.to_json()
-        failures += record_json.get("error") is not None
-        if record is not None and record.labels is not None and mask_out is not None:
+        record = analyse(path, device=device)
+        record_json = record.to_json()
+        failures += record_json["error"] is not None
+        if record.labels is not None and mask_out is not None:
             Image.fromarray(record.labels.astype(np.uint8), mode="L").save(mask_out / f"{path.stem}.png")
         if as_json:
             print(json.dumps(record_json), flush=True)

@@ -88,7 +88,7 @@ class Intake:
     def _store(self, tmp_file: Path, calling_aet: str, request_sop_class: str, request_sop_instance: str,
                transfer_syntax: str) -> StoreOutcome:
         size = tmp_file.stat().st_size
-        if not self.archive.has_room_for(0):
+        if not self.archive.above_reserve():
             return StoreOutcome(OUT_OF_RESOURCES, "free disk space below the configured reserve")
         synced = self._fsync_pool.submit(fsync_path, tmp_file)
         try:
@@ -143,15 +143,18 @@ class Intake:
                 existing = find_instance(self.engine, sop_uid)
             except SQLAlchemyError as exc:
                 return StoreOutcome(DATABASE_UNAVAILABLE, "database unavailable", _short_error(exc))
+            try:
+                synced.result()  # every path below moves the received file: its data must be on disk first
+            except OSError as exc:
+                return StoreOutcome(OUT_OF_RESOURCES, "archive write failed", _short_error(exc))
             if existing is None:
-                return self._store_new(tmp_file, record, synced)
+                return self._store_new(tmp_file, record)
             return self._store_duplicate(tmp_file, record, existing)
 
-    def _store_new(self, tmp_file: Path, record: ReceivedInstance, synced: Future) -> StoreOutcome:
+    def _store_new(self, tmp_file: Path, record: ReceivedInstance) -> StoreOutcome:
         target = self.archive.absolute(record.archive_path)
         try:
-            synced.result()
-            self.archive.place(tmp_file, target, already_synced=True)
+            self.archive.place(tmp_file, target)
         except OSError as exc:
             return StoreOutcome(OUT_OF_RESOURCES, "archive write failed", _short_error(exc))
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -20,10 +21,8 @@ def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor, bce_weight: float 
     return (1 - soft_dice(logits, target)) + bce_weight * F.binary_cross_entropy_with_logits(logits, target)
 
 
-def dice_iou(pred: torch.Tensor | "np.ndarray", target: torch.Tensor | "np.ndarray") -> tuple[float, float]:
+def dice_iou(pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray) -> tuple[float, float]:
     """Hard Dice and IoU of two binary masks (an empty pair counts as a perfect match)."""
-    import numpy as np
-
     p = np.asarray(pred, dtype=bool)
     t = np.asarray(target, dtype=bool)
     inter = np.logical_and(p, t).sum()
