@@ -17,6 +17,8 @@ from .models import SCHEMA_VERSION, Base, SchemaInfo
 
 SQLITE_BUSY_TIMEOUT_S = 30
 READ_ONLY_OPTION = "pneumo_read_only"
+ADDITIVE_UPGRADES_FROM = {1}
+"""Schema versions that the current one extends with new tables only (1 -> 2 added results and exports)."""
 
 
 class SchemaError(RuntimeError):
@@ -72,6 +74,10 @@ def init_schema(engine: Engine) -> int:
         info = session.scalars(select(SchemaInfo).order_by(SchemaInfo.id).limit(1)).first()
         if info is None:
             session.add(SchemaInfo(version=SCHEMA_VERSION))
+            return SCHEMA_VERSION
+        if info.version in ADDITIVE_UPGRADES_FROM and info.version < SCHEMA_VERSION:
+            # The newer schema only added tables (created above by create_all): record the upgrade.
+            info.version = SCHEMA_VERSION
             return SCHEMA_VERSION
         if info.version != SCHEMA_VERSION:
             raise SchemaError(

@@ -19,10 +19,11 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """Bump when the tables change; start-up refuses a database written with another version."""
 
 UID_LENGTH = 64
@@ -114,3 +115,70 @@ class Event(Base):
     sop_instance_uid: Mapped[str | None] = mapped_column(String(UID_LENGTH), index=True)
     calling_aet: Mapped[str | None] = mapped_column(String(16))
     detail: Mapped[str | None] = mapped_column(Text)
+
+
+class Result(Base):
+    """One DICOM object the node wrote for a job (SR, SEG or heat-map SC), archived at ``archive_path``.
+
+    ``sop_instance_uid`` is derived from the source UID, the result kind and the model versions, so that analysing
+    the same input with the same models again gives the same row (and PACS never sees a duplicate)."""
+
+    __tablename__ = "results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), nullable=False, index=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), nullable=False, index=True)
+    kind: Mapped[str] = mapped_column(String(8), nullable=False)  # "sr", "seg", "sc"
+    sop_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH), unique=True, nullable=False)
+    sop_class_uid: Mapped[str] = mapped_column(String(UID_LENGTH), nullable=False)
+    series_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH), nullable=False)
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(UID_LENGTH), nullable=False)
+    archive_path: Mapped[str] = mapped_column(String(512), nullable=False)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    analysed: Mapped[bool] = mapped_column(Boolean, nullable=False)  # False: a "not analysed" SR
+    reason: Mapped[str] = mapped_column(String(64), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, nullable=False)
+
+    exports: Mapped[list["Export"]] = relationship(back_populates="result", order_by="Export.id")
+
+
+class ExportState(str, enum.Enum):
+    """pending (waiting for its next attempt) -> sending (leased by an exporter) -> sent | pending again (retry
+    after backoff) | dead (attempts exhausted, or the peer refused it for good); ``dicom-node resend`` puts
+    dead ones back to pending."""
+
+    PENDING = "pending"
+    SENDING = "sending"
+    SENT = "sent"
+    DEAD = "dead"
+
+
+class Export(Base):
+    """One result to one configured destination, with its retry schedule."""
+
+    __tablename__ = "exports"
+    __table_args__ = (
+        UniqueConstraint("result_id", "destination", name="uq_exports_result_destination"),
+        Index("ix_exports_state_next", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("results.id"), nullable=False, index=True)
+    destination: Mapped[str] = mapped_column(String(64), nullable=False)  # a destination name from config
+    state: Mapped[ExportState] = mapped_column(
+        Enum(ExportState, name="export_state", values_callable=lambda e: [m.value for m in e], native_enum=False,
+             length=16),
+        nullable=False,
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0, nullable=False)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, nullable=False)
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime)
+    last_status: Mapped[int | None] = mapped_column(Integer)  # DIMSE status of the last attempt, if any
+    last_error: Mapped[str | None] = mapped_column(Text)
+    sent_to: Mapped[str | None] = mapped_column(String(128))  # "AE@host:port" that acknowledged it
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow, nullable=False)
+
+    result: Mapped[Result] = relationship(back_populates="exports")

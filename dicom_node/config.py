@@ -57,6 +57,12 @@ def _check_ae_list(value: list[str]) -> str | None:
     return None
 
 
+def _is_uid(value: str) -> bool:
+    from pydicom.uid import UID
+
+    return len(value) <= 64 and UID(value).is_valid
+
+
 def _check_db_url(value: str) -> str | None:
     if not value:
         return None
@@ -67,6 +73,47 @@ def _check_db_url(value: str) -> str | None:
         make_url(value)
     except ArgumentError as exc:
         return f"is not a database URL ({exc})"
+    return None
+
+
+RESULT_KINDS = ("sr", "seg", "sc")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _check_destinations(value: list[Any]) -> str | None:
+    """``[[export.destinations]]`` tables: name, ae_title, host, port, optional types and alternate {ae_title,
+    host, port}."""
+    names = set()
+    for i, dest in enumerate(value):
+        where = f"entry {i + 1}"
+        if not isinstance(dest, Mapping):
+            return f"{where} must be a table (name, ae_title, host, port)"
+        unknown = set(dest) - {"name", "ae_title", "host", "port", "types", "alternate"}
+        if unknown:
+            return f"{where} has unknown field(s) {', '.join(sorted(unknown))}"
+        name = dest.get("name")
+        if not isinstance(name, str) or not name.strip() or len(name) > 64:
+            return f"{where} needs a name (1-64 characters)"
+        if name in names:
+            return f"{where}: name {name!r} is used twice"
+        names.add(name)
+        for peer_where, peer in ((where, dest), (f"{where} alternate", dest.get("alternate"))):
+            if peer is None:
+                continue
+            if not isinstance(peer, Mapping):
+                return f"{peer_where} must be a table"
+            problem = _check_ae_title(peer.get("ae_title", "")) if isinstance(peer.get("ae_title"), str) \
+                else "is missing"
+            if problem:
+                return f"{peer_where} ae_title {problem}"
+            if not isinstance(peer.get("host"), str) or not peer["host"].strip():
+                return f"{peer_where} needs a host"
+            port = peer.get("port")
+            if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+                return f"{peer_where} port must be an integer 1-65535"
+        types = dest.get("types", list(RESULT_KINDS))
+        if not isinstance(types, list) or not types or any(t not in RESULT_KINDS for t in types):
+            return f"{where} types must be a non-empty list of {', '.join(RESULT_KINDS)}"
     return None
 
 
@@ -93,6 +140,18 @@ SCHEMA: dict[str, Key] = {
     "database.url": Key(str, "", _check_db_url),
     "queue.lease_seconds": Key(float, 300.0, _range(1)),
     "queue.max_attempts": Key(int, 3, _range(1, 100)),
+    "worker.processes": Key(int, 1, _range(0, 64)),
+    "worker.batch_size": Key(int, 4, _range(1, 64)),
+    "worker.poll_seconds": Key(float, 1.0, _range(0.05)),
+    "worker.device": Key(str, "auto", _one_of(DEVICES)),
+    "results.device_uid": Key(str, "", lambda v: None if not v or _is_uid(v) else "must be a DICOM UID"),
+    "results.institution_name": Key(str, ""),
+    "export.destinations": Key(list, [], _check_destinations),
+    "export.retry_initial_seconds": Key(float, 30.0, _range(0.1)),
+    "export.retry_max_seconds": Key(float, 3600.0, _range(0.1)),
+    "export.max_attempts": Key(int, 10, _range(1, 1000)),
+    "export.poll_seconds": Key(float, 2.0, _range(0.05)),
+    "export.timeout_seconds": Key(float, 30.0, _range(1)),
     "logging.level": Key(str, "INFO", _one_of(LOG_LEVELS)),
 }
 
@@ -107,7 +166,15 @@ def _coerce(key: str, raw: Any, from_text: bool) -> Any:
     try:
         if spec.type is list:
             if from_text:
-                return [part.strip() for part in str(raw).split(",") if part.strip()]
+                text = str(raw).strip()
+                if text.startswith("["):  # JSON for lists of tables, e.g. export.destinations
+                    import json
+
+                    try:
+                        return json.loads(text)
+                    except json.JSONDecodeError:
+                        raise ValueError from None
+                return [part.strip() for part in text.split(",") if part.strip()]
             if not isinstance(raw, list):
                 raise TypeError
             return raw

@@ -499,6 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     ds.add_argument("--split-seed", type=int, default=0)
     ds.add_argument("--part", default="train", choices=("train", "val", "test"))
     ds.add_argument("--seed", type=int, default=0)
+    ds.add_argument("--categories-per-image", type=int, default=0,
+                    help="k > 0: k distinct categories drawn per film; 0 (default): all four per film")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     samples = read_lung_masks()
@@ -509,7 +511,8 @@ def main(argv: list[str] | None = None) -> int:
         figure_categories(sample, args.out, size_type=args.size_type, seed=args.seed)
     else:
         part = stratified_split(samples, args.split_seed)[args.part]
-        rows = make_synthetic_dataset(part, args.out, seed=args.seed)
+        per_image = args.categories_per_image or (0, 1, 2, 3)
+        rows = make_synthetic_dataset(part, args.out, per_image, seed=args.seed)
         log.info("wrote %d images to %s", len(rows), args.out)
     return 0
 
