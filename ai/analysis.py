@@ -152,7 +152,7 @@ def analyse_batch(sources: Sequence[Source], device: str | None = None) -> list[
     if todo:
         for p, seg in zip(todo, segmenter.segment([p.image for p in todo])):  # type: ignore[misc]
             p.record.timings.update(seg.timings)
-            p.record.models.append({"name": segmenter.name, "version": segmenter.version})
+            p.record.models.append(segmenter.describe())
             started = time.perf_counter()
             check = check_lung_fields(seg.labels, seg.confidence)
             p.record.timings["input_check"] = time.perf_counter() - started

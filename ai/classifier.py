@@ -23,6 +23,7 @@ from torchvision.models import resnet34
 from .geometry import Letterbox
 from .normalise import NormalisedImage
 from .lungs import LEFT_LUNG, RIGHT_LUNG
+from .models import model_card_id
 
 # torchvision's file name for ResNet34_Weights.IMAGENET1K_V1; hard-coded so that finding it never needs the URL.
 IMAGENET_FILE = "resnet34-b627a593.pth"
@@ -308,6 +309,7 @@ class PneumoconiosisClassifier:
         self.suppress_outside = bool(checkpoint.get("suppress_outside", False))
         self.trained_on: str = checkpoint.get("trained_on", "")
         self.notice: str = checkpoint.get("notice", "")
+        self.model_card = model_card_id(path, checkpoint)
         self.model = PneumoconiosisNet()
         self.model.load_state_dict({k: v.float() if v.is_floating_point() else v
                                     for k, v in checkpoint["state_dict"].items()})
@@ -315,23 +317,32 @@ class PneumoconiosisClassifier:
         self.device = device
 
     def describe(self) -> dict[str, str]:
-        info = {"name": self.name, "version": self.version}
+        info = {"name": self.name, "version": self.version, "model_card": self.model_card}
         if self.trained_on:
             info["trained_on"] = self.trained_on
         if self.notice:
             info["notice"] = self.notice
         return info
 
-    def classify(self, image: NormalisedImage, labels: np.ndarray) -> Classification:
-        import time
-
-        started = time.perf_counter()
+    def _forward(self, image: NormalisedImage, labels: np.ndarray):  # type: ignore[no-untyped-def]
         x, geometry = classifier_input(image, labels, self.input_size, self.margin, self.suppress_outside)
         tensor = torch.from_numpy(x)[None, None].to(self.device)
         with torch.inference_mode():
             out = self.model(tensor)
             probability = float(torch.sigmoid(out["binary"])[0])
             categories = torch.softmax(out["profusion"][0].float(), dim=0).cpu().numpy()
+        return tensor, geometry, probability, categories
+
+    def probabilities(self, image: NormalisedImage, labels: np.ndarray) -> tuple[float, np.ndarray]:
+        """Probability of pneumoconiosis and of categories 0-3, without the heat map (evaluation runs)."""
+        _, _, probability, categories = self._forward(image, labels)
+        return probability, categories
+
+    def classify(self, image: NormalisedImage, labels: np.ndarray) -> Classification:
+        import time
+
+        started = time.perf_counter()
+        tensor, geometry, probability, categories = self._forward(image, labels)
         classified = time.perf_counter()
         heat = geometry.to_source(grad_cam(self.model, tensor, head="binary"))
         zones = zone_scores(heat, labels)

@@ -16,6 +16,14 @@ CLASSIFIER = "classifier.pt"
 _lock = threading.Lock()
 
 
+def model_card_id(weights: Path, checkpoint: dict) -> str:
+    """Which model card describes these weights: the card's file name and the weights' SHA-256 prefix."""
+    import hashlib
+
+    card = checkpoint.get("model_card") or weights.with_suffix(".md").name
+    return f"{card} (weights sha256 {hashlib.sha256(weights.read_bytes()).hexdigest()[:16]})"
+
+
 def select_device(preferred: str | None = None) -> torch.device:
     """$PNEUMO_DEVICE or ``preferred`` when given (cpu, cuda, cuda:1), else CUDA when present, else CPU."""
     name = preferred or os.environ.get("PNEUMO_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")

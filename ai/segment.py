@@ -11,6 +11,7 @@ import torch
 
 from .geometry import Letterbox
 from .lungs import labels_on_source
+from .models import model_card_id
 from .normalise import NormalisedImage, stretch_contrast
 from .unet import UNet
 
@@ -65,6 +66,10 @@ class LungSegmenter:
         self.model.eval().to(device)
         self.device = device
         self.test_metrics: dict = checkpoint.get("test_metrics", {})
+        self.model_card = model_card_id(weights, checkpoint)
+
+    def describe(self) -> dict[str, str]:
+        return {"name": self.name, "version": self.version, "model_card": self.model_card}
 
     @torch.inference_mode()
     def probabilities(self, inputs: np.ndarray) -> np.ndarray:
