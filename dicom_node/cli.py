@@ -17,7 +17,8 @@ from pathlib import Path
 from sqlalchemy import Engine
 
 from db.engine import SchemaError, init_schema, make_engine
-from db.models import JobState
+from db.exports import export_counts, resend
+from db.models import ExportState, JobState
 from db.queue import counts_by_state, list_jobs
 
 from . import __version__
@@ -97,6 +98,21 @@ def _cmd_status(rt: Runtime) -> int:
     for state in JobState:
         print(f"  {state.value:<13}{counts.get(state.value, 0):>8}")
     print(f"  {'total':<13}{sum(counts.values()):>8}")
+    exports = export_counts(rt.engine)
+    destinations = ", ".join(d["name"] for d in rt.config["export.destinations"]) or "none configured"
+    print(f"exports ({destinations}):")
+    for state in ExportState:
+        print(f"  {state.value:<13}{exports.get(state.value, 0):>8}")
+    print(f"  {'total':<13}{sum(exports.values()):>8}")
+    return 0
+
+
+def _cmd_resend(rt: Runtime, all_failed: bool, ids: list[int] | None) -> int:
+    """Dead exports (with --all-failed also those waiting for a retry) back to pending, due now."""
+    states = (ExportState.DEAD, ExportState.PENDING) if all_failed else (ExportState.DEAD,)
+    count = resend(rt.engine, export_ids=ids, states=states)
+    print(f"{count} export(s) queued again" + ("" if rt.config["export.destinations"] else
+                                               " (no export destinations configured: nothing will send them)"))
     return 0
 
 
@@ -151,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", parents=[common], help="run the Storage SCP until SIGINT/SIGTERM")
     sub.add_parser("status", parents=[common], help="job counts per state and free disk space")
+    resend_cmd = sub.add_parser("resend", parents=[common],
+                                help="queue dead-lettered exports again (default: every dead one)")
+    resend_cmd.add_argument("--all-failed", action="store_true",
+                            help="also exports waiting for a retry after failed attempts: try them now")
+    resend_cmd.add_argument("--id", type=int, nargs="+", action="extend", dest="ids", metavar="N",
+                            help="only these export ids")
     jobs = sub.add_parser("jobs", parents=[common], help="list analysis jobs, newest first")
     jobs.add_argument("--state", choices=[s.value for s in JobState])
     jobs.add_argument("--limit", type=int, default=100)
@@ -197,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     if args.command == "status":
         return _cmd_status(rt)
+    if args.command == "resend":
+        return _cmd_resend(rt, args.all_failed, args.ids)
     return _cmd_jobs(rt, args.state, args.limit)
 
 
