@@ -1,0 +1,77 @@
+"""The node as a device: who made each result object (equipment, contributing equipment, SR observer).
+
+Every object carries a Contributing Equipment item with purpose "Processing Equipment" (DCM 109102), the
+node's Device UID and a description naming the models and any model notice, so the provenance survives even when
+a viewer shows nothing but the header.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from highdicom import ContributingEquipment
+from pydicom.dataset import Dataset
+
+import dicom_node
+
+from . import codes
+from .uids import model_versions
+
+
+@dataclass(frozen=True)
+class NodeIdentity:
+    """The node as a device (observer context, equipment, contributing equipment)."""
+
+    ae_title: str
+    device_uid: str  # config results.device_uid; when empty the caller uses derive_device_uid(ae_title)
+    manufacturer: str = "Pneumo CAD node project"
+    model_name: str = "pneumo-cad-node"
+    software_version: str = dicom_node.__version__
+    institution_name: str = ""  # empty = copy the source's InstitutionName if any
+
+
+def institution_name(node: NodeIdentity, source: Dataset) -> str | None:
+    return node.institution_name or str(source.get("InstitutionName", "")) or None
+
+
+def notices(models: Sequence[Mapping[str, str]]) -> list[str]:
+    """The models' notices (e.g. "DEMO model ... not for clinical use."), each once, in model order."""
+    seen: list[str] = []
+    for m in models:
+        text = str(m.get("notice", "")).strip()
+        if text and text not in seen:
+            seen.append(text)
+    return seen
+
+
+def is_demo(models: Sequence[Mapping[str, str]]) -> bool:
+    return bool(notices(models))
+
+
+def contribution_description(models: Sequence[Mapping[str, str]]) -> str:
+    """Short Text (1024 characters at most): which models made the object, and their notices verbatim."""
+    text = f"Automated analysis by {model_versions(models)}."
+    for notice in notices(models):
+        text += f" {notice}"
+    return text[:1024]
+
+
+def contributing_equipment(node: NodeIdentity, source: Dataset,
+                           models: Sequence[Mapping[str, str]]) -> list[ContributingEquipment]:
+    item = ContributingEquipment(
+        manufacturer=node.manufacturer,
+        purpose_of_reference=codes.PROCESSING_EQUIPMENT,
+        manufacturer_model_name=node.model_name,
+        software_versions=node.software_version,
+        institution_name=institution_name(node, source),
+        station_name=node.ae_title[:16] or None,
+        contribution_description=contribution_description(models),
+    )
+    item.DeviceUID = node.device_uid
+    return [item]
+
+
+def series_description(base: str, models: Sequence[Mapping[str, str]]) -> str:
+    """Series Description (LO, 64 characters): prefixed with DEMO when any model carries a notice."""
+    return (f"DEMO {base}" if is_demo(models) else base)[:64]

@@ -1,0 +1,105 @@
+"""The secondary capture's pixels: the radiograph in grey, the heat map in colour inside the lungs, the lung
+contours, and a banner strip with the result and the model's notice.
+
+Everything is burnt into RGB pixels because a secondary capture is what every PACS viewer shows, including those
+that cannot overlay a SEG or read an SR. The banner is a strip added above the image rather than drawn over it, so
+that it never hides the lung apices; the result is downscaled to at most MAX_SIDE pixels on its long side.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from scipy import ndimage
+
+from ai.lungs import LEFT_LUNG, RIGHT_LUNG
+
+MAX_SIDE = 2048
+HEAT_ALPHA = 0.55  # opacity of the heat map where it is 1.0; it fades out towards 0
+CONTOUR_COLOURS = {RIGHT_LUNG: (0, 255, 255), LEFT_LUNG: (255, 255, 0)}  # cyan / yellow, as the SEG's segments
+# Anchor colours of the heat scale at 0, 0.25, 0.5, 0.75, 1 (dark blue -> cyan -> green -> yellow -> red).
+HEAT_SCALE = np.array([[0, 0, 160], [0, 190, 255], [0, 220, 0], [255, 230, 0], [255, 0, 0]], dtype=np.float32)
+BANNER_BACKGROUND = (0, 0, 0)
+TEXT_COLOUR = (255, 255, 255)
+WARNING_COLOUR = (255, 210, 0)
+
+
+def heat_colours(heat: np.ndarray) -> np.ndarray:
+    """float32 (rows, columns, 3) colours of a heat map in [0, 1], piecewise linear between the anchors."""
+    position = np.clip(heat, 0.0, 1.0) * (len(HEAT_SCALE) - 1)
+    low = np.minimum(position.astype(np.int64), len(HEAT_SCALE) - 2)
+    fraction = (position - low)[..., None]
+    return HEAT_SCALE[low] * (1 - fraction) + HEAT_SCALE[low + 1] * fraction
+
+
+def composite(grey: np.ndarray, labels: np.ndarray, heat: np.ndarray | None) -> np.ndarray:
+    """uint8 RGB on the native grid: grey radiograph, heat blended inside the lungs only, contours on top."""
+    base = np.clip(np.asarray(grey, dtype=np.float32), 0.0, 1.0) * 255.0
+    rgb = np.repeat(base[..., None], 3, axis=-1)
+    lungs = labels > 0
+    if heat is not None:
+        alpha = (HEAT_ALPHA * np.clip(heat, 0.0, 1.0) * lungs)[..., None]
+        rgb = rgb * (1 - alpha) + heat_colours(heat) * alpha
+    rgb = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+    width = max(1, round(max(labels.shape) / 600))  # about 3 px on a 2k image, still visible after downscaling
+    for value, colour in CONTOUR_COLOURS.items():
+        field = labels == value
+        if field.any():
+            edge = field & ~ndimage.binary_erosion(field, iterations=width, border_value=0)
+            rgb[edge] = colour
+    return rgb
+
+
+def font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """PIL's bundled font at ``size`` pixels (scalable with FreeType, as Pillow >= 10.1 ships it)."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # an old Pillow without a scalable default font
+        return ImageFont.load_default()
+
+
+def _wrap(draw: ImageDraw.ImageDraw, line: str, face, width: int) -> list[str]:
+    """Break a line into pieces that fit ``width`` pixels (by characters, then re-measured)."""
+    if draw.textlength(line, font=face) <= width:
+        return [line]
+    average = max(1.0, draw.textlength(line, font=face) / len(line))
+    return textwrap.wrap(line, width=max(10, int(width / average))) or [line]
+
+
+def banner_strip(cols: int, lines: Sequence[tuple[str, tuple[int, int, int]]]) -> np.ndarray:
+    """A black strip ``cols`` pixels wide holding ``lines`` (text, colour), the font scaled to the width."""
+    size = max(14, round(cols / 55))
+    face = font(size)
+    margin = max(4, size // 2)
+    scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    wrapped = [(piece, colour) for text, colour in lines for piece in _wrap(scratch, text, face, cols - 2 * margin)]
+    line_height = round(size * 1.3)
+    banner = Image.new("RGB", (cols, 2 * margin + line_height * len(wrapped)), BANNER_BACKGROUND)
+    draw = ImageDraw.Draw(banner)
+    for k, (text, colour) in enumerate(wrapped):
+        draw.text((margin, margin + k * line_height), text, fill=colour, font=face)
+    return np.asarray(banner, dtype=np.uint8)
+
+
+def resize(image: np.ndarray, factor: float) -> np.ndarray:
+    if factor >= 1:
+        return image
+    rows, cols = image.shape[:2]
+    size = (max(1, round(cols * factor)), max(1, round(rows * factor)))
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.LANCZOS), dtype=np.uint8)
+
+
+def render(grey: np.ndarray, labels: np.ndarray, heat: np.ndarray | None,
+           banner: Sequence[tuple[str, tuple[int, int, int]]], max_side: int = MAX_SIDE) -> np.ndarray:
+    """The whole secondary-capture picture, at most ``max_side`` pixels on its long side banner included. The
+    picture is downscaled before the banner is drawn, so the text is drawn at the final resolution."""
+    picture = composite(grey, labels, heat)
+    picture = resize(picture, max_side / max(picture.shape[:2]))
+    strip = banner_strip(picture.shape[1], banner)
+    if picture.shape[0] + strip.shape[0] > max_side:
+        picture = resize(picture, (max_side - strip.shape[0]) / picture.shape[0])
+        strip = banner_strip(picture.shape[1], banner)
+    return np.concatenate([strip, picture], axis=0)

@@ -1,0 +1,81 @@
+"""The heat-map picture as a Secondary Capture image (RGB, Burned In Annotation YES).
+
+For the readers whose viewer shows neither SEG nor SR: the same result, drawn. The banner says what the colours
+are, which models drew them and, for a demo model, its notice; without a classifier it says that no classifier
+is installed, so an uncoloured picture is never read as "nothing found".
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from highdicom.sc import SCImage
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
+
+from .identity import NodeIdentity, contributing_equipment, institution_name, notices, series_description
+from .overlay import TEXT_COLOUR, WARNING_COLOUR, render
+from .uids import model_versions, result_series_uid, result_uid
+
+if TYPE_CHECKING:  # ai.analysis loads torch; building results needs only the record's data
+    from ai.analysis import AnalysisRecord
+
+SERIES_NUMBER = 9103
+HEAT_MAP_DESCRIPTION = "AI heat map (not for diagnosis)"
+CONTOURS_DESCRIPTION = "AI lung fields overlay (not for diagnosis)"
+NOT_FOR_CLINICAL_USE = "AI output for orientation only - not for clinical use."
+
+
+def banner_lines(record: AnalysisRecord) -> list[tuple[str, tuple[int, int, int]]]:
+    c = record.classification
+    lines: list[tuple[str, tuple[int, int, int]]] = []
+    if c is not None:
+        verdict = "PRESENT" if c.present else "absent"
+        lines.append((f"Pneumoconiosis {verdict}: probability {c.probability:.2f} (threshold {c.threshold:.2f}); "
+                      f"most likely ILO category {c.most_likely_category}", TEXT_COLOUR))
+    else:
+        lines.append(("No pneumoconiosis classifier installed: lung fields only, NOT assessed for pneumoconiosis",
+                      WARNING_COLOUR))
+    lines.append((f"Models: {model_versions(record.models)}", TEXT_COLOUR))
+    for notice in notices(record.models) or [NOT_FOR_CLINICAL_USE]:
+        lines.append((notice, WARNING_COLOUR))
+    return lines
+
+
+def build_sc(source: Dataset, record: AnalysisRecord, node: NodeIdentity) -> SCImage:
+    if record.image is None or record.labels is None:
+        raise ValueError("a secondary capture needs the image and lung labels of an analysed record")
+    heat = record.classification.heat_map if record.classification is not None else None
+    pixels = render(record.image.pixels, record.labels, heat, banner_lines(record))
+    versions = model_versions(record.models)
+    uid = str(source.SOPInstanceUID)
+    orientation = source.get("PatientOrientation")
+    has_orientation = orientation is not None and len(orientation) == 2
+    description = HEAT_MAP_DESCRIPTION if heat is not None else CONTOURS_DESCRIPTION
+    sc = SCImage.from_ref_dataset(
+        ref_dataset=source, pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8,
+        coordinate_system="PATIENT", series_instance_uid=result_series_uid(uid, "sc", versions),
+        series_number=SERIES_NUMBER, sop_instance_uid=result_uid(uid, "sc", versions), instance_number=1,
+        manufacturer=node.manufacturer,
+        # highdicom insists on an orientation for a PATIENT image; a source without one gets an empty value below.
+        patient_orientation=tuple(str(v) for v in orientation) if has_orientation else ("L", "F"),
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        contributing_equipment=contributing_equipment(node, source, record.models),
+        series_description=series_description(description, record.models),
+    )
+    if not has_orientation:
+        sc.PatientOrientation = ""  # Type 2C: present, empty, rather than a guessed orientation
+    # General Series Laterality is Type 2C for paired body parts; dciodvfy can only tell that the chest is not
+    # paired when Body Part Examined says so, so copy it, or write an empty Laterality when the source has none.
+    if source.get("BodyPartExamined"):
+        sc.BodyPartExamined = source.BodyPartExamined
+    else:
+        sc.Laterality = ""
+    sc.BurnedInAnnotation = "YES"
+    sc.ConversionType = "WSD"  # made on a workstation, not digitised from film or video
+    sc.ManufacturerModelName = node.model_name
+    sc.SoftwareVersions = node.software_version
+    if institution_name(node, source):
+        sc.InstitutionName = institution_name(node, source)
+    sc.ImageComments = " ".join(notices(record.models)) or NOT_FOR_CLINICAL_USE
+    return sc

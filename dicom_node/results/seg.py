@@ -1,0 +1,106 @@
+"""The lung fields as a DICOM Segmentation: BINARY, on the source's own pixel grid, right and left lung.
+
+A binary SEG on the native grid lets any SEG-capable viewer overlay the fields on the very radiograph they came
+from without resampling, and lets the SR's lung areas point at the exact segment they were counted on.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+import numpy as np
+from highdicom import AlgorithmIdentificationSequence
+from highdicom.color import CIELabColor
+from highdicom.sr import CodedConcept
+from highdicom.seg import Segmentation, SegmentAlgorithmTypeValues, SegmentationTypeValues, SegmentDescription
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes as std_codes
+
+from ai.lungs import LEFT_LUNG, RIGHT_LUNG
+
+from . import codes
+from .identity import NodeIdentity, contributing_equipment, institution_name, notices, series_description
+from .uids import model_versions, result_series_uid, result_uid
+
+if TYPE_CHECKING:  # ai.analysis loads torch; building results needs only the record's data
+    from ai.analysis import AnalysisRecord
+
+SERIES_NUMBER = 9101
+SERIES_DESCRIPTION = "AI lung fields (SEG)"
+SEGMENTS = (  # segment number, label value in record.labels, label, laterality, display colour
+    (1, RIGHT_LUNG, "Right lung", codes.RIGHT, "cyan"),
+    (2, LEFT_LUNG, "Left lung", codes.LEFT, "yellow"),
+)
+
+
+def segmenter_model(models: Sequence[Mapping[str, str]]) -> Mapping[str, str]:
+    """The lung segmenter's entry of record.models (the first model run; it is always the segmenter)."""
+    if not models:
+        raise ValueError("an analysed record names the lung segmenter in record.models")
+    return models[0]
+
+
+def segment_descriptions(models: Sequence[Mapping[str, str]]) -> list[SegmentDescription]:
+    model = segmenter_model(models)
+    parameters = {k: str(model[k]) for k in ("model_card", "trained_on") if model.get(k)}
+    algorithm = AlgorithmIdentificationSequence(
+        name=str(model["name"]), version=str(model["version"]), family=std_codes.cid7162.ArtificialIntelligence,
+        source=None, parameters=parameters or None)
+    descriptions = []
+    for number, _value, label, laterality, colour in SEGMENTS:
+        description = SegmentDescription(
+            segment_number=number, segment_label=label,
+            segmented_property_category=codes.ANATOMICAL_STRUCTURE, segmented_property_type=codes.LUNG,
+            algorithm_type=SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm,
+            display_color=CIELabColor.from_string(colour))
+        # The laterality modifier belongs inside the property type item (Segment Description macro).
+        description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
+            CodedConcept.from_code(laterality)]
+        descriptions.append(description)
+    return descriptions
+
+
+def reference_header(source: Dataset, record: AnalysisRecord) -> Dataset:
+    """The source's header as highdicom should see it: no pixel data, and no Pixel Spacing that the analysis
+    found unusable (a CR's "0\\0" would become a zero spacing in the SEG's Pixel Measures, which is an error)."""
+    header = Dataset()
+    for element in source:
+        if element.tag.group != 0x7FE0:
+            header.add(element)
+    if "file_meta" in source.__dict__ or hasattr(source, "file_meta"):
+        header.file_meta = getattr(source, "file_meta", Dataset())
+    if record.pixel_spacing_mm is None and "PixelSpacing" in header:
+        del header.PixelSpacing
+    return header
+
+
+def build_seg(source: Dataset, record: AnalysisRecord, node: NodeIdentity) -> Segmentation:
+    if record.labels is None:
+        raise ValueError("a SEG needs the lung labels of an analysed record")
+    labels = np.asarray(record.labels)
+    if labels.shape != (int(source.Rows), int(source.Columns)):
+        raise ValueError(f"labels {labels.shape} are not on the source grid {(source.Rows, source.Columns)}")
+    versions = model_versions(record.models)
+    uid = str(source.SOPInstanceUID)
+    mask = np.stack([labels == value for _n, value, *_ in SEGMENTS], axis=-1)[None]  # (1, rows, cols, 2)
+    seg = Segmentation(
+        source_images=[reference_header(source, record)], pixel_array=mask.astype(np.uint8),
+        segmentation_type=SegmentationTypeValues.BINARY, segment_descriptions=segment_descriptions(record.models),
+        series_instance_uid=result_series_uid(uid, "seg", versions), series_number=SERIES_NUMBER,
+        sop_instance_uid=result_uid(uid, "seg", versions), instance_number=1,
+        manufacturer=node.manufacturer, manufacturer_model_name=node.model_name,
+        software_versions=node.software_version, device_serial_number=node.device_uid[-64:],
+        content_description="Lung fields"[:64], content_label="LUNG_FIELDS",
+        series_description=series_description(SERIES_DESCRIPTION, record.models),
+        contributing_equipment=contributing_equipment(node, source, record.models),
+        omit_empty_frames=False,
+    )
+    # highdicom 0.28.2 leaves out Patient Orientation (General Image, Type 2C: required when the image has no
+    # Image Orientation (Patient)); the mask lies on the source grid, so the source's orientation is the SEG's.
+    # A source without one gets an empty value (allowed for Type 2C) rather than a guessed orientation.
+    seg.PatientOrientation = source.get("PatientOrientation", "")
+    if institution_name(node, source):
+        seg.InstitutionName = institution_name(node, source)
+    if notices(record.models):
+        seg.ImageComments = " ".join(notices(record.models))
+    return seg
