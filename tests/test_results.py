@@ -174,6 +174,7 @@ def demo(chest, demo_record, node, tmp_path_factory):
 def test_results_are_seg_sr_sc_in_the_source_study_each_in_its_own_series(demo, chest, node):
     results, paths = demo
     assert [r.kind for r in results] == ["seg", "sr", "sc"]
+    assert chest == dcmread(CHEST), "building results must leave the source dataset as it was"
     series = set()
     for kind, path in paths.items():
         ds = dcmread(path)
@@ -536,9 +537,11 @@ def test_build_not_analysed_for_a_job_that_failed_for_good(chest, analysed, node
     assert analysed_sr.dataset.SOPInstanceUID != sr.SOPInstanceUID  # a later success never reuses the UID
 
 
-def test_a_non_image_source_is_named_in_the_evidence_only(node, tmp_path):
+@pytest.mark.parametrize("sop_class", ["1.2.840.10008.5.1.4.1.1.88.67",  # X-Ray Radiation Dose SR
+                                       "1.2.826.0.1.3680043.8.498.99.1"])  # a private SOP class highdicom lacks
+def test_a_non_image_source_is_named_in_the_evidence_only(sop_class, node, tmp_path):
     source = dcmread(NOT_CHEST, stop_before_pixels=True)
-    source.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.67"  # X-Ray Radiation Dose SR
+    source.SOPClassUID = sop_class
     for keyword in ("Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
                     "SamplesPerPixel", "PhotometricInterpretation"):
         if keyword in source:
@@ -549,7 +552,8 @@ def test_a_non_image_source_is_named_in_the_evidence_only(node, tmp_path):
                                 "SOP class is not CR, DX or secondary capture", node)
     assert not children(sr, ("111028", "DCM"))
     evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
-    assert evidence.ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert (evidence.ReferencedSOPClassUID, evidence.ReferencedSOPInstanceUID) == (sop_class, source.SOPInstanceUID)
+    assert source.SOPClassUID == sop_class  # the caller's dataset is left as it was
 
 
 def test_no_patient_name_or_id_reaches_logs_or_warnings(chest, demo_record, node, caplog):

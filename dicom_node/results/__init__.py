@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 from pydicom.dataset import Dataset
 
-from .identity import NodeIdentity
+from .identity import NodeIdentity, as_highdicom_knows
 from .uids import derive_device_uid, model_versions, result_series_uid, result_uid
 
 if TYPE_CHECKING:  # ai.analysis loads torch; building results needs only the record's data
@@ -43,7 +43,7 @@ def _no_names_in_warnings():
 
 def _finish(obj: Dataset, source: Dataset) -> Dataset:
     """Patient and study exactly as in the source (highdicom copies only part of them for some IODs)."""
-    obj.copy_patient_and_study_information(source)
+    obj.copy_patient_and_study_information(as_highdicom_knows(source))
     return obj
 
 

@@ -31,6 +31,22 @@ class NodeIdentity:
     institution_name: str = ""  # empty = copy the source's InstitutionName if any
 
 
+def as_highdicom_knows(source: Dataset) -> Dataset:
+    """The source as highdicom can copy patient and study from it. highdicom finds those modules through the
+    source's SOP class and raises KeyError for one it does not know (a private SOP class); such a source is shown
+    to it as a header-only Secondary Capture, whose Patient and Study modules are the standard ones."""
+    from highdicom._standard_utils import get_sop_class_iod_map  # the table highdicom itself uses
+
+    if str(source.get("SOPClassUID", "")) in get_sop_class_iod_map():
+        return source
+    header = Dataset()
+    for element in source:
+        if element.tag.group != 0x7FE0:
+            header.add(element)
+    header.add_new(0x00080016, "UI", "1.2.840.10008.5.1.4.1.1.7")  # a new element: the source's stays as it is
+    return header
+
+
 def institution_name(node: NodeIdentity, source: Dataset) -> str | None:
     return node.institution_name or str(source.get("InstitutionName", "")) or None
 

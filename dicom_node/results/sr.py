@@ -23,7 +23,8 @@ from pydicom.sr.codedict import codes as std_codes
 
 from . import codes
 from .image_library import image_library, is_image
-from .identity import NodeIdentity, contributing_equipment, institution_name, notices, series_description
+from .identity import (NodeIdentity, as_highdicom_knows, contributing_equipment, institution_name, notices,
+                       series_description)
 from .seg import SEGMENTS, segmenter_model
 from .uids import model_versions, result_series_uid, result_uid
 
@@ -220,4 +221,10 @@ def build_not_analysed_sr(source: Dataset, reason: str, explanation: str, node: 
     statements += notice_items(models)
     content.append(qualitative_evaluations(statements))
     root.ContentSequence = content
-    return _sr(source, [source], root, node, "sr-not-analysed", models, NOT_ANALYSED_DESCRIPTION)
+    sr = _sr(source, [as_highdicom_knows(source)], root, node, "sr-not-analysed", models, NOT_ANALYSED_DESCRIPTION)
+    for study in sr.get("CurrentRequestedProcedureEvidenceSequence", []):  # the real SOP class, whatever it is
+        for series in study.ReferencedSeriesSequence:
+            for instance in series.ReferencedSOPSequence:
+                if instance.ReferencedSOPInstanceUID == source.SOPInstanceUID:
+                    instance.ReferencedSOPClassUID = source.SOPClassUID
+    return sr
