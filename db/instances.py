@@ -38,8 +38,18 @@ class StoredInstance:
     calling_aet: str
 
 
+NO_REPORT_REASONS = frozenset({"sop_class_not_radiograph"})
+"""Scope verdicts that end at intake, without a "not analysed" SR: objects that are not images at all (SR, SEG,
+presentation states, ... including our own results if a PACS routes them back) must never cause reports about
+themselves. Every other refusal (e.g. a knee CR) is queued so that the worker answers it with a "not analysed" SR."""
+
+
+def needs_worker(rec: ReceivedInstance) -> bool:
+    return rec.in_scope or rec.scope_reason not in NO_REPORT_REASONS
+
+
 def _initial_job(rec: ReceivedInstance) -> Job:
-    if rec.in_scope:
+    if needs_worker(rec):
         return Job(state=JobState.QUEUED, attempts=0)
     return Job(state=JobState.NOT_ANALYSED, attempts=0, reason=rec.scope_reason)
 
@@ -89,15 +99,15 @@ def record_replacement(engine: Engine, rec: ReceivedInstance, set_aside_path: st
         session.add(Event(kind="replaced", sop_instance_uid=rec.sop_instance_uid, calling_aet=rec.calling_aet,
                           detail=f"new sha256 {rec.sha256}; previous copy kept at {set_aside_path}"))
         queued = [j for j in inst.jobs if j.state == JobState.QUEUED]
-        if queued and rec.in_scope:
+        if queued and needs_worker(rec):
             return queued[0].id
-        for job in queued:  # out of scope now: the queued job must not analyse it
+        for job in queued:  # not an image now: the queued job must not look at it
             job.state = JobState.NOT_ANALYSED
             job.reason = rec.scope_reason
         job = _initial_job(rec)
         inst.jobs.append(job)
         session.flush()
-        return job.id if rec.in_scope else None
+        return job.id if needs_worker(rec) else None
 
 
 def record_event(engine: Engine, kind: str, sop_instance_uid: str | None, calling_aet: str | None,

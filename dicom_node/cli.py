@@ -11,7 +11,7 @@ import logging
 import signal
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import Engine
@@ -20,10 +20,11 @@ from db.engine import SchemaError, init_schema, make_engine
 from db.exports import export_counts, resend
 from db.models import ExportState, JobState
 from db.queue import counts_by_state, list_jobs
+from db.results import results_of_jobs
 
 from . import __version__
 from .archive import Archive
-from .config import ConfigError, NodeConfig, load_config, parse_set_options
+from .config import ConfigError, NodeConfig, default_config_path, load_config, parse_set_options
 
 LOG = logging.getLogger("dicom_node")
 EXIT_CONFIG = 2
@@ -34,6 +35,8 @@ class Runtime:
     config: NodeConfig
     archive: Archive
     engine: Engine
+    config_path: Path | None = None  # passed on to worker processes
+    overrides: list[str] = field(default_factory=list)
 
 
 def _setup_logging(level: str) -> None:
@@ -44,16 +47,19 @@ def _setup_logging(level: str) -> None:
     )
     # pynetdicom's INFO lines are per-PDU chatter; its DEBUG level dumps whole messages.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING if level != "DEBUG" else logging.INFO)
+    # highdicom logs every module it copies at INFO: one line per attribute group and result object.
+    logging.getLogger("highdicom").setLevel(logging.WARNING if level != "DEBUG" else logging.INFO)
 
 
 def _open_runtime(args: argparse.Namespace) -> Runtime:
-    config = load_config(args.config, parse_set_options(args.set))
+    config_path = args.config if args.config is not None else default_config_path()
+    config = load_config(config_path, parse_set_options(args.set))
     _setup_logging(config["logging.level"])
     archive = Archive(config.storage_root, int(config["storage.free_disk_reserve_mb"] * 1024 * 1024))
     archive.prepare() if args.command == "serve" else archive.root.mkdir(parents=True, exist_ok=True)
     engine = make_engine(config.database_url)
     init_schema(engine)
-    return Runtime(config, archive, engine)
+    return Runtime(config, archive, engine, config_path, list(args.set or []))
 
 
 def _cmd_serve(rt: Runtime) -> int:
@@ -66,6 +72,24 @@ def _cmd_serve(rt: Runtime) -> int:
     intake = Intake(rt.archive, rt.engine, cfg["storage.duplicate_policy"])
     server = StorageServer(cfg, intake)
     server.start()
+    supervisor = None
+    if cfg["worker.processes"] > 0:
+        from .supervisor import WorkerSupervisor
+
+        supervisor = WorkerSupervisor(cfg["worker.processes"], rt.config_path, rt.overrides)
+        supervisor.start()
+    else:
+        LOG.info("worker.processes = 0: no analysis here; run 'dicom-node worker' on a host sharing the database")
+    exporter = None
+    if cfg["export.destinations"]:
+        from .export import Exporter
+
+        exporter = Exporter(cfg, rt.engine, rt.archive.root)
+        exporter.start()
+        LOG.info("exporting results to %s", ", ".join(
+            f"{d['name']} ({d['ae_title']}@{d['host']}:{d['port']})" for d in cfg["export.destinations"]))
+    else:
+        LOG.info("no export destinations configured: results stay under %s", rt.archive.root / "results")
     LOG.info("dicom-node %s: AE %s listening on %s:%d; archive %s; database %s; free %.1f GiB (reserve %.0f MiB)",
              __version__, cfg["network.ae_title"], cfg["network.bind_address"], cfg["network.port"],
              rt.archive.archive_dir, rt.engine.url.render_as_string(hide_password=True),
@@ -82,7 +106,27 @@ def _cmd_serve(rt: Runtime) -> int:
     while not stop.wait(0.5):
         pass
     aborted = server.stop(grace_seconds=cfg["network.dimse_timeout"])
+    if supervisor is not None:
+        supervisor.stop(grace_seconds=cfg["network.dimse_timeout"])
+    if exporter is not None:
+        exporter.stop()
     LOG.info("stopped (%d association(s) aborted after the grace period)", aborted)
+    return 0
+
+
+def _cmd_worker(rt: Runtime) -> int:
+    """One analysis worker in the foreground until SIGTERM/SIGINT (it finishes the batch in hand)."""
+    from .worker import Worker
+
+    stop = threading.Event()
+
+    def _request_stop(signum: int, _frame: object) -> None:
+        LOG.info("%s received: finishing the batch in hand", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _request_stop)
+    signal.signal(signal.SIGINT, _request_stop)
+    Worker(rt.config, rt.engine, rt.archive).run(stop)
     return 0
 
 
@@ -125,6 +169,13 @@ def _cmd_jobs(rt: Runtime, state: str | None, limit: int) -> int:
               f"{r.calling_aet:<17}{r.received_at:%Y-%m-%d %H:%M:%S}  {r.sop_instance_uid}")
     if not rows:
         print("(no jobs)")
+    results = results_of_jobs(rt.engine, [r.job_id for r in rows])
+    if results:
+        print(f"\nresult objects (under {rt.archive.root}):")
+        for job_id in sorted(results, reverse=True):
+            for res in results[job_id]:
+                exports = ", ".join(f"{d}: {s}" for d, s in res.exports) or "not exported (no destination)"
+                print(f"{job_id:>6}  {res.kind.upper():<4}{res.archive_path}  [{exports}]")
     return 0
 
 
@@ -166,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override one configuration key; repeatable")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", parents=[common], help="run the Storage SCP until SIGINT/SIGTERM")
+    sub.add_parser("worker", parents=[common], help="run one analysis worker (serve starts worker.processes itself)")
     sub.add_parser("status", parents=[common], help="job counts per state and free disk space")
     resend_cmd = sub.add_parser("resend", parents=[common],
                                 help="queue dead-lettered exports again (default: every dead one)")
@@ -217,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as exc:  # e.g. port already in use
             LOG.error("cannot serve: %s", exc)
             return 1
+    if args.command == "worker":
+        return _cmd_worker(rt)
     if args.command == "status":
         return _cmd_status(rt)
     if args.command == "resend":

@@ -91,18 +91,18 @@ def test_every_sample_lands_byte_identical_with_its_scope_verdict(node, tmp_path
         assert row.scope_reason == expected_scope(path), path.name
         assert row.in_scope == (row.scope_reason == "in_scope")
         (job,) = row.jobs
-        if row.in_scope:
-            assert job.state == JobState.QUEUED
-        else:
+        if row.scope_reason == "sop_class_not_radiograph":  # not an image: ends here, no report about it
             assert job.state == JobState.NOT_ANALYSED and job.reason == row.scope_reason
+        else:  # images, in scope or not: the worker analyses them or answers with a "not analysed" SR
+            assert job.state == JobState.QUEUED
     assert not list((node.storage_root / "tmp").iterdir())
 
     status = node.cli("status")
     assert status.returncode == 0
     assert "queued" in status.stdout and "not_analysed" in status.stdout and "disk free" in status.stdout
     jobs_table = node.cli("jobs", "--state", "not_analysed")
-    assert jobs_table.returncode == 0 and "body_part_not_chest" in jobs_table.stdout
-    assert "in_scope" not in jobs_table.stdout
+    assert jobs_table.returncode == 0 and "sop_class_not_radiograph" in jobs_table.stdout
+    assert "in_scope" not in jobs_table.stdout and "body_part_not_chest" not in jobs_table.stdout
 
     assert node.stop() == 0, node.log()
     log = node.log()

@@ -19,13 +19,13 @@ from db.models import Event, Job, JobState, SchemaInfo, utcnow
 MAX_ATTEMPTS = 3
 
 
-def _record(i: int, in_scope: bool = True) -> ReceivedInstance:
+def _record(i: int, in_scope: bool = True, reason: str = "sop_class_not_radiograph") -> ReceivedInstance:
     return ReceivedInstance(
         sop_instance_uid=f"1.2.3.{i}", sop_class_uid="1.2.840.10008.5.1.4.1.1.1", study_instance_uid="1.2.3",
         series_instance_uid="1.2.3.0", accession_number=None, modality="CR", calling_aet="TEST",
         archive_path=f"archive/1.2.3/1.2.3.0/1.2.3.{i}.dcm", size_bytes=1, sha256="0" * 64,
         transfer_syntax_uid="1.2.840.10008.1.2.1", in_scope=in_scope,
-        scope_reason="in_scope" if in_scope else "body_part_not_chest",
+        scope_reason="in_scope" if in_scope else reason,
     )
 
 
@@ -49,7 +49,7 @@ def expire_leases(engine) -> None:
 
 def test_claim_complete_and_empty_queue(engine):
     record_new(engine, _record(1))
-    record_new(engine, _record(2, in_scope=False))  # goes straight to not_analysed: never claimable
+    record_new(engine, _record(2, in_scope=False))  # not an image: straight to not_analysed, never claimable
     job = queue.claim(engine, "w1", lease_seconds=60, max_attempts=MAX_ATTEMPTS)
     assert job is not None and job.sop_instance_uid == "1.2.3.1" and job.attempt == 1
     assert queue.claim(engine, "w2", 60, MAX_ATTEMPTS) is None
@@ -178,3 +178,9 @@ def test_lookups_do_not_wait_for_the_write_lock(engine, tmp_path):
     finally:
         writer.execute("ROLLBACK")
         writer.close()
+
+
+def test_refused_images_are_queued_so_the_worker_reports_them(engine):
+    record_new(engine, _record(3, in_scope=False, reason="body_part_not_chest"))
+    job = queue.claim(engine, "w1", lease_seconds=60, max_attempts=MAX_ATTEMPTS)
+    assert job is not None and job.sop_instance_uid == "1.2.3.3"

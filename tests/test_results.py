@@ -349,6 +349,7 @@ def test_sc_is_rgb_with_burnt_in_heat_map_contours_and_banner(demo, chest, demo_
     sc = dcmread(paths["sc"])
     assert sc.BurnedInAnnotation == "YES" and sc.PhotometricInterpretation == "RGB" and sc.SamplesPerPixel == 3
     assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and sc.ConversionType == "WSD"
+    assert [r.ReferencedSOPInstanceUID for r in sc.SourceImageSequence] == [chest.SOPInstanceUID]
     assert list(sc.PatientOrientation) == list(chest.PatientOrientation)
     assert max(sc.Rows, sc.Columns) <= 2048 + 16
     rgb = sc.pixel_array.astype(int)

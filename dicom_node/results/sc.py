@@ -78,4 +78,19 @@ def build_sc(source: Dataset, record: AnalysisRecord, node: NodeIdentity) -> SCI
     if institution_name(node, source):
         sc.InstitutionName = institution_name(node, source)
     sc.ImageComments = " ".join(notices(record.models)) or NOT_FOR_CLINICAL_USE
+    sc.DerivationDescription = "Lung contours and heat map of an automated analysis drawn over the source image"
+    sc.SourceImageSequence = [source_image_reference(source)]
     return sc
+
+
+def source_image_reference(source: Dataset) -> Dataset:
+    """The radiograph this picture was drawn from, so that PACS and viewers can link the two."""
+    purpose = Dataset()
+    purpose.CodeValue = "121322"
+    purpose.CodingSchemeDesignator = "DCM"
+    purpose.CodeMeaning = "Source image for image processing operation"
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = source.SOPClassUID
+    ref.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    ref.PurposeOfReferenceCodeSequence = [purpose]
+    return ref

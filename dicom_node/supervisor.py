@@ -1,0 +1,92 @@
+"""Start, watch and stop the worker processes of ``dicom-node serve``.
+
+Each worker is a ``dicom-node worker`` child process with the same configuration (file, environment and ``--set``
+overrides), so what runs under ``serve`` is exactly what an admin can run alone on another host. A worker that
+dies is restarted (after a growing pause if it keeps dying); its job comes back when its lease expires.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LOG = logging.getLogger("dicom_node.supervisor")
+
+RESTART_PAUSE_S = (1.0, 60.0)  # first pause after a crash, cap (doubles while crashes follow each other)
+STABLE_AFTER_S = 60.0  # a worker that ran this long resets the pause
+
+
+@dataclass
+class _Slot:
+    index: int
+    process: subprocess.Popen | None = None
+    started_at: float = 0.0
+    pause: float = RESTART_PAUSE_S[0]
+    restart_at: float = 0.0
+    restarts: int = field(default=0)
+
+
+class WorkerSupervisor:
+    def __init__(self, count: int, config_path: Path | None, overrides: list[str]) -> None:
+        self.count = count
+        self.command = [sys.executable, "-m", "dicom_node.cli", "worker"]
+        if config_path is not None:
+            self.command += ["--config", str(config_path)]
+        for item in overrides:
+            self.command += ["--set", item]
+        self.slots = [_Slot(i) for i in range(count)]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
+
+    def start(self) -> None:
+        for slot in self.slots:
+            self._spawn(slot)
+        self._thread.start()
+
+    def pids(self) -> list[int]:
+        return [s.process.pid for s in self.slots if s.process is not None and s.process.poll() is None]
+
+    def _spawn(self, slot: _Slot) -> None:
+        slot.process = subprocess.Popen(self.command)
+        slot.started_at = time.monotonic()
+        LOG.info("worker %d started (pid %d)", slot.index, slot.process.pid)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.5):
+            now = time.monotonic()
+            for slot in self.slots:
+                proc = slot.process
+                if proc is not None and proc.poll() is not None:
+                    ran = now - slot.started_at
+                    slot.pause = RESTART_PAUSE_S[0] if ran > STABLE_AFTER_S else min(slot.pause * 2,
+                                                                                     RESTART_PAUSE_S[1])
+                    slot.restart_at = now + slot.pause
+                    LOG.error("worker %d (pid %d) exited with status %s after %.0f s; restarting in %.0f s",
+                              slot.index, proc.pid, proc.returncode, ran, slot.pause)
+                    slot.process = None
+                if slot.process is None and now >= slot.restart_at and not self._stop.is_set():
+                    slot.restarts += 1
+                    self._spawn(slot)
+
+    def stop(self, grace_seconds: float) -> None:
+        """SIGTERM every worker (each finishes its batch in hand), SIGKILL what is still running after the grace."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        running = [s.process for s in self.slots if s.process is not None and s.process.poll() is None]
+        for proc in running:
+            proc.terminate()
+        deadline = time.monotonic() + grace_seconds
+        for proc in running:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                LOG.warning("worker pid %d did not stop within %.0f s: killed (its job returns after the lease)",
+                            proc.pid, grace_seconds)
+                proc.kill()
+                proc.wait()
