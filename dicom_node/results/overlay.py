@@ -96,10 +96,13 @@ def render(grey: np.ndarray, labels: np.ndarray, heat: np.ndarray | None,
            banner: Sequence[tuple[str, tuple[int, int, int]]], max_side: int = MAX_SIDE) -> np.ndarray:
     """The whole secondary-capture picture, at most ``max_side`` pixels on its long side banner included. The
     picture is downscaled before the banner is drawn, so the text is drawn at the final resolution."""
-    picture = composite(grey, labels, heat)
-    picture = resize(picture, max_side / max(picture.shape[:2]))
-    strip = banner_strip(picture.shape[1], banner)
-    if picture.shape[0] + strip.shape[0] > max_side:
-        picture = resize(picture, (max_side - strip.shape[0]) / picture.shape[0])
+    rows, cols = labels.shape
+    factor = min(1.0, max_side / max(rows, cols))
+    strip = banner_strip(max(1, round(cols * factor)), banner)
+    if round(rows * factor) + strip.shape[0] > max_side:  # make room for the banner: one resize, not two
+        factor = (max_side - strip.shape[0]) / rows
+        strip = banner_strip(max(1, round(cols * factor)), banner)
+    picture = resize(composite(grey, labels, heat), factor)
+    if picture.shape[1] != strip.shape[1]:
         strip = banner_strip(picture.shape[1], banner)
     return np.concatenate([strip, picture], axis=0)
