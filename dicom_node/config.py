@@ -142,7 +142,7 @@ SCHEMA: dict[str, Key] = {
     "queue.max_attempts": Key(int, 3, _range(1, 100)),
     "worker.processes": Key(int, 1, _range(0, 64)),
     "worker.batch_size": Key(int, 4, _range(1, 64)),
-    "worker.poll_seconds": Key(float, 1.0, _range(0.05)),
+    "worker.poll_seconds": Key(float, 0.25, _range(0.05)),
     "worker.device": Key(str, "auto", _one_of(DEVICES)),
     "results.device_uid": Key(str, "", lambda v: None if not v or _is_uid(v) else "must be a DICOM UID"),
     "results.institution_name": Key(str, ""),
@@ -150,7 +150,7 @@ SCHEMA: dict[str, Key] = {
     "export.retry_initial_seconds": Key(float, 30.0, _range(0.1)),
     "export.retry_max_seconds": Key(float, 3600.0, _range(0.1)),
     "export.max_attempts": Key(int, 10, _range(1, 1000)),
-    "export.poll_seconds": Key(float, 2.0, _range(0.05)),
+    "export.poll_seconds": Key(float, 0.5, _range(0.05)),
     "export.timeout_seconds": Key(float, 30.0, _range(1)),
     "logging.level": Key(str, "INFO", _one_of(LOG_LEVELS)),
 }
