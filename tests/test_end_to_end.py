@@ -161,6 +161,13 @@ def test_chest_radiographs_come_back_as_sr_seg_and_sc(node_factory, orthanc, tmp
     assert [(state, attempts) for _, state, attempts, _ in job_rows(node)] == [("done", 1), ("done", 1)]
     assert sorted((kind, state) for _, kind, _, state, _, _ in export_rows(node)) == \
         sorted([("sc", "sent"), ("seg", "sent"), ("sr", "sent")] * 2)
+    # The CLI shows where each result lies and its export state.
+    jobs = node.cli("jobs")
+    assert jobs.returncode == 0, jobs.stderr
+    result_lines = [line for line in jobs.stdout.splitlines() if "results/" in line]
+    assert len(result_lines) == 6 and all("[pacs: sent]" in line for line in result_lines), jobs.stdout
+    status = node.cli("status")
+    assert status.returncode == 0 and "sent" in status.stdout, status.stdout
 
 
 def check_sr(sr, source, record) -> None:  # type: ignore[no-untyped-def]
