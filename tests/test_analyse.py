@@ -103,8 +103,19 @@ def test_cli_json_lines_in_input_order_with_errors_and_masks(tmp_path):
     chest_line, broken_line, hand_line, text_line, png_line, missing_line = lines
     assert chest_line["analysed"] and chest_line["lung_area_px"]["right"] > 0
     assert chest_line["models"][0]["name"] == "lung-field-unet" and chest_line["models"][0]["version"]
-    # No classifier is bundled yet: the lung-field part answers, the classifier's keys say nothing rather than guess.
-    assert chest_line["pneumoconiosis"] is None and chest_line["zones"] is None and len(chest_line["models"]) == 1
+    # The bundled demo classifier answers with the keys, and its notice travels with every result.
+    p = chest_line["pneumoconiosis"]
+    assert 0 <= p["probability"] <= 1 and p["present"] == (p["probability"] >= p["threshold"])
+    cats = chest_line["profusion_category"]
+    assert len(cats["probabilities"]) == 4 and abs(sum(cats["probabilities"]) - 1) < 1e-3
+    assert cats["most_likely"] == int(np.argmax(cats["probabilities"]))
+    assert set(chest_line["zones"]) == {f"{side}_{zone}" for side in ("right", "left")
+                                        for zone in ("upper", "middle", "lower")}
+    assert all(0 <= v <= 1 for v in chest_line["zones"].values())
+    classifier = chest_line["models"][1]
+    assert classifier["name"] and classifier["version"] and classifier["model_card"].startswith("classifier.md")
+    assert classifier["notice"].startswith("DEMO") and "not for clinical use" in classifier["notice"]
+    assert hand_line["pneumoconiosis"] is None  # not analysed: no probability at all
     for bad in (broken_line, text_line, missing_line):
         assert not bad["analysed"] and bad["error"]
     assert not hand_line["analysed"] and hand_line["reason"] == "body_part_not_chest"
@@ -114,3 +125,18 @@ def test_cli_json_lines_in_input_order_with_errors_and_masks(tmp_path):
     mask = np.asarray(Image.open(tmp_path / "masks" / f"{chest.stem}.png"))
     assert mask.shape == (1955, 1841) and set(np.unique(mask)) == {0, 1, 2}
     assert np.array_equal(mask, analyse(chest, device="cpu").labels)
+
+
+def test_bundled_classifier_card_says_demo_in_its_first_line_and_matches_the_weights():
+    import hashlib
+
+    from ai.models import BUNDLED_DIR, pneumoconiosis_classifier
+
+    card = (BUNDLED_DIR / "classifier.md").read_text()
+    first = card.splitlines()[0].lower()
+    assert "demo" in first and "synthetic" in first and "not for clinical use" in first
+    weights = (BUNDLED_DIR / "classifier.pt").read_bytes()
+    assert hashlib.sha256(weights).hexdigest() in card
+    classifier = pneumoconiosis_classifier("cpu")
+    assert classifier.notice and classifier.notice in card
+    assert classifier.input_size in (384, 512)
