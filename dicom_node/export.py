@@ -9,7 +9,8 @@ is replaced by its ``alternate``, when it has one, within the same attempt.
 
 ``Exporter.start()`` runs the rounds on an APScheduler background job every ``export.poll_seconds``; ``wake()``
 brings the next round forward for a caller in the same process (workers run in their own processes, so their
-results wait at most ``export.poll_seconds``); ``run_once()`` runs one round in the caller's thread. Log lines name exports by id and UIDs, never patients.
+results wait at most ``export.poll_seconds``); ``run_once()`` runs one round in the caller's thread. Log lines
+name exports by id and UIDs, never patients.
 """
 
 from __future__ import annotations
