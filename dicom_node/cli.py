@@ -126,6 +126,9 @@ def _cmd_worker(rt: Runtime) -> int:
 
     signal.signal(signal.SIGTERM, _request_stop)
     signal.signal(signal.SIGINT, _request_stop)
+    from .supervisor import stop_when_supervisor_exits
+
+    stop_when_supervisor_exits(stop)
     Worker(rt.config, rt.engine, rt.archive).run(stop)
     return 0
 

@@ -8,6 +8,7 @@ dies is restarted (after a growing pause if it keeps dying); its job comes back 
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -17,6 +18,7 @@ from pathlib import Path
 
 LOG = logging.getLogger("dicom_node.supervisor")
 
+SUPERVISOR_PID_ENV = "PNEUMO_SUPERVISOR_PID"
 RESTART_PAUSE_S = (1.0, 60.0)  # first pause after a crash, cap (doubles while crashes follow each other)
 STABLE_AFTER_S = 60.0  # a worker that ran this long resets the pause
 
@@ -52,7 +54,9 @@ class WorkerSupervisor:
         return [s.process.pid for s in self.slots if s.process is not None and s.process.poll() is None]
 
     def _spawn(self, slot: _Slot) -> None:
-        slot.process = subprocess.Popen(self.command)
+        # The worker stops by itself when this process disappears (even by SIGKILL): no orphaned workers.
+        env = {**os.environ, SUPERVISOR_PID_ENV: str(os.getpid())}
+        slot.process = subprocess.Popen(self.command, env=env)
         slot.started_at = time.monotonic()
         LOG.info("worker %d started (pid %d)", slot.index, slot.process.pid)
 
@@ -90,3 +94,19 @@ class WorkerSupervisor:
                             proc.pid, grace_seconds)
                 proc.kill()
                 proc.wait()
+
+
+def stop_when_supervisor_exits(stop: threading.Event, interval: float = 1.0) -> None:
+    """In a worker started by ``serve``: set ``stop`` once the supervising process is gone (its parent changes)."""
+    expected = os.environ.get(SUPERVISOR_PID_ENV)
+    if not expected:
+        return
+
+    def watch() -> None:
+        while not stop.wait(interval):
+            if os.getppid() != int(expected):
+                LOG.warning("supervising dicom-node serve (pid %s) is gone: stopping after the batch in hand",
+                            expected)
+                stop.set()
+
+    threading.Thread(target=watch, name="supervisor-watch", daemon=True).start()

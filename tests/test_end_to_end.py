@@ -315,3 +315,21 @@ def test_worker_killed_mid_job_is_taken_back_and_completed_once(node_factory, or
     assert [(state, attempts) for _, state, attempts, _ in job_rows(node)] == [("done", 2)]
     assert {k: len(v) for k, v in results_in(orthanc, study).items()} == {SR_CLASS: 1, SEG_CLASS: 1, SC_CLASS: 1}
     assert "restarting" in node.log()
+
+
+def test_workers_stop_when_serve_is_killed(node_factory):
+    """kill -9 of serve must not leave orphaned workers polling the queue (a restart would add more)."""
+    node = node_factory(worker__processes="1").start()
+    wait_for(lambda: "ready" in node.log(), 120, "worker start", node)
+    (worker,) = subprocess.run(["pgrep", "-P", str(node.proc.pid), "-f", "dicom_node.cli worker"],
+                               capture_output=True, text=True).stdout.split()
+    node.kill()
+
+    def gone() -> bool:
+        try:
+            state = Path(f"/proc/{worker}/status").read_text()
+        except FileNotFoundError:
+            return True
+        return "\nState:\tZ" in state  # exited, waiting to be reaped
+
+    wait_for(gone, 30, "the orphaned worker to stop")
