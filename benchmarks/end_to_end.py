@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.analysis_stages import cpu_model  # noqa: E402
+from tests.conftest import free_port  # noqa: E402
 from tests.dicomgen import clone_instances  # noqa: E402
 from tests.pacs import Orthanc  # noqa: E402
 
@@ -36,14 +37,6 @@ DEFAULT_FILE = Path(os.environ.get("PNEUMO_DATA_DIR", REPO.parent / "shared" / "
     "dicom-samples" / "chest" / "RG1_UNCR.dcm"
 GOAL_P95_S = 2.0
 GOAL_RATE = 3.0
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def expected_sr_uids(files: list[Path]) -> dict[Path, str]:

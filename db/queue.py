@@ -88,12 +88,17 @@ def claim(engine: Engine, worker_id: str, lease_seconds: float, max_attempts: in
             )
 
 
+def still_held(job: ClaimedJob):  # type: ignore[no-untyped-def]
+    """The fence of every write after the claim: the job is still running under this worker's lease."""
+    return and_(Job.id == job.job_id, Job.state == JobState.RUNNING, Job.lease_owner == job.lease_owner)
+
+
 def _fenced_update(engine: Engine, job: ClaimedJob, event_kind: str, detail: str, **values: object) -> bool:
     """Apply ``values`` only if ``job`` is still running under this worker's lease; returns whether it was."""
     with Session(engine) as session, session.begin():
         result = session.execute(
             update(Job)
-            .where(Job.id == job.job_id, Job.state == JobState.RUNNING, Job.lease_owner == job.lease_owner)
+            .where(still_held(job))
             .values(updated_at=utcnow(), **values)
         )
         if result.rowcount != 1:
@@ -107,7 +112,7 @@ def extend_lease(engine: Engine, job: ClaimedJob, lease_seconds: float) -> bool:
     with Session(engine) as session, session.begin():
         result = session.execute(
             update(Job)
-            .where(Job.id == job.job_id, Job.state == JobState.RUNNING, Job.lease_owner == job.lease_owner)
+            .where(still_held(job))
             .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
         )
         return result.rowcount == 1

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from .engine import readonly
 from .models import Event, Export, Job, JobState, Result, utcnow
-from .queue import ERROR_TEXT_LIMIT, ClaimedJob
+from .queue import ERROR_TEXT_LIMIT, ClaimedJob, still_held
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ def finish_job(engine: Engine, job: ClaimedJob, state: JobState, reason: str | N
     with Session(engine) as session, session.begin():
         updated = session.execute(
             update(Job)
-            .where(Job.id == job.job_id, Job.state == JobState.RUNNING, Job.lease_owner == job.lease_owner)
+            .where(still_held(job))
             .values(state=state, lease_owner=None, lease_expires_at=None, reason=reason,
                     last_error=(detail or "")[:ERROR_TEXT_LIMIT] or None, updated_at=utcnow())
         )

@@ -62,6 +62,19 @@ def _open_runtime(args: argparse.Namespace) -> Runtime:
     return Runtime(config, archive, engine, config_path, list(args.set or []))
 
 
+def _stop_on_signals(what_happens: str) -> threading.Event:
+    """An event set by SIGTERM or SIGINT, which are logged with ``what_happens`` next."""
+    stop = threading.Event()
+
+    def _request_stop(signum: int, _frame: object) -> None:
+        LOG.info("%s received: %s", signal.Signals(signum).name, what_happens)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _request_stop)
+    signal.signal(signal.SIGINT, _request_stop)
+    return stop
+
+
 def _cmd_serve(rt: Runtime) -> int:
     from .intake import Intake
     from .scp import StorageServer
@@ -95,14 +108,7 @@ def _cmd_serve(rt: Runtime) -> int:
              rt.archive.archive_dir, rt.engine.url.render_as_string(hide_password=True),
              rt.archive.free_bytes() / 2**30, cfg["storage.free_disk_reserve_mb"])
 
-    stop = threading.Event()
-
-    def _request_stop(signum: int, _frame: object) -> None:
-        LOG.info("%s received: refusing new associations, finishing open ones", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _request_stop)
-    signal.signal(signal.SIGINT, _request_stop)
+    stop = _stop_on_signals("refusing new associations, finishing open ones")
     while not stop.wait(0.5):
         pass
     aborted = server.stop(grace_seconds=cfg["network.dimse_timeout"])
@@ -118,16 +124,9 @@ def _cmd_worker(rt: Runtime) -> int:
     """One analysis worker in the foreground until SIGTERM/SIGINT (it finishes the batch in hand)."""
     from .worker import Worker
 
-    stop = threading.Event()
-
-    def _request_stop(signum: int, _frame: object) -> None:
-        LOG.info("%s received: finishing the batch in hand", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _request_stop)
-    signal.signal(signal.SIGINT, _request_stop)
     from .supervisor import stop_when_supervisor_exits
 
+    stop = _stop_on_signals("finishing the batch in hand")
     stop_when_supervisor_exits(stop)
     Worker(rt.config, rt.engine, rt.archive).run(stop)
     return 0

@@ -208,8 +208,3 @@ def _model_descriptions() -> list[dict[str, str]]:
         pass
     return models
 
-
-def run_worker(config: NodeConfig, engine: Engine, archive: Archive, stop: threading.Event) -> int:
-    Worker(config, engine, archive).run(stop)
-    return 0
-
