@@ -114,3 +114,12 @@ def record_event(engine: Engine, kind: str, sop_instance_uid: str | None, callin
                  detail: str) -> None:
     with Session(engine) as session, session.begin():
         session.add(Event(kind=kind, sop_instance_uid=sop_instance_uid, calling_aet=calling_aet, detail=detail))
+
+
+def instance_uids(engine: Engine, instance_id: int) -> tuple[str, str, str, str] | None:
+    """(SOP Class, Study, Series, SOP Instance UID) as recorded at intake; None for an unknown id."""
+    with Session(readonly(engine)) as session:
+        inst = session.get(Instance, instance_id)
+        if inst is None:
+            return None
+        return inst.sop_class_uid, inst.study_instance_uid, inst.series_instance_uid, inst.sop_instance_uid

@@ -3,7 +3,10 @@
 A worker *claims* one job atomically and holds it under a lease; it then *completes* it, *fails* it (retried until
 ``max_attempts``, then failed for good), or marks it *not analysed* with a reason. Every write after the claim is
 fenced by the lease owner, so a worker whose lease was taken back cannot overwrite the new owner's result. A job
-whose lease expired (crashed worker) is claimable again.
+whose lease expired (crashed worker) is claimable again, and is then processed alone so that a poison input
+cannot take its batch-mates down with it. A job whose lease expired after its last attempt is handed out once more
+*for its report only*: the worker writes its "not analysed" SR without touching the pixels again. Only if that
+attempt is lost as well does the job end failed with no result object, and an audit event says so.
 
 On SQLite the claim runs inside BEGIN IMMEDIATE (see ``db.engine``), which serialises writers; on PostgreSQL the same
 statement renders ``FOR UPDATE SKIP LOCKED`` so that concurrent workers skip each other's rows instead of waiting.
@@ -34,6 +37,12 @@ class ClaimedJob:
     attempt: int
     lease_owner: str
     lease_expires_at: datetime
+    taken_back: bool = False  # its previous lease expired: the worker that had it died or hung
+    report_only: bool = False  # out of attempts after lost leases: write the "not analysed" SR, do not analyse
+
+
+NO_RESULT_EVENT = "job_without_result"
+"""Audit event of a job that ended with no result object at all (not even a "not analysed" SR)."""
 
 
 def _claimable(now: datetime):  # type: ignore[no-untyped-def]
@@ -51,8 +60,9 @@ def claim_statement(now: datetime) -> Select[tuple[Job]]:
 def claim(engine: Engine, worker_id: str, lease_seconds: float, max_attempts: int) -> ClaimedJob | None:
     """Claim the oldest queued job (or one whose lease expired) for ``worker_id``; None when there is none.
 
-    A job taken back from a crashed worker that has already used ``max_attempts`` ends as failed instead of
-    being handed out again, so a poison input cannot crash workers forever.
+    A job taken back from a crashed worker that has already used ``max_attempts`` is handed out for its report
+    only (``report_only``); one whose reporting attempt was lost too ends as failed, so a poison input cannot crash
+    workers forever.
     """
     while True:
         now = utcnow()
@@ -60,18 +70,22 @@ def claim(engine: Engine, worker_id: str, lease_seconds: float, max_attempts: in
             job = session.scalars(claim_statement(now)).first()
             if job is None:
                 return None
-            if job.state == JobState.RUNNING and job.attempts >= max_attempts:
+            taken_back = job.state == JobState.RUNNING
+            report_only = taken_back and job.attempts >= max_attempts
+            if taken_back and job.attempts > max_attempts:
                 job.state = JobState.FAILED
                 job.reason = "lease_expired"
-                job.last_error = f"worker {job.lease_owner} lost its lease {job.attempts} times"
+                job.last_error = f"the workers lost the job's lease {job.attempts} times, the last while reporting"
                 job.lease_owner = None
                 job.lease_expires_at = None
-                session.add(Event(kind="job_failed", sop_instance_uid=job.instance.sop_instance_uid,
-                                  detail=f"job {job.id}: lease expired after {job.attempts} attempts"))
+                session.add(Event(kind=NO_RESULT_EVENT, sop_instance_uid=job.instance.sop_instance_uid,
+                                  detail=f"job {job.id}: lease expired after {job.attempts} attempts, the last one "
+                                         f"writing its 'not analysed' SR; no result object"))
                 continue
-            if job.state == JobState.RUNNING:
+            if taken_back:
                 session.add(Event(kind="job_taken_back", sop_instance_uid=job.instance.sop_instance_uid,
-                                  detail=f"job {job.id}: lease of {job.lease_owner} expired"))
+                                  detail=f"job {job.id}: lease of {job.lease_owner} expired"
+                                         + ("; reporting only" if report_only else "")))
             job.state = JobState.RUNNING
             job.attempts += 1
             job.lease_owner = worker_id
@@ -85,6 +99,8 @@ def claim(engine: Engine, worker_id: str, lease_seconds: float, max_attempts: in
                 attempt=job.attempts,
                 lease_owner=worker_id,
                 lease_expires_at=job.lease_expires_at,
+                taken_back=taken_back,
+                report_only=report_only,
             )
 
 
@@ -152,20 +168,21 @@ def fail(engine: Engine, job: ClaimedJob, reason: str, error: str, max_attempts:
 
 
 def reclaim_expired(engine: Engine, max_attempts: int) -> int:
-    """Put every job whose lease expired back in the queue (or fail it when out of attempts); returns the count."""
+    """Put every job whose lease expired and that has attempts left back in the queue; returns the count.
+
+    Jobs out of attempts are left running-and-expired: ``claim`` hands them out for their report only.
+    """
     now = utcnow()
     with Session(engine) as session, session.begin():
         expired = session.scalars(
-            select(Job).where(Job.state == JobState.RUNNING, Job.lease_expires_at < now)
+            select(Job).where(Job.state == JobState.RUNNING, Job.lease_expires_at < now,
+                              Job.attempts < max_attempts)
             .with_for_update(skip_locked=True)
         ).all()
         for job in expired:
-            out_of_attempts = job.attempts >= max_attempts
-            session.add(Event(kind="job_failed" if out_of_attempts else "job_taken_back",
-                              sop_instance_uid=job.instance.sop_instance_uid,
+            session.add(Event(kind="job_taken_back", sop_instance_uid=job.instance.sop_instance_uid,
                               detail=f"job {job.id}: lease of {job.lease_owner} expired"))
-            job.state = JobState.FAILED if out_of_attempts else JobState.QUEUED
-            job.reason = "lease_expired" if out_of_attempts else job.reason
+            job.state = JobState.QUEUED
             job.lease_owner = None
             job.lease_expires_at = None
         return len(expired)

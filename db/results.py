@@ -11,12 +11,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from .engine import readonly
 from .models import Event, Export, Job, JobState, Result, utcnow
-from .queue import ERROR_TEXT_LIMIT, ClaimedJob, still_held
+from .instances import NO_REPORT_REASONS
+from .queue import ERROR_TEXT_LIMIT, NO_RESULT_EVENT, ClaimedJob, still_held
+
+DELIBERATELY_SILENT = NO_REPORT_REASONS | {"own_result"}
+"""Reasons for which a job ends with no result object by design: not an image, or the node's own result."""
 
 
 @dataclass(frozen=True)
@@ -35,8 +39,10 @@ class ResultFile:
 
 
 def finish_job(engine: Engine, job: ClaimedJob, state: JobState, reason: str | None, detail: str | None,
-               results: Sequence[ResultFile], destinations: Sequence[dict[str, Any]]) -> bool:
-    """End ``job`` in ``state`` and record ``results`` with one export per matching destination.
+               results: Sequence[ResultFile], destinations: Sequence[dict[str, Any]],
+               notes: Sequence[tuple[str, str]] = ()) -> bool:
+    """End ``job`` in ``state`` and record ``results`` with one export per matching destination, and ``notes``
+    (event kind, detail: e.g. the header repairs, by attribute keyword) as audit events of the job.
 
     Returns False (and records nothing) when this worker no longer holds the job's lease.
     """
@@ -64,10 +70,27 @@ def finish_job(engine: Engine, job: ClaimedJob, state: JobState, reason: str | N
             else:  # the same input analysed again with the same models: same object, same row
                 row.job_id, row.size_bytes = job.job_id, item.size_bytes
             queue_exports(session, row, list(destinations))
+        for kind, note in notes:
+            session.add(Event(kind=kind, sop_instance_uid=job.sop_instance_uid, detail=f"job {job.job_id}: {note}"))
         kinds = ",".join(r.kind for r in results) or "none"
         session.add(Event(kind=f"job_{state.value}", sop_instance_uid=job.sop_instance_uid,
                           detail=f"job {job.job_id} attempt {job.attempt}: {reason or 'analysed'}; results {kinds}"))
+        if not results and reason not in DELIBERATELY_SILENT:
+            session.add(Event(kind=NO_RESULT_EVENT, sop_instance_uid=job.sop_instance_uid,
+                              detail=f"job {job.job_id} ended {state.value} ({reason}) with no result object"))
         return True
+
+
+def count_without_result(engine: Engine) -> int:
+    """Jobs that ended (done, failed, not analysed) with no result object, not counting the deliberately silent
+    ones: each is an image a radiologist would get no answer for."""
+    ended = (JobState.DONE, JobState.FAILED, JobState.NOT_ANALYSED)
+    with Session(readonly(engine)) as session:
+        has_result = select(Result.id).where(Result.job_id == Job.id).exists()
+        return int(session.scalar(
+            select(func.count()).select_from(Job).where(
+                Job.state.in_(ended), ~has_result,
+                or_(Job.reason.is_(None), Job.reason.not_in(sorted(DELIBERATELY_SILENT))))) or 0)
 
 
 @dataclass(frozen=True)

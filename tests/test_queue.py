@@ -97,8 +97,21 @@ def test_lease_expiry_counts_as_an_attempt(engine):
     for _ in range(MAX_ATTEMPTS):
         assert queue.claim(engine, "dying", 60, MAX_ATTEMPTS) is not None
         expire_leases(engine)
+    # Out of attempts: handed out once more, for its "not analysed" SR only (the pixels are not touched again).
+    reporting = queue.claim(engine, "w", 60, MAX_ATTEMPTS)
+    assert reporting is not None and reporting.report_only and reporting.taken_back
+    expire_leases(engine)  # even the reporting attempt died
     assert queue.claim(engine, "w", 60, MAX_ATTEMPTS) is None  # a poison job does not crash workers forever
     assert queue.counts_by_state(engine)["failed"] == 1
+    with Session(engine) as session:
+        kinds = [e.kind for e in session.scalars(select(Event).order_by(Event.id))]
+    assert kinds[-1] == queue.NO_RESULT_EVENT
+
+
+def test_a_fresh_claim_is_neither_taken_back_nor_report_only(engine):
+    record_new(engine, _record(1))
+    job = queue.claim(engine, "w", 60, MAX_ATTEMPTS)
+    assert not job.taken_back and not job.report_only
 
 
 def test_reclaim_expired_sweeps(engine):
@@ -109,6 +122,16 @@ def test_reclaim_expired_sweeps(engine):
     expire_leases(engine)
     assert queue.reclaim_expired(engine, MAX_ATTEMPTS) == 3
     assert queue.counts_by_state(engine)["queued"] == 3
+
+
+def test_reclaim_leaves_jobs_out_of_attempts_for_their_report(engine):
+    record_new(engine, _record(1))
+    for _ in range(MAX_ATTEMPTS):
+        queue.claim(engine, "dying", 60, MAX_ATTEMPTS)
+        expire_leases(engine)
+    assert queue.reclaim_expired(engine, MAX_ATTEMPTS) == 0
+    reporting = queue.claim(engine, "w", 60, MAX_ATTEMPTS)
+    assert reporting is not None and reporting.report_only
 
 
 def _drain(url: str, worker_id: str, out: "mp.Queue[list[int]]") -> None:
