@@ -19,11 +19,12 @@ from sqlalchemy import Engine
 from db.engine import SchemaError, init_schema, make_engine
 from db.exports import export_counts, resend
 from db.models import ExportState, JobState
-from db.queue import counts_by_state, list_jobs
-from db.results import results_of_jobs
+from db.queue import NO_RESULT_EVENT, counts_by_state, list_jobs
+from db.results import count_without_result, results_of_jobs
 
 from . import __version__
 from .archive import Archive
+from .log_safety import setup_logging
 from .config import ConfigError, NodeConfig, default_config_path, load_config, parse_set_options
 
 LOG = logging.getLogger("dicom_node")
@@ -39,22 +40,10 @@ class Runtime:
     overrides: list[str] = field(default_factory=list)
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # pynetdicom's INFO lines are per-PDU chatter; its DEBUG level dumps whole messages.
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING if level != "DEBUG" else logging.INFO)
-    # highdicom logs every module it copies at INFO: one line per attribute group and result object.
-    logging.getLogger("highdicom").setLevel(logging.WARNING if level != "DEBUG" else logging.INFO)
-
-
 def _open_runtime(args: argparse.Namespace) -> Runtime:
     config_path = args.config if args.config is not None else default_config_path()
     config = load_config(config_path, parse_set_options(args.set))
-    _setup_logging(config["logging.level"])
+    setup_logging(config["logging.level"])
     archive = Archive(config.storage_root, int(config["storage.free_disk_reserve_mb"] * 1024 * 1024))
     archive.prepare() if args.command == "serve" else archive.root.mkdir(parents=True, exist_ok=True)
     engine = make_engine(config.database_url)
@@ -144,6 +133,10 @@ def _cmd_status(rt: Runtime) -> int:
     for state in JobState:
         print(f"  {state.value:<13}{counts.get(state.value, 0):>8}")
     print(f"  {'total':<13}{sum(counts.values()):>8}")
+    silent = count_without_result(rt.engine)
+    if silent:  # a line of its own: a radiologist reads a missing result as "nothing found"
+        print(f"WARNING: {silent} image(s) have no result object (not even a 'not analysed' SR); "
+              f"see the '{NO_RESULT_EVENT}' audit events")
     exports = export_counts(rt.engine)
     destinations = ", ".join(d["name"] for d in rt.config["export.destinations"]) or "none configured"
     print(f"exports ({destinations}):")

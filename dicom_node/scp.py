@@ -17,6 +17,8 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
+from ai.safe_text import escape
+
 from .config import NodeConfig
 from .intake import Intake
 
@@ -62,8 +64,8 @@ def _handle_store(event: evt.Event, intake: Intake) -> int | Dataset:
 
 
 def _log_rejection(event: evt.Event) -> None:
-    LOG.warning("association from %s (%s) rejected", event.assoc.requestor.ae_title.strip(),
-                event.assoc.requestor.address)
+    LOG.warning("association from %s (%s) rejected", escape(event.assoc.requestor.ae_title.strip()),
+                escape(event.assoc.requestor.address))
 
 
 def build_ae(config: NodeConfig) -> AE:
