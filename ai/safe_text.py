@@ -17,13 +17,12 @@ class SafeMessage(Exception):
 
 
 def escape(value: object, limit: int = 128) -> str:
-    """A request value (UID, AE title, file name) as one printable line: control characters escaped, bounded."""
+    """A request value (UID, AE title, file name) as one printable line: control characters escaped, bounded.
+    Backslashes stay as they are (DICOM's value separator), so escaping twice changes nothing."""
     text = str(value)
     out = []
     for ch in text:
-        if ch == "\\":
-            out.append("\\\\")
-        elif ch.isprintable():
+        if ch.isprintable():
             out.append(ch)
         else:
             out.append(ch.encode("unicode_escape").decode("ascii"))

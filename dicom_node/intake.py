@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -29,8 +30,10 @@ from db.instances import (
     record_replacement,
 )
 
-from .archive import Archive, InvalidUID, check_uid, fsync_path, sha256_of
 from ai.header_scope import header_scope
+from ai.safe_text import escape, exception_summary
+
+from .archive import Archive, InvalidUID, check_uid, fsync_path, sha256_of
 
 LOG = logging.getLogger("dicom_node.intake")
 
@@ -54,9 +57,39 @@ class StoreOutcome:
 
 
 def _short_error(exc: BaseException) -> str:
-    """Class name and first line only: exception texts must not carry dataset values into the logs."""
-    first_line = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {first_line[:200]}"
+    """Exception type and a fixed text: exception texts must not carry dataset values into the logs."""
+    return exception_summary(exc)
+
+
+NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2"}
+
+
+def pixel_data_shortfall(ds: Dataset, file_size: int) -> str | None:
+    """For a native (uncompressed) transfer syntax: a log-safe description if the Pixel Data holds fewer bytes than
+    Rows x Columns x Samples per Pixel x Bits Allocated x frames require (a truncated transfer or file), else None.
+
+    ``ds`` is read with deferred values, so the element's declared length and its offset in the file are known
+    without loading it; for a deflated dataset the inflated value is measured. Longer Pixel Data (trailing padding)
+    is accepted, as every decoder ignores the excess."""
+    syntax = str(getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID", ""))
+    if syntax not in NATIVE_SYNTAXES or "PixelData" not in ds:
+        return None
+    raw = ds.get_item("PixelData")
+    rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    samples, bits = int(ds.get("SamplesPerPixel") or 1), int(ds.get("BitsAllocated") or 0)
+    frames = int(ds.get("NumberOfFrames") or 1)
+    if min(rows, columns, bits) <= 0:
+        return "Rows, Columns or Bits Allocated missing or zero for native Pixel Data"
+    expected = (rows * columns * samples * frames * bits + 7) // 8
+    if syntax == "1.2.840.10008.1.2.1.99" or getattr(raw, "value_tell", None) is None:
+        value = ds.PixelData
+        available = len(value) if value is not None else 0
+    else:
+        declared = 0 if raw.is_undefined_length else int(raw.length)
+        available = min(declared, max(0, file_size - int(raw.value_tell)))
+    if available < expected:
+        return f"Pixel Data holds {available} of the {expected} bytes its image attributes require"
+    return None
 
 
 class Intake:
@@ -81,8 +114,8 @@ class Intake:
         elapsed_ms = (time.perf_counter() - started) * 1000
         level = logging.INFO if outcome.status == SUCCESS else logging.WARNING
         detail = f" [{outcome.detail}]" if outcome.detail else ""
-        LOG.log(level, "C-STORE from %s sop=%s status=0x%04X %s%s (%.0f ms)", calling_aet, request_sop_instance,
-                outcome.status, outcome.comment, detail, elapsed_ms)
+        LOG.log(level, "C-STORE from %s sop=%s status=0x%04X %s%s (%.0f ms)", escape(calling_aet),
+                escape(request_sop_instance), outcome.status, outcome.comment, detail, elapsed_ms)
         return outcome
 
     def _store(self, tmp_file: Path, calling_aet: str, request_sop_class: str, request_sop_instance: str,
@@ -112,6 +145,12 @@ class Intake:
             return StoreOutcome(INVALID_UIDS, str(exc))
         except Exception as exc:  # a malformed element value surfaces only when read
             return StoreOutcome(CANNOT_PARSE, f"dataset cannot be parsed ({type(exc).__name__})")
+        try:
+            short = pixel_data_shortfall(ds, size)
+        except Exception as exc:  # a malformed Rows/Columns/Bits Allocated value
+            return StoreOutcome(CANNOT_PARSE, "image pixel attributes cannot be read", exception_summary(exc))
+        if short is not None:
+            return StoreOutcome(CANNOT_PARSE, "pixel data shorter than the image attributes say", short)
         if sop_uid != request_sop_instance:
             return StoreOutcome(SOP_INSTANCE_MISMATCH, "dataset SOP Instance UID differs from the request's")
         if sop_class != request_sop_class:

@@ -296,3 +296,29 @@ def test_concurrent_senders_lose_nothing(node, tmp_path):
     for row in rows:
         assert dataset_bytes(node.storage_root / row.archive_path) == dataset_bytes(sent[row.sop_instance_uid])
     assert os.listdir(node.storage_root / "tmp") == []
+
+
+@pytest.mark.parametrize("syntax_flag", ["-xe", "-xi", "-xb"])
+def test_truncated_native_pixel_data_is_refused_with_c001(node, tmp_path, syntax_flag):
+    """Pixel Data shorter than Rows x Columns x Samples x Bits Allocated: refused at once, so the modality can
+    resend; a whole copy afterwards is stored."""
+    whole, truncated = clone_instances(synthetic_dx(64, 64), tmp_path / "in", 2)
+    ds = dcmread(truncated)
+    ds.PixelData = ds.PixelData[: 64 * 64 * 2 - 1000]  # an even length: a consistent element, missing pixels
+    ds.save_as(truncated, enforce_file_format=True)
+    refused = storescu(node.port, [truncated], syntax_flag, "-d")
+    assert refused.statuses and refused.statuses[0][1] != "Success", refused.output
+    assert "0xc001" in refused.output.lower(), refused.output
+    assert not archived_files(node)
+    assert not list((node.storage_root / "tmp").iterdir())
+    assert "Pixel Data holds 7192 of the 8192 bytes" in node.log()
+    assert storescu(node.port, [whole], syntax_flag).statuses == [(str(whole), "Success")]
+
+
+def test_longer_native_pixel_data_is_accepted(node, tmp_path):
+    """Trailing bytes after the pixels (seen in real files) are ignored by every decoder: not a reason to refuse."""
+    (file,) = clone_instances(synthetic_dx(64, 64), tmp_path / "in", 1)
+    ds = dcmread(file)
+    ds.PixelData = ds.PixelData + b"\0" * 16
+    ds.save_as(file, enforce_file_format=True)
+    assert storescu(node.port, [file]).statuses == [(str(file), "Success")]
