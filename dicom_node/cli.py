@@ -71,7 +71,7 @@ def _cmd_serve(rt: Runtime) -> int:
     cfg = rt.config
     if not cfg["network.allowed_calling_aets"]:
         LOG.warning("network.allowed_calling_aets is empty: every calling AE title is accepted")
-    intake = Intake(rt.archive, rt.engine, cfg["storage.duplicate_policy"])
+    intake = Intake(rt.archive, rt.engine, cfg["storage.duplicate_policy"], cfg.image_limits)
     server = StorageServer(cfg, intake)
     server.start()
     supervisor = None

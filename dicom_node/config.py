@@ -10,7 +10,10 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+if TYPE_CHECKING:
+    from ai.limits import ImageLimits
 
 ENV_PREFIX = "DICOM_NODE_"
 DUPLICATE_POLICIES = ("reject", "never", "always", "same_source")
@@ -152,6 +155,10 @@ SCHEMA: dict[str, Key] = {
     "export.max_attempts": Key(int, 10, _range(1, 1000)),
     "export.poll_seconds": Key(float, 0.5, _range(0.05)),
     "export.timeout_seconds": Key(float, 30.0, _range(1)),
+    "limits.max_rows": Key(int, 6144, _range(1, 65535)),
+    "limits.max_columns": Key(int, 6144, _range(1, 65535)),
+    "limits.max_frames": Key(int, 16, _range(1, 100000)),
+    "limits.max_uncompressed_mb": Key(float, 128.0, _range(1)),
     "logging.level": Key(str, "INFO", _one_of(LOG_LEVELS)),
 }
 
@@ -223,6 +230,13 @@ class NodeConfig:
 
     def __getitem__(self, key: str) -> Any:
         return self.values[key]
+
+    @property
+    def image_limits(self) -> "ImageLimits":
+        from ai.limits import ImageLimits
+
+        return ImageLimits(self.values["limits.max_rows"], self.values["limits.max_columns"],
+                           self.values["limits.max_frames"], self.values["limits.max_uncompressed_mb"])
 
     @property
     def storage_root(self) -> Path:

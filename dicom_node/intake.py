@@ -15,7 +15,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from sqlalchemy import Engine
@@ -31,6 +30,7 @@ from db.instances import (
 )
 
 from ai.header_scope import header_scope
+from ai.limits import DEFAULT_LIMITS, ImageLimits, ImageTooLarge, read_dataset_bounded
 from ai.safe_text import escape, exception_summary
 
 from .archive import Archive, InvalidUID, check_uid, fsync_path, sha256_of
@@ -45,6 +45,7 @@ CANNOT_PARSE = 0xC001  # not a decodable DICOM dataset
 INVALID_UIDS = 0xC002  # missing or malformed Study/Series/SOP Instance UID
 SOP_INSTANCE_MISMATCH = 0xC003  # dataset's SOP Instance UID differs from the request's
 DUPLICATE_CONFLICT = 0xC010  # same SOP Instance UID, different content, policy says reject
+IMAGE_TOO_LARGE = 0xC004  # the header declares (or a deflated dataset inflates to) more than limits.* allow
 
 LOCK_STRIPES = 64
 
@@ -85,7 +86,7 @@ def pixel_data_shortfall(ds: Dataset, file_size: int) -> str | None:
         value = ds.PixelData
         available = len(value) if value is not None else 0
     else:
-        declared = 0 if raw.is_undefined_length else int(raw.length)
+        declared = 0 if raw.length == 0xFFFFFFFF else int(raw.length)
         available = min(declared, max(0, file_size - int(raw.value_tell)))
     if available < expected:
         return f"Pixel Data holds {available} of the {expected} bytes its image attributes require"
@@ -95,10 +96,12 @@ def pixel_data_shortfall(ds: Dataset, file_size: int) -> str | None:
 class Intake:
     """Stores received datasets durably and queues them; one instance serves every association thread."""
 
-    def __init__(self, archive: Archive, engine: Engine, duplicate_policy: str) -> None:
+    def __init__(self, archive: Archive, engine: Engine, duplicate_policy: str,
+                 limits: ImageLimits = DEFAULT_LIMITS) -> None:
         self.archive = archive
         self.engine = engine
         self.duplicate_policy = duplicate_policy
+        self.limits = limits
         # Two associations storing the same SOP Instance UID at once are serialised by these locks.
         self._locks = [threading.Lock() for _ in range(LOCK_STRIPES)]
         # fsync of the received file runs here while the handler parses, hashes and looks up the instance.
@@ -133,8 +136,10 @@ class Intake:
     def _check_and_store(self, tmp_file: Path, size: int, synced: Future, calling_aet: str, request_sop_class: str,
                          request_sop_instance: str, transfer_syntax: str) -> StoreOutcome:
         try:
-            ds = dcmread(tmp_file, defer_size=1024)
-        except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OSError) as exc:
+            ds = read_dataset_bounded(tmp_file, self.limits, defer_size=1024)
+        except ImageTooLarge as exc:  # never inflated or decoded; a resend would be refused again
+            return StoreOutcome(IMAGE_TOO_LARGE, "image exceeds the node's size limits", str(exc))
+        except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OSError, zlib.error) as exc:
             return StoreOutcome(CANNOT_PARSE, f"dataset cannot be parsed ({type(exc).__name__})")
         try:
             study_uid = check_uid(ds.get("StudyInstanceUID"), "Study Instance UID")

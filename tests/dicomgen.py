@@ -70,3 +70,50 @@ def dataset_bytes(path: Path) -> bytes:
     # (0002,0000) File Meta Information Group Length is the first element: explicit VR 'UL', 4-byte value.
     group_length = int.from_bytes(raw[132 + 8:132 + 12], "little")
     return raw[132 + 12 + group_length:]
+
+
+def deflate_bomb(path: Path, rows: int, cols: int, sop_class: str = "1.2.840.10008.5.1.4.1.1.1") -> Path:
+    """A Deflated Explicit VR Little Endian file whose Pixel Data is ``rows x cols`` 16-bit zeros: small on disk,
+    huge when inflated. Streamed into the deflater, so making it takes no memory."""
+    import struct
+    import zlib
+
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds = Dataset()
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = generate_uid(UID_ROOT)
+    ds.StudyInstanceUID = generate_uid(UID_ROOT)
+    ds.SeriesInstanceUID = generate_uid(UID_ROOT)
+    ds.Modality = "CR"
+    ds.BodyPartExamined = "CHEST"
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = rows, cols
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    from pydicom.filebase import DicomBytesIO
+
+    header = DicomBytesIO()
+    header.is_little_endian, header.is_implicit_VR = True, False
+    write_dataset(header, ds)
+    size = rows * cols * 2
+    pixel_header = struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, size)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    with path.open("wb") as fh:
+        fh.write(b"\0" * 128 + b"DICM")
+        write_file_meta_info(fh, meta)  # type: ignore[arg-type]
+        deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+        fh.write(deflater.compress(header.getvalue() + pixel_header))
+        zeros = bytes(1 << 24)
+        left = size
+        while left:
+            step = min(left, len(zeros))
+            fh.write(deflater.compress(zeros[:step]))
+            left -= step
+        fh.write(deflater.flush())
+    return path
