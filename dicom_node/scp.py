@@ -102,6 +102,7 @@ class StorageServer:
             (evt.EVT_C_ECHO, _handle_echo),
             (evt.EVT_C_STORE, _handle_store, [self.intake]),
             (evt.EVT_REJECTED, _log_rejection),
+            *self.intake.reception.handlers(),  # partial receptions removed at once, reserve checked mid-transfer
         ]
         address = (self.config["network.bind_address"], self.config["network.port"])
         self._server = self.ae.start_server(address, block=False, evt_handlers=handlers)
