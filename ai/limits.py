@@ -141,18 +141,19 @@ def _meta_bytes(meta: Dataset) -> bytes:
 
 
 def read_dataset_bounded(path: Path, limits: ImageLimits = DEFAULT_LIMITS, defer_size: int | None = None,
-                         stop_before_pixels: bool = False) -> Dataset:
+                         stop_before_pixels: bool = False, force: bool = False) -> Dataset:
     """``dcmread`` that refuses (``ImageTooLarge``) before inflating or loading more than ``limits`` allow.
 
     Only a deflated file needs the bounded path; any other file is read as pydicom reads it (its size on disk
-    bounds the memory it takes) and its declared size is checked before the caller decodes anything."""
+    bounds the memory it takes) and its declared size is checked before the caller decodes anything. ``force``
+    as in ``dcmread``: also read a file without preamble and file meta (an old ACR-NEMA style export)."""
     path = Path(path)
     try:
         meta, offset = _file_meta_and_offset(path)
     except Exception:  # no preamble / file meta (ACR-NEMA style): not deflated; pydicom reads it as it can
         meta, offset = Dataset(), 0
     if str(meta.get("TransferSyntaxUID", "")) != DEFLATED:
-        ds = dcmread(path, defer_size=defer_size, stop_before_pixels=stop_before_pixels, force=not offset)
+        ds = dcmread(path, defer_size=defer_size, stop_before_pixels=stop_before_pixels, force=force)
         check_declared_size(ds, limits)
         return ds
     header = _inflated_header(path, offset, meta)

@@ -34,6 +34,7 @@ from ai.limits import DEFAULT_LIMITS, ImageLimits, ImageTooLarge, read_dataset_b
 from ai.safe_text import escape, exception_summary
 
 from .archive import Archive, InvalidUID, check_uid, fsync_path, sha256_of
+from .reception import ReceptionGuard
 
 LOG = logging.getLogger("dicom_node.intake")
 
@@ -102,6 +103,7 @@ class Intake:
         self.engine = engine
         self.duplicate_policy = duplicate_policy
         self.limits = limits
+        self.reception = ReceptionGuard(archive)  # its pynetdicom hooks are bound by the Storage SCP
         # Two associations storing the same SOP Instance UID at once are serialised by these locks.
         self._locks = [threading.Lock() for _ in range(LOCK_STRIPES)]
         # fsync of the received file runs here while the handler parses, hashes and looks up the instance.
@@ -123,6 +125,8 @@ class Intake:
 
     def _store(self, tmp_file: Path, calling_aet: str, request_sop_class: str, request_sop_instance: str,
                transfer_syntax: str) -> StoreOutcome:
+        if self.reception.was_discarded(tmp_file):
+            return StoreOutcome(OUT_OF_RESOURCES, "free disk space fell below the reserve during the transfer")
         size = tmp_file.stat().st_size
         if not self.archive.above_reserve():
             return StoreOutcome(OUT_OF_RESOURCES, "free disk space below the configured reserve")

@@ -31,7 +31,8 @@ class SafeFormatter(logging.Formatter):
     """See the module docstring."""
 
     def format(self, record: logging.LogRecord) -> str:
-        if _quotes_values(record.name):
+        if _quotes_values(record.name) or isinstance(record.msg, BaseException):
+            # an exception logged as the message (pynetdicom does this for errors in handlers) is its text
             message = f"{WITHHELD}: a {record.levelname.lower()} of {record.name}"
         else:
             try:
