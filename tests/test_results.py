@@ -52,12 +52,18 @@ def assert_dciodvfy_clean(path: Path) -> str:
     return output
 
 
+DSRDUMP_NO_UTF8_CHECK = "W: The VR checker does not support this Specific Character Set: ISO_IR 192"
+
+
 def assert_dsrdump_clean(path: Path) -> str:
     """dsrdump in verbose mode, content item errors downgraded to warnings: none may be printed."""
     proc = subprocess.run([require_tool("dsrdump"), "-Ee", "-v", str(path)], capture_output=True, text=True,
                           timeout=60)
     output = proc.stdout + proc.stderr
-    problems = [line for line in output.splitlines() if re.match(r"^[WEF]: ", line) or "Warning" in line]
+    # DCMTK's VR checker cannot check UTF-8 values and says so for every result (all are ISO_IR 192): that line
+    # is a limit of the tool, not a problem of the object; every other warning still fails.
+    problems = [line for line in output.splitlines() if (re.match(r"^[WEF]: ", line) or "Warning" in line)
+                and line.strip() != DSRDUMP_NO_UTF8_CHECK]
     assert proc.returncode == 0 and not problems, f"dsrdump {path.name}:\n{output}"
     return output
 
