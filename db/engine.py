@@ -3,6 +3,10 @@
 SQLite is made safe for several processes: WAL journal, synchronous=FULL (a commit survives power loss before we
 answer Success), a busy timeout, and every transaction opened with BEGIN IMMEDIATE so that two writers never both
 read-then-write the same job. PostgreSQL needs none of this: its claim uses FOR UPDATE SKIP LOCKED instead.
+
+A database file also gets a ``db.integrity.DatabaseGuard``: before a connection is opened, when a transaction
+begins and right before it commits, the file at the path must still be the one first opened, else
+``DatabaseReplaced`` is raised (and keeps being raised until the process restarts).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from sqlalchemy import Engine, create_engine, event, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
+from .integrity import DatabaseGuard, attach_guard
 from .models import SCHEMA_VERSION, Base, SchemaInfo
 
 SQLITE_BUSY_TIMEOUT_S = 30
@@ -31,16 +36,22 @@ def make_engine(url: str) -> Engine:
     if parsed.get_backend_name() != "sqlite":
         return create_engine(url, pool_pre_ping=True, hide_parameters=True)
 
-    if parsed.database and parsed.database != ":memory:":
+    guard = None
+    if parsed.database and parsed.database != ":memory:" and not parsed.database.startswith("file:"):
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        guard = DatabaseGuard(Path(parsed.database).resolve())
     engine = create_engine(
         url,
         connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False},
         hide_parameters=True,  # SQL errors end up in logs: never with row values
     )
+    if guard is not None:
+        _install_guard(engine, guard)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record):  # type: ignore[no-untyped-def]
+        if guard is not None and guard.identity is not None:
+            guard.check()  # before the first statement on the new connection touches the file
         # Let SQLAlchemy's "begin" hook below issue BEGIN itself instead of pysqlite's deferred BEGIN.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
@@ -49,9 +60,13 @@ def make_engine(url: str) -> Engine:
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_S * 1000}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
+        if guard is not None:
+            guard.opened()  # the first connection records the file's identity, later ones must match it
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection):  # type: ignore[no-untyped-def]
+        if guard is not None:
+            guard.check()  # before BEGIN: nothing is read from, or written to, a file that was replaced
         # Readers (see ``readonly``) take no write lock; every other transaction reserves it up front.
         if connection.get_execution_options().get(READ_ONLY_OPTION):
             connection.exec_driver_sql("BEGIN DEFERRED")
@@ -59,6 +74,23 @@ def make_engine(url: str) -> Engine:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+def _install_guard(engine: Engine, guard: DatabaseGuard) -> None:
+    """Identity checks before a connection is opened and right before every COMMIT (``_on_begin`` checks at BEGIN)."""
+    attach_guard(engine, guard)
+
+    @event.listens_for(engine, "do_connect")
+    def _before_connect(_dialect, _record, _cargs, _cparams):  # type: ignore[no-untyped-def]
+        # Before sqlite3.connect: opening a removed path would create an empty file there.
+        guard.check()
+        return None  # let the dialect connect as usual
+
+    @event.listens_for(engine, "commit")
+    def _before_commit(_connection):  # type: ignore[no-untyped-def]
+        # Raising here skips the COMMIT; the transaction stays open and is rolled back by its context manager
+        # (or by the pool when the connection is returned).
+        guard.check()
 
 
 def readonly(engine: Engine) -> Engine:

@@ -2,12 +2,18 @@
 
 Received datasets are streamed by pynetdicom straight into a temporary file (``STORE_RECV_CHUNKED_DATASET``)
 under the archive's ``tmp/`` directory, so the C-STORE handler never holds, decodes or re-encodes the dataset.
+
+Connections reach pynetdicom only through the admission gate of ``dicom_node.admission`` (``AdmissionServer``,
+passed to ``AE.make_server`` as its server class): pynetdicom's own server lets half-open connections take the
+association slots and block shutdown, and trusts any declared PDU length; that module's docstring says how and why.
+The called AE title must be ours (``network.ae_title``) unless ``network.accept_any_called_aet`` is set.
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -15,10 +21,10 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import ThreadedAssociationServer
 
 from ai.safe_text import escape
 
+from .admission import AdmissionPolicy, AdmissionServer, force_close
 from .config import NodeConfig
 from .intake import Intake
 
@@ -69,7 +75,7 @@ def _log_rejection(event: evt.Event) -> None:
 
 
 def build_ae(config: NodeConfig) -> AE:
-    """An AE configured from ``config``: contexts, allow-list, association limit, timeouts, PDU size."""
+    """An AE configured from ``config``: contexts, allow-lists, association limit, timeouts, PDU size."""
     ae = AE(ae_title=config["network.ae_title"])
     ae.add_supported_context(Verification)
     for context in AllStoragePresentationContexts:
@@ -77,6 +83,7 @@ def build_ae(config: NodeConfig) -> AE:
     allowed = config["network.allowed_calling_aets"]
     if allowed:
         ae.require_calling_aet = list(allowed)
+    ae.require_called_aet = not config["network.accept_any_called_aet"]
     ae.maximum_associations = config["network.max_associations"]
     ae.network_timeout = config["network.network_timeout"]
     ae.acse_timeout = config["network.acse_timeout"]
@@ -92,7 +99,7 @@ class StorageServer:
         self.config = config
         self.intake = intake
         self.ae = build_ae(config)
-        self._server: ThreadedAssociationServer | None = None
+        self._server: AdmissionServer | None = None
 
     def start(self) -> None:
         # Stream datasets to files in the archive's tmp/ (same file system, so placing them is a rename).
@@ -105,16 +112,29 @@ class StorageServer:
             *self.intake.reception.handlers(),  # partial receptions removed at once, reserve checked mid-transfer
         ]
         address = (self.config["network.bind_address"], self.config["network.port"])
-        self._server = self.ae.start_server(address, block=False, evt_handlers=handlers)
+        # What AE.start_server(block=False) does, with the admission gate as the server class.
+        server = self.ae.make_server(address, evt_handlers=handlers, server_class=AdmissionServer,
+                                     policy=AdmissionPolicy.from_config(self.config))
+        threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True).start()
+        self.ae._servers.append(server)  # AssociationServer.shutdown removes it from there
+        self._server = server
 
     @property
     def active_associations(self) -> int:
         return len(self._server.active_associations) if self._server else 0
 
-    def stop(self, grace_seconds: float) -> int:
-        """Close the listening socket, wait up to ``grace_seconds`` for open associations, abort the rest.
+    @property
+    def pending_connections(self) -> int:
+        """Connections still waiting for their complete A-ASSOCIATE-RQ (not associations)."""
+        return self._server.gate.pending_count if self._server else 0
 
-        Aborting is safe for the sender: nothing is acknowledged before it is durable. Returns how many were aborted.
+    def stop(self, grace_seconds: float) -> int:
+        """Close the listening socket and every connection that has not associated yet, wait up to
+        ``grace_seconds`` for open associations, abort the rest.
+
+        Aborting is safe for the sender: nothing is acknowledged before it is durable. An association whose peer
+        stalls inside a PDU cannot even process the abort (its thread is blocked reading), so after one more second
+        its socket is shut down. Returns how many were aborted.
         """
         if self._server is None:
             return 0
@@ -124,11 +144,15 @@ class StorageServer:
         deadline = time.monotonic() + grace_seconds
         while time.monotonic() < deadline and any(a.is_alive() for a in active):
             time.sleep(0.05)
-        aborted = 0
-        for assoc in active:
-            if assoc.is_alive():
-                assoc.abort()
-                aborted += 1
+        aborted = [assoc for assoc in active if assoc.is_alive()]
+        for assoc in aborted:
+            assoc.abort(block=False)  # the A-ABORT is sent by the association's own upper-layer thread
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline and any(a.is_alive() for a in aborted):
+            time.sleep(0.05)
+        for assoc in aborted:
+            force_close(assoc)
         for assoc in active:
             assoc.join(timeout=5)
-        return aborted
+            assoc.dul.join(timeout=5)
+        return len(aborted)
