@@ -1,4 +1,4 @@
-"""``dicom-node``: serve, status, jobs.
+"""``dicom-node``: serve, status, jobs, check.
 
 Every subcommand takes ``--config`` and ``--set section.key=value`` so that any configuration key can be changed
 from the command line; a bad value stops the command with exit status 2 and a message naming the key.
@@ -15,12 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from db.engine import SchemaError, init_schema, make_engine
 from db.exports import export_counts, resend
+from db.integrity import guard_of
 from db.models import ExportState, JobState
 from db.queue import NO_RESULT_EVENT, counts_by_state, list_jobs
+from db.reconciliation import last_reconciliation
 from db.results import count_without_result, results_of_jobs
+
+from ai.safe_text import exception_summary
 
 from . import __version__
 from .archive import Archive
@@ -29,6 +34,7 @@ from .config import ConfigError, NodeConfig, default_config_path, load_config, p
 
 LOG = logging.getLogger("dicom_node")
 EXIT_CONFIG = 2
+EXIT_INCONSISTENT = 1  # dicom-node check: something was missing from the archive or the database
 
 
 @dataclass
@@ -71,6 +77,11 @@ def _cmd_serve(rt: Runtime) -> int:
     cfg = rt.config
     if not cfg["network.allowed_calling_aets"]:
         LOG.warning("network.allowed_calling_aets is empty: every calling AE title is accepted")
+    if not _reconcile_at_start_up(rt):
+        return 1
+    guard = guard_of(rt.engine)
+    if guard is not None:
+        guard.start_watch(cfg["database.identity_check_seconds"])
     intake = Intake(rt.archive, rt.engine, cfg["storage.duplicate_policy"], cfg.image_limits)
     server = StorageServer(cfg, intake)
     server.start()
@@ -99,7 +110,12 @@ def _cmd_serve(rt: Runtime) -> int:
 
     stop = _stop_on_signals("refusing new associations, finishing open ones")
     while not stop.wait(0.5):
-        pass
+        if exporter is not None and guard is not None and guard.tripped:
+            exporter.stop(wait=False)  # every round would fail on the replaced database until the restart
+            exporter = None
+            LOG.error("exporter stopped: the database file was removed or replaced; restart the node")
+    if guard is not None:
+        guard.stop_watch()
     aborted = server.stop(grace_seconds=cfg["network.dimse_timeout"])
     if supervisor is not None:
         supervisor.stop(grace_seconds=cfg["network.dimse_timeout"])
@@ -107,6 +123,56 @@ def _cmd_serve(rt: Runtime) -> int:
         exporter.stop()
     LOG.info("stopped (%d association(s) aborted after the grace period)", aborted)
     return 0
+
+
+def _reconcile_at_start_up(rt: Runtime) -> bool:
+    """Archive/database reconciliation before listening: one INFO line, WARNING when something did not agree."""
+    from .reconcile import reconcile
+
+    try:
+        report = reconcile(rt.archive, rt.engine, trigger="serve", limits=rt.config.image_limits)
+    except (SQLAlchemyError, OSError) as exc:
+        LOG.error("start-up reconciliation of the archive with the database failed (%s); not listening",
+                  exception_summary(exc))
+        return False
+    if report.consistent:
+        LOG.info("reconciliation: archive and database agree: %s", report.summary())
+    else:
+        LOG.warning("reconciliation: archive and database disagreed: %s%s", report.summary(),
+                    "; 'dicom-node check' lists the missing and unregistrable files"
+                    if report.missing or report.unregistered else "")
+    return True
+
+
+def _cmd_check(rt: Runtime) -> int:
+    """Reconcile now (as start-up does) and list what did not agree; exit 1 if anything did not."""
+    from .reconcile import SETTLE_SECONDS_WHILE_SERVING, reconcile
+
+    report = reconcile(rt.archive, rt.engine, settle_seconds=SETTLE_SECONDS_WHILE_SERVING, trigger="check",
+                       limits=rt.config.image_limits)
+    print(f"storage root : {rt.archive.root}")
+    print(f"database     : {rt.engine.url.render_as_string(hide_password=True)}")
+    print(f"archived files        {report.files:>8}")
+    print(f"instance rows         {report.rows:>8}")
+    print(f"re-registered         {len(report.reregistered):>8}"
+          + ("  (files the database did not know: registered and queued again)" if report.reregistered else ""))
+    print(f"missing files         {len(report.missing):>8}"
+          + ("  (rows whose archived file is gone: reported, not deleted)" if report.missing else ""))
+    print(f"not registrable       {len(report.unregistered):>8}")
+    if report.recent:
+        print(f"recent, left alone    {report.recent:>8}  (written in the last {SETTLE_SECONDS_WHILE_SERVING:.0f} s:"
+              " the intake may be committing them)")
+    print(f"took                  {report.seconds:>8.2f} s")
+    if report.missing:
+        print("\nmissing files (SOP Instance UID, archive path):")
+        for item in report.missing:
+            print(f"  {item.sop_instance_uid}  {item.archive_path}")
+    if report.unregistered:
+        print("\nfiles that could not be registered (archive path: reason):")
+        for item in report.unregistered:
+            print(f"  {item.archive_path}: {item.reason}")
+    print("\nconsistent" if report.consistent else "\nNOT consistent before this check")
+    return 0 if report.consistent else EXIT_INCONSISTENT
 
 
 def _cmd_worker(rt: Runtime) -> int:
@@ -129,6 +195,18 @@ def _cmd_status(rt: Runtime) -> int:
     print(f"database     : {rt.engine.url.render_as_string(hide_password=True)}")
     print(f"disk free    : {free / 2**30:.2f} GiB (reserve {reserve / 2**20:.0f} MiB"
           f"{', BELOW RESERVE: C-STOREs refused' if free < reserve else ''})")
+    last = last_reconciliation(rt.engine)
+    if last is None:
+        print("reconciled   : never (serve start-up and 'dicom-node check' reconcile archive and database)")
+    else:
+        at, rec = last
+        print(f"reconciled   : {at:%Y-%m-%d %H:%M:%S} UTC ({rec.get('trigger', '?')}): "
+              f"{rec.get('reregistered', 0)} re-registered, {rec.get('missing', 0)} missing file(s), "
+              f"{rec.get('unregistered', 0)} not registrable, of {rec.get('files', 0)} archived file(s)")
+        if rec.get("missing") or rec.get("unregistered"):
+            print(f"WARNING: at the last reconciliation {rec.get('missing', 0)} instance row(s) had no archived "
+                  f"file and {rec.get('unregistered', 0)} file(s) could not be registered; "
+                  "'dicom-node check' lists them")
     print("jobs:")
     for state in JobState:
         print(f"  {state.value:<13}{counts.get(state.value, 0):>8}")
@@ -214,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", parents=[common], help="run the Storage SCP until SIGINT/SIGTERM")
     sub.add_parser("worker", parents=[common], help="run one analysis worker (serve starts worker.processes itself)")
     sub.add_parser("status", parents=[common], help="job counts per state and free disk space")
+    sub.add_parser("check", parents=[common],
+                   help="reconcile archive and database now: re-register unknown files, list missing ones "
+                        "(exit 1 if anything did not agree)")
     resend_cmd = sub.add_parser("resend", parents=[common],
                                 help="queue dead-lettered exports again (default: every dead one)")
     resend_cmd.add_argument("--all-failed", action="store_true",
@@ -268,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         return _cmd_worker(rt)
     if args.command == "status":
         return _cmd_status(rt)
+    if args.command == "check":
+        return _cmd_check(rt)
     if args.command == "resend":
         return _cmd_resend(rt, args.all_failed, args.ids)
     return _cmd_jobs(rt, args.state, args.limit)
