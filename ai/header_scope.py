@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 
+from . import header_values
+
 CR_IMAGE = "1.2.840.10008.5.1.4.1.1.1"
 DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 DX_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
@@ -47,42 +49,39 @@ class ScopeVerdict:
         return REASONS[self.reason]
 
 
-def _text(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword, "")
-    return str(value or "").strip().upper()
-
-
-def _is_original_acquisition(image_type: object) -> bool:
+def _is_original_acquisition(image_type: list[str]) -> bool:
     """ORIGINAL, or DERIVED\\PRIMARY: CR/DX readers routinely mark their processed output of a primary
     acquisition DERIVED (the Philips chest CR in our samples does); only SECONDARY images (screenshots, reformats,
-    annotated copies) are not the radiograph itself. An absent Image Type is given the benefit of the doubt."""
-    if not image_type:
+    annotated copies) are not the radiograph itself. An absent Image Type is given the benefit of the doubt.
+
+    ``image_type`` is read leniently (``header_values.strings``): ``ORIGINAL PRIMARY`` written as one value with a
+    space is ORIGINAL\\PRIMARY."""
+    if not image_type or not image_type[0]:
         return True
-    values = [str(v).strip().upper() for v in (image_type.split("\\") if isinstance(image_type, str) else image_type)]
-    if values[0] == "ORIGINAL":
+    if image_type[0] == "ORIGINAL":
         return True
-    return values[0] == "DERIVED" and len(values) > 1 and values[1] == "PRIMARY"
+    return image_type[0] == "DERIVED" and len(image_type) > 1 and image_type[1] == "PRIMARY"
 
 
 def header_scope(ds: Dataset) -> ScopeVerdict:
-    """Judge the header; ``ds`` may be read with deferred pixel data (only the presence of Pixel Data matters)."""
-    sop_class = str(ds.get("SOPClassUID", ""))
+    """Judge the header; ``ds`` may be read with deferred pixel data (only the presence of Pixel Data matters).
+
+    Values are read leniently (``ai.header_values``): odd case and padding (``chest``, `` PA ``), spaces for
+    backslashes, and values pydicom cannot convert (treated as absent) never raise."""
+    sop_class = header_values.uid(ds, "SOPClassUID")
     if sop_class not in RADIOGRAPH_SOP_CLASSES:
         return ScopeVerdict(False, "sop_class_not_radiograph")
     if "PixelData" not in ds:
         return ScopeVerdict(False, "no_pixel_data")
-    if _text(ds, "BodyPartExamined") not in CHEST_BODY_PARTS:
+    if header_values.text(ds, "BodyPartExamined") not in CHEST_BODY_PARTS:
         return ScopeVerdict(False, "body_part_not_chest")
-    if _text(ds, "ViewPosition") not in FRONTAL_VIEWS:
+    if header_values.text(ds, "ViewPosition") not in FRONTAL_VIEWS:
         return ScopeVerdict(False, "view_not_frontal")
-    if not _is_original_acquisition(ds.get("ImageType")):
+    if not _is_original_acquisition(header_values.strings(ds, "ImageType", split_spaces=True)):
         return ScopeVerdict(False, "not_original_image")
-    try:
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-    except (TypeError, ValueError):
-        frames = 1
-    if frames > 1:
+    frames = header_values.integer(ds, "NumberOfFrames")  # malformed: treated as absent (one frame)
+    if frames is not None and frames > 1:
         return ScopeVerdict(False, "multi_frame")
-    if _text(ds, "PhotometricInterpretation") not in MONOCHROME:
+    if header_values.text(ds, "PhotometricInterpretation") not in MONOCHROME:
         return ScopeVerdict(False, "not_monochrome")
     return ScopeVerdict(True, IN_SCOPE)
