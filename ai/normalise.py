@@ -12,22 +12,25 @@ The result is float32 in [0, 1] on the source's native pixel grid, lungs dark, b
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from pydicom import dcmread
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+
+from . import header_values
+from .decoding import (DECODE_TIMEOUT, DecoderCrashed, DecoderTimeout, DecoderUnavailable, UndecodablePixels,
+                       UnreadableImage, decode)
+
+__all__ = ["DECODE_TIMEOUT", "DecoderCrashed", "DecoderTimeout", "DecoderUnavailable", "NormalisedImage",
+           "UndecodablePixels", "UnreadableImage", "decode_pixels", "is_dicom_file", "normalise",
+           "normalise_dataset", "normalise_picture", "pixel_spacing", "read_image_file", "robust_window",
+           "stretch_contrast"]
 
 DICOM_SUFFIXES = {".dcm", ".dicom", ""}
 PERCENTILE_WINDOW = (0.5, 99.5)
-
-
-class UnreadableImage(ValueError):
-    """The file or dataset cannot be turned into an image (no pixel data, undecodable, wrong shape)."""
 
 
 @dataclass
@@ -39,65 +42,58 @@ class NormalisedImage:
     padding_mask: np.ndarray | None = None  # True where the pixel is padding
 
 
-def decode_pixels(ds: Dataset) -> np.ndarray:
+def decode_pixels(ds: Dataset, timeout: float = DECODE_TIMEOUT) -> np.ndarray:
     """Stored pixel values of a single-frame grayscale image.
 
-    pydicom decodes everything we accept with the installed non-GPL plugins except 12-bit JPEG Extended, which
-    its GDCM plugin refuses although GDCM itself decodes it: for that case GDCM's own reader is used.
+    Native syntaxes decode in-process; compressed ones in the crash-isolated decoder process with the plugin order
+    of ``ai.decoding.PLUGIN_ORDER`` (12-bit JPEG Extended, which pydicom's GDCM plugin refuses, with GDCM's own
+    reader). Raises :class:`UnreadableImage` (``UndecodablePixels``, ``DecoderCrashed``, ``DecoderTimeout``, ...)
+    and nothing else; ``timeout``: seconds a compressed image may take to decode.
     """
-    try:
-        array = ds.pixel_array
-    except Exception as exc:  # plugins raise RuntimeError, NotImplementedError, ValueError...
-        # getattr: a dataset built in memory may have no file meta at all; it must still end in UnreadableImage.
-        if str(getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID", "")) == "1.2.840.10008.1.2.4.51":
-            array = _decode_with_gdcm(ds)
-        else:
-            raise UnreadableImage(f"pixel data cannot be decoded ({type(exc).__name__})") from None
-    if array.ndim == 3 and int(ds.get("SamplesPerPixel", 1)) == 1:
-        raise UnreadableImage("multi-frame image")
+    array = decode(ds, timeout).array
+    samples = header_values.integer(ds, "SamplesPerPixel") or 1
+    if array.ndim == 3 and samples == 1:
+        raise UnreadableImage("multi-frame image", reason="multi_frame")
     if array.ndim != 2:
-        raise UnreadableImage("not a single-frame grayscale image")
+        raise UnreadableImage("not a single-frame grayscale image", reason="not_monochrome")
     return array
 
 
-def _decode_with_gdcm(ds: Dataset) -> np.ndarray:
-    import gdcm  # python-gdcm, BSD
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "image.dcm")
-        ds.save_as(path, enforce_file_format=True)
-        reader = gdcm.ImageReader()
-        reader.SetFileName(path)
-        if not reader.Read():
-            raise UnreadableImage("pixel data cannot be decoded (GDCM)")
-        image = reader.GetImage()
-        pixel_format = image.GetPixelFormat()
-        dtype = {
-            (8, 0): np.uint8, (8, 1): np.int8, (16, 0): np.uint16, (16, 1): np.int16,
-        }[(pixel_format.GetBitsAllocated(), pixel_format.GetPixelRepresentation())]
-        buffer = image.GetBuffer().encode("utf-8", errors="surrogateescape")
-        rows, cols = int(ds.Rows), int(ds.Columns)
-        return np.frombuffer(buffer, dtype=dtype)[: rows * cols].reshape(rows, cols).copy()
-
-
 def _padding_mask(ds: Dataset, stored: np.ndarray) -> np.ndarray | None:
-    if "PixelPaddingValue" not in ds:
+    value = header_values.integer(ds, "PixelPaddingValue")  # malformed: treated as absent
+    if value is None:
         return None
-    value = int(ds.PixelPaddingValue)
-    limit = ds.get("PixelPaddingRangeLimit")
+    limit = header_values.integer(ds, "PixelPaddingRangeLimit")
     if limit is None:
         return stored == value
-    lo, hi = sorted((value, int(limit)))
+    lo, hi = sorted((value, limit))
     return (stored >= lo) & (stored <= hi)
 
 
+def _lut_item(ds: Dataset, keyword: str) -> Dataset | None:
+    """The first item of a LUT sequence when it is usable (descriptor of three numbers and data); else None."""
+    try:
+        sequence = ds.get(keyword)
+        if not sequence:
+            return None
+        item = sequence[0]
+        if len(item.LUTDescriptor) != 3 or item.get("LUTData") is None:
+            return None
+        [int(v) for v in item.LUTDescriptor]
+        return item
+    except Exception:  # malformed optional attribute: absent
+        return None
+
+
 def _modality_lut(ds: Dataset, stored: np.ndarray, steps: list[str]) -> np.ndarray:
-    if "ModalityLUTSequence" in ds and len(ds.ModalityLUTSequence):
-        item = ds.ModalityLUTSequence[0]
+    item = _lut_item(ds, "ModalityLUTSequence")
+    if item is not None:
         steps.append("modality_lut_sequence")
         return _apply_lut(item, stored)
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    slope = header_values.decimal(ds, "RescaleSlope")
+    intercept = header_values.decimal(ds, "RescaleIntercept")
+    slope = slope if slope else 1.0  # absent, malformed or zero: identity
+    intercept = intercept or 0.0
     if slope != 1 or intercept != 0:
         steps.append("rescale")
     return stored.astype(np.float64) * slope + intercept
@@ -117,33 +113,29 @@ def _apply_lut(item: Dataset, values: np.ndarray) -> np.ndarray:
     return data[index]
 
 
-def _first(value: object) -> float:
-    if isinstance(value, (list, tuple)) or (hasattr(value, "__getitem__") and not isinstance(value, str)):
-        return float(value[0])  # type: ignore[index]
-    return float(value)  # type: ignore[arg-type]
-
-
 def _voi(ds: Dataset | None, values: np.ndarray, valid: np.ndarray, steps: list[str]) -> np.ndarray:
-    if ds is not None and "VOILUTSequence" in ds and len(ds.VOILUTSequence):
-        item = ds.VOILUTSequence[0]
+    item = _lut_item(ds, "VOILUTSequence") if ds is not None else None
+    if item is not None:
         bits = int(item.LUTDescriptor[2])
         steps.append("voi_lut_sequence")
         out = _apply_lut(item, values)
         top = float(out.max()) if bits > 16 else float(2**bits - 1)
         return out / max(top, 1.0)
-    if ds is not None and "WindowCenter" in ds and "WindowWidth" in ds:
-        centre, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
-        if width > 0:
-            function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
-            if function == "SIGMOID":
-                steps.append("window_sigmoid")
-                return 1.0 / (1.0 + np.exp(-4.0 * (values - centre) / width))
-            if function == "LINEAR_EXACT":
-                steps.append("window_linear_exact")
-                return (values - (centre - width / 2)) / width
-            steps.append("window_linear")
-            # PS3.3 C.11.2.1.2.1; for w = 1 the ramp degenerates to x <= c - 0.5 -> 0, x > c - 0.5 -> 1
-            return ((values - (centre - 0.5)) / (width - 1)) + 0.5 if width > 1 else (values > centre - 0.5) * 1.0
+    # Read leniently: "40 400" (spaces for backslashes) and "0,5" (decimal comma) are understood; a malformed
+    # window is absent (the percentile window below).
+    centre = header_values.decimal(ds, "WindowCenter") if ds is not None else None
+    width = header_values.decimal(ds, "WindowWidth") if ds is not None else None
+    if centre is not None and width is not None and width > 0:
+        function = header_values.text(ds, "VOILUTFunction") or "LINEAR"  # type: ignore[arg-type]
+        if function == "SIGMOID":
+            steps.append("window_sigmoid")
+            return 1.0 / (1.0 + np.exp(-4.0 * (values - centre) / width))
+        if function == "LINEAR_EXACT":
+            steps.append("window_linear_exact")
+            return (values - (centre - width / 2)) / width
+        steps.append("window_linear")
+        # PS3.3 C.11.2.1.2.1; for w = 1 the ramp degenerates to x <= c - 0.5 -> 0, x > c - 0.5 -> 1
+        return ((values - (centre - 0.5)) / (width - 1)) + 0.5 if width > 1 else (values > centre - 0.5) * 1.0
     steps.append("percentile_window")
     lo, hi = robust_window(values, valid)
     return (values - lo) / max(hi - lo, 1e-6)
@@ -163,27 +155,29 @@ def robust_window(values: np.ndarray, valid: np.ndarray) -> tuple[float, float]:
 
 
 def pixel_spacing(ds: Dataset) -> tuple[float, float] | None:
-    """Pixel Spacing, else Imager Pixel Spacing; None when absent, malformed or zero (a real-world quirk)."""
+    """Pixel Spacing, else Imager Pixel Spacing; None when absent, malformed or zero (a real-world quirk).
+
+    Read leniently: ``0.14 0.14`` and ``0,139\\0,139`` are (0.14, 0.14) and (0.139, 0.139)."""
     for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
-        value = ds.get(keyword)
-        if value is None:
+        values = header_values.decimals(ds, keyword)
+        if values is None or len(values) != 2:
             continue
-        try:
-            row, col = (float(v) for v in value)
-        except (TypeError, ValueError):
-            continue
+        row, col = values
         if row > 0 and col > 0:
             return row, col
     return None
 
 
-def normalise_dataset(ds: Dataset, stored: np.ndarray | None = None) -> NormalisedImage:
+def normalise_dataset(ds: Dataset, stored: np.ndarray | None = None,
+                      decode_timeout: float = DECODE_TIMEOUT) -> NormalisedImage:
     """``stored``: the already decoded pixel values, when the caller timed decoding separately."""
-    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+    photometric = header_values.text(ds, "PhotometricInterpretation")
+    if not photometric:
+        raise UnreadableImage("photometric interpretation missing: not grayscale", reason="not_monochrome")
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise UnreadableImage(f"photometric interpretation {photometric or 'missing'} is not grayscale")
+        raise UnreadableImage("photometric interpretation is not grayscale", reason="not_monochrome")
     if stored is None:
-        stored = decode_pixels(ds)
+        stored = decode_pixels(ds, decode_timeout)
     steps: list[str] = []
     padding = _padding_mask(ds, stored)
     valid = ~padding if padding is not None else np.ones(stored.shape, dtype=bool)
@@ -191,7 +185,7 @@ def normalise_dataset(ds: Dataset, stored: np.ndarray | None = None) -> Normalis
         steps.append("padding_excluded")
     values = _modality_lut(ds, stored, steps)
     image = np.clip(_voi(ds, values, valid, steps), 0.0, 1.0)
-    invert = photometric == "MONOCHROME1" or str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE"
+    invert = photometric == "MONOCHROME1" or header_values.text(ds, "PresentationLUTShape") == "INVERSE"
     if invert:
         steps.append("inverted")
         image = 1.0 - image
@@ -216,26 +210,72 @@ def normalise_picture(path: Path) -> NormalisedImage:
 
 
 def is_dicom_file(path: Path) -> bool:
+    """A DICOM Part 10 file: the DICM marker after the 128-byte preamble."""
     with path.open("rb") as fh:
         head = fh.read(132)
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
-def normalise(source: Dataset | Path | str) -> NormalisedImage:
-    """One entry point for datasets, DICOM files and PNG/JPEG files."""
-    if isinstance(source, Dataset):
-        return normalise_dataset(source)
-    path = Path(source)
+_ENCODING_SYNTAX = {(True, True): "1.2.840.10008.1.2", (False, True): "1.2.840.10008.1.2.1",
+                    (False, False): "1.2.840.10008.1.2.2"}
+
+
+def _is_picture(path: Path) -> bool:
+    try:
+        with Image.open(path):
+            return True
+    except Exception:  # not a format Pillow knows (or not a file Pillow can open)
+        return False
+
+
+def read_image_file(path: Path | str) -> Dataset | None:
+    """Read ``path`` as DICOM, or return None for a picture (PNG/JPEG ...) that Pillow can open.
+
+    Besides DICOM Part 10 files (DICM marker), a dataset with no preamble and no file meta (an old ACR-NEMA-style
+    export) is read with pydicom's ``force``: it counts as DICOM only when it has a SOP Class UID or Pixel Data, and
+    its transfer syntax is set from the encoding pydicom found (implicit or explicit VR, little or big endian).
+    Raises :class:`UnreadableImage` for a file that is neither, ``OSError`` (``FileNotFoundError`` ...) when the
+    file cannot be opened at all."""
+    path = Path(path)
     if is_dicom_file(path):
         try:
             ds = dcmread(path)
-        except Exception as exc:
-            raise UnreadableImage(f"not a readable DICOM file ({type(exc).__name__})") from None
-        return normalise_dataset(ds)
+        except Exception:
+            raise UnreadableImage("not a readable DICOM file") from None
+        if "SOPClassUID" not in ds:
+            raise UnreadableImage("not a readable DICOM dataset (no SOP Class UID)")
+        return ds
+    if _is_picture(path):
+        return None
+    try:
+        ds = dcmread(path, force=True)
+    except Exception:
+        raise UnreadableImage("not a readable image file") from None
+    if not (header_values.uid(ds, "SOPClassUID") or "PixelData" in ds):
+        raise UnreadableImage("not a readable image file (neither DICOM nor a picture)")
+    meta = getattr(ds, "file_meta", None)
+    if not isinstance(meta, FileMetaDataset):
+        meta = ds.file_meta = FileMetaDataset()
+    if not header_values.uid(meta, "TransferSyntaxUID"):
+        syntax = _ENCODING_SYNTAX.get(tuple(getattr(ds, "original_encoding", (None, None))))  # type: ignore[arg-type]
+        if syntax is None:
+            raise UnreadableImage("not a readable DICOM dataset (unknown encoding)")
+        meta.TransferSyntaxUID = syntax
+    return ds
+
+
+def normalise(source: Dataset | Path | str, decode_timeout: float = DECODE_TIMEOUT) -> NormalisedImage:
+    """One entry point for datasets, DICOM files (with or without file meta) and PNG/JPEG files."""
+    if isinstance(source, Dataset):
+        return normalise_dataset(source, decode_timeout=decode_timeout)
+    path = Path(source)
+    ds = read_image_file(path)
+    if ds is not None:
+        return normalise_dataset(ds, decode_timeout=decode_timeout)
     try:
         return normalise_picture(path)
-    except (OSError, ValueError) as exc:
-        raise UnreadableImage(f"not a readable image file ({type(exc).__name__})") from None
+    except (OSError, ValueError):
+        raise UnreadableImage("not a readable image file") from None
 
 
 def stretch_contrast(pixels: np.ndarray, valid: np.ndarray | None = None,

@@ -16,7 +16,7 @@ from PIL import Image
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 from ai.geometry import Letterbox
 from ai.normalise import UnreadableImage, normalise, stretch_contrast
@@ -633,3 +633,157 @@ def test_stretch_contrast_without_mask_and_flat_image():
     assert abs(float(np.median(result)) - 0.5) < 0.01
     flat = np.full((8, 8), 0.3, np.float32)
     np.testing.assert_array_equal(stretch_contrast(flat), flat)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Lenient header reading (ai.header_values): real-world malformed values are read or treated as absent, never raise
+# --------------------------------------------------------------------------------------------------------------------
+
+from pydicom import config as pydicom_config  # noqa: E402
+from pydicom.datadict import dictionary_VR, tag_for_keyword  # noqa: E402
+from pydicom.dataelem import RawDataElement  # noqa: E402
+from pydicom.tag import Tag  # noqa: E402
+
+from ai import header_values  # noqa: E402
+from ai.header_scope import header_scope  # noqa: E402
+
+
+def with_raw(ds: Dataset, path=None, implicit: bool = False, **values: bytes) -> Dataset:
+    """``ds`` with each keyword's value replaced by raw bytes as a file would hold them (pydicom never converted
+    them); with ``path``, written to a file and read back, as the node reads what it receives."""
+    for keyword, raw in values.items():
+        tag = Tag(tag_for_keyword(keyword))
+        ds[tag] = RawDataElement(tag, None if implicit else dictionary_VR(tag).split(" ")[0], len(raw), raw, 0,
+                                 implicit, True)
+    if path is None:
+        return ds
+    if implicit:
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True)
+    return dcmread(path)
+
+
+def chest_header() -> Dataset:
+    """The Philips chest's header with a token Pixel Data (the scope verdict only needs its presence)."""
+    ds = dcmread(SAMPLES / "chest" / CHEST_UNCOMPRESSED, stop_before_pixels=True)
+    ds.PixelData = b"\0" * 4
+    ds["PixelData"].VR = "OW"
+    return ds
+
+
+@pytest.mark.parametrize("implicit", [False, True], ids=["explicit", "implicit"])
+def test_image_type_with_a_space_for_the_backslash_is_in_scope(tmp_path, implicit):
+    for raw, expected in ((b"ORIGINAL PRIMARY", ["ORIGINAL", "PRIMARY"]), (b"DERIVED PRIMARY ", ["DERIVED", "PRIMARY"])):
+        ds = with_raw(chest_header(), tmp_path / "h.dcm", implicit, ImageType=raw)
+        assert header_values.strings(ds, "ImageType", split_spaces=True) == expected
+        assert header_scope(ds).in_scope, raw
+    ds = with_raw(chest_header(), tmp_path / "h.dcm", implicit, ImageType=b"DERIVED SECONDARY")
+    assert header_scope(ds).reason == "not_original_image"
+    ds = chest_header()
+    ds.ImageType = "ORIGINAL PRIMARY"  # the same mistake in a dataset built in memory
+    assert header_scope(ds).in_scope
+
+
+def test_odd_case_and_padding_of_body_part_and_view(tmp_path):
+    ds = with_raw(chest_header(), tmp_path / "h.dcm", BodyPartExamined=b"chest ", ViewPosition=b" PA ")
+    assert (header_values.text(ds, "BodyPartExamined"), header_values.text(ds, "ViewPosition")) == ("CHEST", "PA")
+    assert header_scope(ds).in_scope
+    ds = chest_header()
+    ds.BodyPartExamined, ds.ViewPosition = "Thorax", "ap"
+    assert header_scope(ds).in_scope
+    ds.ViewPosition = "lateral"
+    assert header_scope(ds).reason == "view_not_frontal"
+
+
+@pytest.mark.parametrize("raw, expected", [
+    (b"0.14 0.14", (0.14, 0.14)),  # space for the backslash
+    (b"0,139\\0,139 ", (0.139, 0.139)),  # decimal commas
+    (b"0,139 0,14", (0.139, 0.14)),
+    (b" 0.2\\0.25\x00", (0.2, 0.25)),
+    (b"0,139", None),  # one value: malformed, absent
+    (b"abc\\def", None),
+    (b"0.1\\nan", None),
+    (b"1,2,3\\4", None),  # more than one comma: ambiguous, absent
+    (b"", None),
+])
+def test_pixel_spacing_read_leniently(tmp_path, raw, expected):
+    ds = with_raw(make_ds(np.zeros((2, 2), np.uint16)), tmp_path / "s.dcm", PixelSpacing=raw)
+    image = normalise(ds)  # never raises for a malformed optional attribute
+    assert image.pixel_spacing_mm == (pytest.approx(expected) if expected else None)
+
+
+def test_malformed_pixel_spacing_falls_back_to_imager_pixel_spacing(tmp_path):
+    ds = with_raw(make_ds(np.zeros((2, 2), np.uint16)), tmp_path / "s.dcm", PixelSpacing=b"n/a",
+                  ImagerPixelSpacing=b"0,1\\0,1")
+    assert normalise(ds).pixel_spacing_mm == pytest.approx((0.1, 0.1))
+
+
+def test_decimal_values_with_commas_and_spaces():
+    ds = with_raw(Dataset(), WindowCenter=b"0,139", WindowWidth=b"1000 2000", RescaleSlope=b"+1,5E1 ",
+                  RescaleIntercept=b"-1024\x00", PixelSpacing=b"0,139\\0,139")
+    assert header_values.decimal(ds, "WindowCenter") == pytest.approx(0.139)
+    assert header_values.decimals(ds, "WindowWidth") == [1000.0, 2000.0]
+    assert header_values.decimal(ds, "RescaleSlope") == pytest.approx(15.0)
+    assert header_values.integer(ds, "RescaleIntercept") == -1024
+    assert header_values.decimals(ds, "PixelSpacing") == pytest.approx([0.139, 0.139])
+    assert header_values.decimal(ds, "PixelSpacing") == pytest.approx(0.139)
+
+
+def test_window_with_spaces_and_commas_is_used(tmp_path):
+    pixels = np.array([[0, 250], [500, 1000]], np.uint16)
+    # "500 9999" is two windows written with a space: the first (centre 500, width 1000) is used.
+    ds = with_raw(make_ds(pixels), tmp_path / "w.dcm", WindowCenter=b"500 9999", WindowWidth=b"1000,0\\1",
+                  VOILUTFunction=b"linear_exact ")
+    image = normalise(ds)
+    assert image.steps == ["window_linear_exact"]
+    np.testing.assert_allclose(image.pixels, [[0.0, 0.25], [0.5, 1.0]], atol=1e-7)
+
+
+@pytest.mark.parametrize("keyword, raw", [
+    ("WindowCenter", b"auto"), ("WindowWidth", b"-"), ("RescaleSlope", b"one"), ("RescaleIntercept", b"1e999"),
+    ("NumberOfFrames", b"x1"), ("PixelPaddingValue", b"\x01\x00\x02"), ("PresentationLUTShape", b"\xff\xfe"),
+    ("VOILUTFunction", b"\x00\x00"),
+])
+def test_malformed_optional_attributes_are_absent_never_errors(tmp_path, keyword, raw):
+    pixels = np.array([[0, 250], [500, 1000]], np.uint16)
+    plain = normalise(make_ds(pixels, WindowCenter=500, WindowWidth=1000))
+    attrs = {} if keyword in ("WindowCenter", "WindowWidth") else {"WindowCenter": 500, "WindowWidth": 1000}
+    # A binary value of the wrong length cannot even be written by pydicom: that one stays in memory, raw.
+    path = None if keyword == "PixelPaddingValue" else tmp_path / "m.dcm"
+    ds = with_raw(make_ds(pixels, **attrs), path, **{keyword: raw})
+    image = normalise(ds)
+    if keyword in ("WindowCenter", "WindowWidth"):
+        assert image.steps == ["percentile_window"]  # no usable window: as if there were none
+    else:
+        np.testing.assert_array_equal(image.pixels, plain.pixels)
+    scope_ds = with_raw(chest_header(), path and tmp_path / "h.dcm", **{keyword: raw})
+    assert header_scope(scope_ds).in_scope
+
+
+def test_values_pydicom_refuses_to_convert_are_read_from_the_raw_bytes(tmp_path, monkeypatch):
+    monkeypatch.setattr(pydicom_config.settings, "reading_validation_mode", pydicom_config.RAISE)
+    ds = with_raw(chest_header(), tmp_path / "h.dcm", NumberOfFrames=b"one", ImageType=b"original primary",
+                  PixelSpacing=b"0,139\\0,139")
+    with pytest.raises(Exception):
+        ds.NumberOfFrames  # pydicom itself gives up on it
+    assert header_values.integer(ds, "NumberOfFrames") is None
+    assert header_values.strings(ds, "ImageType", split_spaces=True) == ["ORIGINAL", "PRIMARY"]
+    assert header_values.decimals(ds, "PixelSpacing") == pytest.approx([0.139, 0.139])
+    assert header_scope(ds).in_scope
+
+
+def test_absent_attributes_and_unknown_keywords():
+    ds = Dataset()
+    assert header_values.text(ds, "BodyPartExamined") == "" and header_values.strings(ds, "ImageType") == []
+    assert header_values.decimals(ds, "PixelSpacing") is None and header_values.integer(ds, "Rows") is None
+    assert header_values.raw_values(ds, "NoSuchKeyword") == []
+
+
+def test_unreadable_image_messages_are_log_safe_constants():
+    from ai.safe_text import exception_summary
+
+    ds = make_ds(np.zeros((2, 2), np.uint16), photometric="YBR_FULL")
+    with pytest.raises(UnreadableImage) as caught:
+        normalise(ds)
+    assert "YBR" not in str(caught.value) and caught.value.reason == "not_monochrome"
+    assert exception_summary(caught.value) == "UnreadableImage: photometric interpretation is not grayscale"
