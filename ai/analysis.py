@@ -1,18 +1,22 @@
 """``analyse``: one entry point from a dataset or an image file to an analysis record.
 
 Header scope verdict -> decode -> normalise -> lung segmentation -> image-based input check -> lung areas.
-A refused or unreadable input still gets a record that says why; nothing raises for bad input.
+A refused or unreadable input still gets a record that says why; nothing raises for bad input, and an exception
+inside the models costs only the input that raised it.
+
+Failure records (``error`` set) say whether trying again later could help (``retryable``) and why they failed
+(``reason``): see ``FAILURE_REASONS``.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from .header_scope import header_scope
@@ -20,8 +24,28 @@ from .input_check import InputCheck, check_lung_fields
 from .lungs import LEFT_LUNG, RIGHT_LUNG
 from .classifier import Classification
 from .models import lung_segmenter, pneumoconiosis_classifier
-from .normalise import NormalisedImage, UnreadableImage, decode_pixels, is_dicom_file, normalise_dataset, \
-    normalise_picture
+from .normalise import DECODE_TIMEOUT, NormalisedImage, UnreadableImage, decode_pixels, normalise_dataset, \
+    normalise_picture, read_image_file
+from .safe_text import exception_summary
+
+LOG = logging.getLogger("ai.analysis")
+
+FAILURE_REASONS: dict[str, tuple[str, bool]] = {
+    # reason code: (explanation, retryable)
+    "unreadable_image": ("the file cannot be read as an image", False),
+    "no_pixel_data": ("the dataset has no pixel data", False),
+    "not_monochrome": ("the pixel data is not a single-frame grayscale image", False),
+    "multi_frame": ("the pixel data holds more than one frame", False),
+    "undecodable_pixels": ("the pixel data cannot be decoded", False),
+    "decoder_crashed": ("the pixel decoder crashed on this image", False),
+    "decoder_timeout": ("decoding the pixel data took too long", False),
+    "decoder_unavailable": ("the pixel decoder could not be started", True),
+    "file_not_found": ("file not found", True),  # an NFS archive may come back
+    "file_unavailable": ("the file cannot be opened", True),
+    "analysis_error": ("the analysis raised an unexpected error", True),
+}
+"""Reasons of failure records, with their explanation and whether the same input may succeed later. Refusals
+(header scope, image check) are not failures: ``error`` is None and ``retryable`` False."""
 
 Source = Dataset | Path | str
 
@@ -42,7 +66,8 @@ class AnalysisRecord:
     input_check: dict[str, float] = field(default_factory=dict)
     models: list[dict[str, str]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
-    error: str | None = None
+    error: str | None = None  # log-safe (ai.safe_text.exception_summary): never a library's exception text
+    retryable: bool = False  # a failure that may succeed when tried again later (missing file, model error)
     image: NormalisedImage | None = None  # kept for result rendering (heat map, secondary capture)
     classification: Classification | None = None  # None when not analysed or no classifier is installed
 
@@ -63,6 +88,7 @@ class AnalysisRecord:
             "models": self.models,
             "timings_ms": {k: round(v * 1000, 1) for k, v in self.timings.items()},
             "error": self.error,
+            "retryable": self.retryable,
             **self._classification_json(),
         }
 
@@ -85,7 +111,18 @@ class _Prepared:
     image: NormalisedImage | None
 
 
-def _prepare(source: Source) -> _Prepared:
+def _fail(record: AnalysisRecord, reason: str, exc: BaseException, message: str | None = None,
+          retryable: bool | None = None) -> None:
+    """Make ``record`` a failure record: log-safe error, reason code, explanation and retryable flag."""
+    explanation, default_retryable = FAILURE_REASONS.get(reason, (None, False))
+    record.in_scope = False
+    record.reason = reason
+    record.retryable = default_retryable if retryable is None else retryable
+    record.error = exception_summary(exc, message=message)
+    record.explanation = explanation or (str(exc) if isinstance(exc, UnreadableImage) else "analysis failed")
+
+
+def _prepare(source: Source, decode_timeout: float) -> _Prepared:
     """Read, check the header, decode and normalise one input; a refusal or error ends in the record."""
     name = source.SOPInstanceUID if isinstance(source, Dataset) and "SOPInstanceUID" in source else str(source)
     record = AnalysisRecord(source=str(name), in_scope=False, reason="unreadable_image", explanation="")
@@ -93,32 +130,37 @@ def _prepare(source: Source) -> _Prepared:
     try:
         ds: Dataset | None = source if isinstance(source, Dataset) else None
         path = None if ds is not None else Path(source)  # type: ignore[arg-type]
-        if path is not None and is_dicom_file(path):
-            ds = dcmread(path)
-            if "SOPClassUID" not in ds:
-                raise UnreadableImage("not a readable DICOM dataset (no SOP Class UID)")
+        if path is not None:
+            ds = read_image_file(path)  # None: a picture (PNG/JPEG)
         if ds is not None:
             record.sop_instance_uid = str(ds.get("SOPInstanceUID", "")) or None
             verdict = header_scope(ds)
             if not verdict.in_scope:
                 record.reason, record.explanation = verdict.reason, verdict.explanation
                 return _Prepared(record, None)
-            stored = decode_pixels(ds)
+            stored = decode_pixels(ds, decode_timeout)
             decoded = time.perf_counter()
             image = normalise_dataset(ds, stored)
         else:
             decoded = time.perf_counter()
-            image = normalise_picture(path)  # type: ignore[arg-type]
-    except UnreadableImage as exc:
-        record.error = str(exc)
-        record.explanation = str(exc)
+            try:
+                image = normalise_picture(path)  # type: ignore[arg-type]
+            except (OSError, ValueError):
+                raise UnreadableImage("not a readable image file") from None
+    except UnreadableImage as exc:  # the node's own, log-safe; reason and retryable travel with it
+        _fail(record, exc.reason, exc, retryable=exc.retryable)
         return _Prepared(record, None)
-    except FileNotFoundError:
-        record.error = record.explanation = "file not found"
+    except FileNotFoundError as exc:
+        _fail(record, "file_not_found", exc, message="file not found")
+        return _Prepared(record, None)
+    except OSError as exc:  # permission, stale NFS handle, I/O error: the file may be readable later
+        _fail(record, "file_unavailable", exc, message="the file cannot be opened")
+        return _Prepared(record, None)
+    except MemoryError as exc:
+        _fail(record, "analysis_error", exc, message="out of memory")
         return _Prepared(record, None)
     except Exception as exc:  # a corrupt file must give a clear answer, never a crash
-        record.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-        record.explanation = "the file cannot be read as an image"
+        _fail(record, "unreadable_image", exc)
         return _Prepared(record, None)
     record.timings["decode"] = decoded - started
     record.timings["normalise"] = time.perf_counter() - decoded
@@ -143,28 +185,60 @@ def _finish(record: AnalysisRecord, labels: np.ndarray, check: InputCheck) -> No
         record.lung_area_mm2 = {"right": round(right * pixel_mm2, 1), "left": round(left * pixel_mm2, 1)}
 
 
-def analyse_batch(sources: Sequence[Source], device: str | None = None) -> list[AnalysisRecord]:
-    """Analyse several inputs with one model call for all that reach segmentation (the worker's form)."""
+def _model_failure(p: _Prepared, exc: Exception, stage: str) -> None:
+    """An unexpected exception inside the models: this input fails (retryable), its batch-mates go on."""
+    LOG.warning("%s failed for one input: %s", stage, exception_summary(exc))
+    _fail(p.record, "analysis_error", exc)
+    p.record.labels = p.record.lung_area_px = p.record.lung_area_mm2 = None
+    p.record.classification = p.record.image = None
+    p.image = None
+
+
+def _segment(segmenter: Any, todo: list[_Prepared]) -> list[tuple[_Prepared, Any]]:
+    """One model call for the batch; if it raises, one call per input, so that only the culprit fails."""
+    try:
+        return list(zip(todo, segmenter.segment([p.image for p in todo])))
+    except Exception as exc:
+        if len(todo) == 1:
+            _model_failure(todo[0], exc, "segmentation")
+            return []
+    done = []
+    for p in todo:
+        try:
+            done.append((p, segmenter.segment([p.image])[0]))
+        except Exception as exc:
+            _model_failure(p, exc, "segmentation")
+    return done
+
+
+def analyse_batch(sources: Sequence[Source], device: str | None = None,
+                  decode_timeout: float = DECODE_TIMEOUT) -> list[AnalysisRecord]:
+    """Analyse several inputs with one model call for all that reach segmentation (the worker's form).
+
+    ``decode_timeout``: seconds one compressed image may take to decode (then ``decoder_timeout``)."""
     segmenter = lung_segmenter(device)
     classifier = pneumoconiosis_classifier(device)
-    prepared = [_prepare(s) for s in sources]
+    prepared = [_prepare(s, decode_timeout) for s in sources]
     todo = [p for p in prepared if p.image is not None]
     if todo:
-        for p, seg in zip(todo, segmenter.segment([p.image for p in todo])):  # type: ignore[misc]
-            p.record.timings.update(seg.timings)
-            p.record.models.append(segmenter.describe())
-            started = time.perf_counter()
-            check = check_lung_fields(seg.labels, seg.confidence)
-            p.record.timings["input_check"] = time.perf_counter() - started
-            _finish(p.record, seg.labels, check)
-            if classifier is not None and p.record.in_scope:
-                p.record.classification = classifier.classify(p.image, seg.labels)  # type: ignore[arg-type]
-                p.record.timings.update(p.record.classification.timings)
-                p.record.models.append(classifier.describe())
+        for p, seg in _segment(segmenter, todo):
+            try:
+                p.record.timings.update(seg.timings)
+                p.record.models.append(segmenter.describe())
+                started = time.perf_counter()
+                check = check_lung_fields(seg.labels, seg.confidence)
+                p.record.timings["input_check"] = time.perf_counter() - started
+                _finish(p.record, seg.labels, check)
+                if classifier is not None and p.record.in_scope:
+                    p.record.classification = classifier.classify(p.image, seg.labels)  # type: ignore[arg-type]
+                    p.record.timings.update(p.record.classification.timings)
+                    p.record.models.append(classifier.describe())
+            except Exception as exc:
+                _model_failure(p, exc, "analysis")
     for p in prepared:
         p.record.timings["total"] = sum(p.record.timings.values())
     return [p.record for p in prepared]
 
 
-def analyse(source: Source, device: str | None = None) -> AnalysisRecord:
-    return analyse_batch([source], device)[0]
+def analyse(source: Source, device: str | None = None, decode_timeout: float = DECODE_TIMEOUT) -> AnalysisRecord:
+    return analyse_batch([source], device, decode_timeout)[0]

@@ -140,3 +140,120 @@ def test_bundled_classifier_card_says_demo_in_its_first_line_and_matches_the_wei
     classifier = pneumoconiosis_classifier("cpu")
     assert classifier.notice and classifier.notice in card
     assert classifier.input_size in (384, 512)
+
+
+# --- files without preamble and file meta; failure reasons and retryable flags ------------------------------------
+
+
+def write_without_preamble_and_file_meta(path, source=SAMPLES / "chest" / "RG1_UNCR.dcm"):
+    """An old ACR-NEMA-style export: the bare dataset, implicit VR little endian, no preamble, no DICM, no meta."""
+    ds = dcmread(source)
+    del ds.file_meta
+    ds.preamble = None
+    ds.save_as(path, enforce_file_format=False, implicit_vr=True, little_endian=True)
+    head = path.read_bytes()[:132]
+    assert head[128:132] != b"DICM" and head[:2] == b"\x08\x00"  # starts straight with a group 0008 element
+    return path
+
+
+def test_a_file_without_preamble_and_file_meta_is_analysed_like_a_received_one(tmp_path):
+    path = write_without_preamble_and_file_meta(tmp_path / "acr-nema-export")
+    record = analyse(path, device="cpu")
+    assert record.in_scope and record.error is None, (record.reason, record.error)
+    reference = analyse(SAMPLES / "chest" / "RG1_UNCR.dcm", device="cpu")
+    assert record.sop_instance_uid == reference.sop_instance_uid
+    np.testing.assert_array_equal(record.labels, reference.labels)
+    assert record.lung_area_px == reference.lung_area_px
+
+
+def test_a_file_pydicom_forces_open_is_dicom_only_with_a_sop_class_or_pixel_data(tmp_path):
+    from ai.normalise import read_image_file
+
+    path = write_without_preamble_and_file_meta(tmp_path / "export.dcm")
+    ds = read_image_file(path)
+    assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2"  # how pydicom read it: implicit VR LE
+    explicit = dcmread(SAMPLES / "chest" / "RG1_UNCR.dcm")
+    del explicit.file_meta
+    explicit.preamble = None
+    explicit.save_as(tmp_path / "explicit.dcm", enforce_file_format=False, implicit_vr=False, little_endian=True)
+    assert read_image_file(tmp_path / "explicit.dcm").file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    bare = dcmread(SAMPLES / "chest" / "RG1_UNCR.dcm", stop_before_pixels=True)
+    del bare.file_meta, bare.SOPClassUID
+    bare.preamble = None
+    bare.save_as(tmp_path / "no-class.dcm", enforce_file_format=False, implicit_vr=True, little_endian=True)
+    record = analyse(tmp_path / "no-class.dcm", device="cpu")
+    assert (record.reason, record.retryable) == ("unreadable_image", False)
+    assert record.error == "UnreadableImage: not a readable image file (neither DICOM nor a picture)"
+
+
+def test_cli_reads_a_file_without_preamble_and_reports_reasons_and_retryable(tmp_path):
+    export = write_without_preamble_and_file_meta(tmp_path / "export")
+    cut = dcmread(SAMPLES / "chest" / "RG1_UNCR.dcm")
+    cut.PixelData = cut.PixelData[:1000]
+    cut.save_as(tmp_path / "cut.dcm", enforce_file_format=True)
+    files = [export, tmp_path / "cut.dcm", tmp_path / "gone.dcm"]
+    proc = subprocess.run([sys.executable, "-m", "dicom_node.cli", "analyse", "--json", *map(str, files)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [line["source"] for line in lines] == [str(f) for f in files], proc.stderr[-2000:]
+    export_line, cut_line, gone_line = lines
+    assert export_line["analysed"] and export_line["reason"] == "in_scope" and export_line["error"] is None
+    assert export_line["lung_area_px"]["right"] > 0 and export_line["retryable"] is False
+    assert (cut_line["reason"], cut_line["retryable"]) == ("undecodable_pixels", False)
+    assert cut_line["error"] == "UndecodablePixels: pixel data cannot be decoded (native: ValueError)"
+    assert (gone_line["reason"], gone_line["retryable"]) == ("file_not_found", True)
+    assert gone_line["error"] == "FileNotFoundError: file not found"
+    assert proc.returncode == 1
+
+
+def test_failure_reasons_and_retryable_flags(tmp_path):
+    from ai.analysis import FAILURE_REASONS
+
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image at all")
+    refused = dcmread(SAMPLES / "not-chest" / "CR1_6154_Agfa_16x16.dcm")
+    no_pixels = dcmread(SAMPLES / "chest" / "RG1_UNCR.dcm", stop_before_pixels=True)
+    colour = dcmread(SAMPLES / "chest" / "RG1_UNCR.dcm")
+    colour.PhotometricInterpretation = "MONOCHROME3"  # passes nothing: the scope check says not_monochrome
+    records = analyse_batch([text, tmp_path / "missing.dcm", refused, no_pixels, colour], device="cpu")
+    got = [(r.reason, r.retryable, r.error is not None) for r in records]
+    assert got == [("unreadable_image", False, True), ("file_not_found", True, True),
+                   (records[2].reason, False, False), ("no_pixel_data", False, False),
+                   ("not_monochrome", False, False)]
+    assert records[2].reason == "body_part_not_chest"  # a refusal: no error, nothing to retry
+    for record in records[:2]:
+        assert record.explanation == FAILURE_REASONS[record.reason][0]
+    assert all(code == code.lower() and " " not in code and len(code) <= 24 for code in FAILURE_REASONS)
+
+
+class ExplodingSegmenter:
+    """The real segmenter, except that it raises for any batch holding an image of the given shape."""
+
+    def __init__(self, real, shape):
+        self.real, self.shape, self.calls = real, shape, 0
+
+    def segment(self, images):
+        self.calls += 1
+        if any(image.pixels.shape == self.shape for image in images):
+            raise RuntimeError("model exploded: 1940-03-05")  # a text that must not reach the record
+        return self.real.segment(images)
+
+    def describe(self):
+        return self.real.describe()
+
+
+def test_an_exception_inside_the_models_fails_only_its_input_and_is_retryable(monkeypatch):
+    import ai.analysis as analysis
+    from ai.models import lung_segmenter
+
+    from .dicomgen import synthetic_dx
+
+    exploding = ExplodingSegmenter(lung_segmenter("cpu"), (64, 64))
+    monkeypatch.setattr(analysis, "lung_segmenter", lambda device=None: exploding)
+    good, bad = dcmread(SAMPLES / "chest" / "RG1_UNCR.dcm"), synthetic_dx(64, 64)
+    good_record, bad_record = analyse_batch([good, bad], device="cpu")
+    assert exploding.calls == 3  # the batch, then one call per input
+    assert good_record.in_scope and good_record.error is None
+    assert (bad_record.reason, bad_record.retryable, bad_record.in_scope) == ("analysis_error", True, False)
+    assert bad_record.error == "RuntimeError: details withheld (library messages may quote dataset values)"
+    assert bad_record.labels is None and bad_record.classification is None

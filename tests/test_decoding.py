@@ -23,6 +23,7 @@ from pydicom.pixels import pixel_array
 from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian, JPEGLSLossless, RLELossless, generate_uid
 
 from ai import decoding
+from ai.analysis import FAILURE_REASONS, analyse_batch
 from ai.decoding import (GDCM_READER, NATIVE, PLUGIN_ORDER, DecoderCrashed, DecoderTimeout, UndecodablePixels,
                          UnreadableImage, decode, decoder_process, plugin_order)
 from ai.normalise import decode_pixels
@@ -132,6 +133,24 @@ def test_a_decoder_killed_from_outside_gets_one_more_try_with_the_same_image():
     worker.join(60)
     assert results and results[0].plugin == "pylibjpeg", "the image must not fail for a kill from outside"
     assert process.starts == starts + 1 and process.pid != pid
+
+
+def test_batch_with_an_aborting_image_analyses_the_others():
+    bad = aborting_j2k()
+    goods = [dcmread(p) for p in (J2K_LOSSY, J2K_LOSSLESS, JPEG_LS)]
+    records = analyse_batch([bad, *goods], device="cpu")
+    bad_record, *good_records = records
+    assert not bad_record.in_scope and bad_record.reason == "decoder_crashed"
+    assert bad_record.retryable is False
+    assert bad_record.error == ("DecoderCrashed: the decoder process died while decoding this image "
+                                "(killed by signal 6)")
+    assert bad_record.explanation == FAILURE_REASONS["decoder_crashed"][0]
+    header = dcmread(J2K_LOSSY, stop_before_pixels=True)
+    for value in (header.PatientBirthDate, str(header.PatientName), header.PatientID):
+        assert value not in bad_record.error and value not in bad_record.explanation
+    for record in good_records:
+        assert record.in_scope and record.error is None and record.reason == "in_scope", record.reason
+        assert record.lung_area_px["right"] > 0
 
 
 def test_the_decoder_imports_no_torch_although_the_parent_has_it():
