@@ -111,9 +111,10 @@ ENUMERATED = {
     "LossyImageCompression": frozenset({"00", "01"}),
 }
 
-# Patient module, Type 2C when the patient is an animal (PS3.3 C.7.1.1), and Patient Study's neutered status.
+# Type 2C when the patient is an animal: the Patient module's (PS3.3 C.7.1.1) and Patient Study's neutered
+# status (C.7.2.2; dciodvfy requires it of every result IOD, which all include that module).
 VETERINARY = ("PatientBreedDescription", "PatientBreedCodeSequence", "BreedRegistrationSequence",
-              "ResponsiblePerson", "ResponsibleOrganization")
+              "ResponsiblePerson", "ResponsibleOrganization", "PatientSexNeutered")
 
 TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UT", "UC", "PN"})
 UNSPLIT_VRS = frozenset({"ST", "LT", "UT", "UR"})  # a backslash is part of the value, not a delimiter
