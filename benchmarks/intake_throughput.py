@@ -65,8 +65,9 @@ def write_instances(out_dir: Path, count: int, rows: int, cols: int) -> list[Pat
 def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
     """Wait until the receiver answers a C-ECHO.
 
-    Not a bare TCP connect: pynetdicom keeps a connection that closes before its A-ASSOCIATE-RQ as an open
-    association until the ACSE timeout (30 s), which would delay the node's SIGTERM shutdown by that much.
+    Not a bare TCP connect: that proves only that the port is open, not that the receiver answers DICOM (storescp,
+    and pynetdicom without the node's admission gate, also keep such a connection as an association until their
+    ACSE timeout).
     """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -274,8 +275,8 @@ def markdown(runs: list[Run], args: argparse.Namespace, file_mb: float, machine:
         "¹ storescp (default options) receives the whole dataset into memory, then decodes/re-encodes it to a file; "
         "it never calls fsync, so its Success means \"in the page cache\", not \"on disk\".",
         "² largest PDV storescu could send, from its \"Association Accepted (Max Send PDV: N)\" line: the node "
-        "accepts unlimited PDUs (network.max_pdu_size = 0), so DCMTK sends its own maximum; storescp offers its "
-        "default 16 kB unless given -pdu.",
+        "offers network.max_pdu_size (131072 by default, DCMTK's own maximum, so DCMTK sends 128 kB PDUs); storescp "
+        "offers its default 16 kB unless given -pdu.",
     ]
     if handler:
         lines += ["", f"Node C-STORE handler time (from its log, after the last byte arrived): median "
