@@ -673,7 +673,8 @@ def chest_header() -> Dataset:
 
 @pytest.mark.parametrize("implicit", [False, True], ids=["explicit", "implicit"])
 def test_image_type_with_a_space_for_the_backslash_is_in_scope(tmp_path, implicit):
-    for raw, expected in ((b"ORIGINAL PRIMARY", ["ORIGINAL", "PRIMARY"]), (b"DERIVED PRIMARY ", ["DERIVED", "PRIMARY"])):
+    for raw, expected in ((b"ORIGINAL PRIMARY", ["ORIGINAL", "PRIMARY"]),
+                          (b"DERIVED PRIMARY ", ["DERIVED", "PRIMARY"])):
         ds = with_raw(chest_header(), tmp_path / "h.dcm", implicit, ImageType=raw)
         assert header_values.strings(ds, "ImageType", split_spaces=True) == expected
         assert header_scope(ds).in_scope, raw
