@@ -28,7 +28,7 @@ from ai.safe_text import SafeMessage
 
 from .coerce import UTF8, Repair, coerce_header, strictly_valid
 from .identity import NodeIdentity, as_highdicom_knows
-from .quiet import quiet
+from .quiet import quiet as _quiet
 from .uids import derive_device_uid, model_versions, result_series_uid, result_uid
 
 if TYPE_CHECKING:  # ai.analysis loads torch; building results needs only the record's data
@@ -96,7 +96,7 @@ def build_results(source: Dataset, record: AnalysisRecord, node: NodeIdentity) -
     from .seg import build_seg
     from .sr import build_sr
 
-    with quiet("result objects"):
+    with _quiet("result objects"):
         with _encoding("source header"):
             header, _ = coerce_header(source)
         with _encoding("SEG"):
@@ -112,7 +112,7 @@ def build_not_analysed(source: Dataset, reason: str, explanation: str, node: Nod
                        models: Sequence[Mapping[str, str]]) -> list[ResultObject]:
     """[SR "not analysed"] for an instance that got no analysis: refused by the scope checks, or a job that
     failed for good (e.g. corrupted pixel data) where no record exists."""
-    with quiet("result objects"):
+    with _quiet("result objects"):
         with _encoding("source header"):
             header, _ = coerce_header(source)
         return [ResultObject("sr", _not_analysed_sr(header, reason, explanation, node, models))]
@@ -165,7 +165,7 @@ def build_last_resort_sr(source: Dataset, reason: str, explanation: str, node: N
     reason = reason or LAST_RESORT_REASON
     explanation = explanation or "the result objects could not be encoded"
     failure: BaseException | None = None
-    with quiet("result objects"):
+    with _quiet("result objects"):
         try:
             header, _ = coerce_header(source)
         except Exception as exc:  # coercion itself failed: start from the source's own UIDs
