@@ -6,8 +6,17 @@ and the storage root. Outcomes per job:
 
 - analysed: SEG + SR + heat-map SC, job ``done``;
 - refused by header or pixels (not a frontal chest, ...): a "not analysed" SR with the reason, job ``not_analysed``;
-- failed (unreadable file, undecodable pixels, model or encoding error): retried up to ``queue.max_attempts``,
-  then job ``failed`` with its reason and a "not analysed" SR that says why.
+- failed: transient errors (an archive file that cannot be read, a model error) are retried up to
+  ``queue.max_attempts``; permanent ones (pixels that cannot be decoded, a decoder that crashed) are not. The job
+  ends ``failed`` with its reason and a "not analysed" SR that says why;
+- results that cannot be encoded (a header highdicom refuses even after coercion): a last-resort "not analysed:
+  result encoding error" SR, job ``failed``;
+- a job whose worker died or hung (lease expired) is retried alone, and after its last attempt gets its "not
+  analysed" SR without being analysed again.
+
+Only if even the last-resort SR cannot be written does a job end without an object; ``db.results`` then records an
+audit event and ``dicom-node status`` counts it. Nothing here logs or stores an exception's own text: pydicom,
+highdicom and the decoders quote dataset values in theirs (``ai.safe_text.exception_summary``).
 """
 
 from __future__ import annotations
@@ -18,36 +27,75 @@ import socket
 import threading
 import time
 import uuid
+import sys
 from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from sqlalchemy import Engine
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 
 from db.models import JobState
+from ai.limits import ImageTooLarge, read_dataset_bounded
+from ai.safe_text import escape, exception_summary
+from db.instances import instance_uids
 from db.queue import ClaimedJob, claim, fail
 from db.results import ResultFile, finish_job
 
 from .archive import Archive
 from .config import NodeConfig
+from .log_safety import format_exception_safely
 from .result_store import ResultStore
 
 LOG = logging.getLogger("dicom_node.worker")
+
+AnalyseBatch = Callable[..., list[Any]]
+"""``ai.analyse_batch``'s signature: (datasets, device=...) -> one AnalysisRecord per dataset, in order."""
 
 
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
+def _default_analyse(sources: Sequence[Dataset], device: str | None = None) -> list[Any]:
+    from ai import analyse_batch  # torch loads here, not when the module is imported
+
+    return analyse_batch(sources, device=device)
+
+
+def _log_traceback(job_id: int) -> None:
+    """The traceback of the exception being handled, at DEBUG, frames only (no exception texts)."""
+    if LOG.isEnabledFor(logging.DEBUG):
+        LOG.debug("job %d traceback: %s", job_id, format_exception_safely(*sys.exc_info()))
+
+
+class DatabaseBackoff:
+    """Bounded exponential backoff for transient database errors: 0.5 s doubling up to 30 s."""
+
+    def __init__(self, first: float = 0.5, longest: float = 30.0) -> None:
+        self.first, self.longest = first, longest
+        self.current = 0.0
+
+    def next_delay(self) -> float:
+        self.current = self.first if self.current == 0 else min(self.longest, self.current * 2)
+        return self.current
+
+    def reset(self) -> None:
+        self.current = 0.0
+
+
 @dataclass
 class _Task:
     job: ClaimedJob
     source: Dataset | None = None
-    error: str | None = None  # reading the archived file failed
+    error: str | None = None  # log-safe: reading the archived file failed, or the analysis raised
+    retryable: bool = True
+    reason: str = "unreadable_file"  # why reading failed
 
 
 class Worker:
-    def __init__(self, config: NodeConfig, engine: Engine, archive: Archive, owner: str | None = None) -> None:
+    def __init__(self, config: NodeConfig, engine: Engine, archive: Archive, owner: str | None = None,
+                 analyse: AnalyseBatch | None = None) -> None:
         from .results import NodeIdentity, derive_device_uid
 
         self.config = config
@@ -55,6 +103,8 @@ class Worker:
         self.archive = archive
         self.owner = owner or worker_id()
         self.store = ResultStore(archive)
+        self.analyse = analyse or _default_analyse
+        self.limits = config.image_limits
         ae = config["network.ae_title"]
         self.identity = NodeIdentity(ae_title=ae, device_uid=config["results.device_uid"] or derive_device_uid(ae),
                                      institution_name=config["results.institution_name"])
@@ -69,61 +119,70 @@ class Worker:
 
         lung_segmenter(self.device)  # load the models before the first job, not inside its time
         pneumoconiosis_classifier(self.device)
-        LOG.info("worker %s ready (device %s, batch %d)", self.owner, self.device or "auto",
+        LOG.info("worker %s ready (device %s, batch %d)", escape(self.owner), self.device or "auto",
                  self.config["worker.batch_size"])
+        backoff = DatabaseBackoff()
         while not stop.is_set():
-            if self.run_once() == 0:
+            try:
+                claimed = self.run_once()
+            except (OperationalError, InterfaceError, DisconnectionError) as exc:
+                # locked, busy, connection dropped: the queue is still there; wait and look again, never exit
+                delay = backoff.next_delay()
+                LOG.warning("database unavailable (%s); retrying in %.1f s", exception_summary(exc), delay)
+                stop.wait(delay)
+                continue
+            backoff.reset()
+            if claimed == 0:
                 stop.wait(self.config["worker.poll_seconds"])
 
     def run_once(self) -> int:
-        """Claim up to ``worker.batch_size`` waiting jobs and process them; returns how many were claimed."""
+        """Claim up to ``worker.batch_size`` waiting jobs and process them; returns how many were claimed.
+
+        A job taken back from a worker that died (or hung) is processed alone, after the others: if it kills this
+        worker too, it takes no batch-mate with it."""
         jobs: list[ClaimedJob] = []
         for _ in range(self.config["worker.batch_size"]):
             job = claim(self.engine, self.owner, self.config["queue.lease_seconds"], self.config["queue.max_attempts"])
             if job is None:
                 break
             jobs.append(job)
-        if jobs:
-            self.process(jobs)
+        fresh = [j for j in jobs if not j.taken_back]
+        if fresh:
+            self.process(fresh)
+        for job in jobs:
+            if job.taken_back:
+                self.process([job])
         return len(jobs)
 
     # -- one batch ----------------------------------------------------------------------------------------------
     def process(self, jobs: list[ClaimedJob]) -> None:
-        from ai import analyse_batch
-
-        tasks = [self._read(job) for job in jobs]
-        own = [t for t in tasks if t.source is not None and self._is_own_result(t.source)]
-        for task in own:
-            finish_job(self.engine, task.job, JobState.NOT_ANALYSED, "own_result",
-                       "a result object of this node (routed back by PACS?): never reported on", [], [])
-            LOG.info("job %d not_analysed: own_result, no report", task.job.job_id)
-        tasks = [t for t in tasks if all(t is not o for o in own)]
-        readable = [t for t in tasks if t.source is not None]
-        for task in tasks:
+        tasks: list[_Task] = []
+        for job in jobs:
+            if job.report_only:
+                self._report_lost_job(job)
+                continue
+            task = self._read(job)
+            if task.source is not None and self._is_own_result(task.source):
+                finish_job(self.engine, task.job, JobState.NOT_ANALYSED, "own_result",
+                           "a result object of this node (routed back by PACS?): never reported on", [], [])
+                LOG.info("job %d not_analysed: own_result, no report", task.job.job_id)
+                continue
             if task.source is None:
-                self._failed(task, "unreadable_file", task.error or "the archived file cannot be read")
-        if not readable:
+                self._failed(task, task.reason, task.error or "the archived file cannot be read", task.retryable)
+                continue
+            tasks.append(task)
+        if not tasks:
             return
         started = time.perf_counter()
-        try:
-            records = analyse_batch([t.source for t in readable], device=self.device)  # type: ignore[misc]
-        except Exception:  # one bad input must not fail its batch-mates: analyse them one by one
-            LOG.warning("batch of %d failed; analysing its jobs one by one", len(readable), exc_info=True)
-            records = []
-            for t in readable:
-                try:
-                    records.extend(analyse_batch([t.source], device=self.device))  # type: ignore[list-item]
-                except Exception as exc:
-                    records.append(None)  # type: ignore[arg-type]
-                    t.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        records = self._analyse(tasks)
         elapsed = time.perf_counter() - started
-        for task, record in zip(readable, records):
+        for task, record in zip(tasks, records):
             if record is None:
-                self._failed(task, "analysis_error", task.error or "the analysis raised an error")
+                self._failed(task, "analysis_error", task.error or "the analysis raised an error", task.retryable)
             elif record.error is not None:
-                self._failed(task, record.reason, record.error)
+                self._failed(task, record.reason, record.error, getattr(record, "retryable", True))
             else:
-                self._finish(task, record, elapsed / len(readable))
+                self._finish(task, record, elapsed / len(tasks))
 
     def _is_own_result(self, source: Dataset) -> bool:
         """Our heat-map SC sent back to us (a PACS routing rule) must not get a "not analysed" SR, and so on."""
@@ -134,63 +193,154 @@ class Worker:
                 return True
         return False
 
+    def _analyse(self, tasks: list[_Task]) -> list[Any]:
+        """One model call for the batch; if it raises, one call per job, so one bad input fails only itself."""
+        try:
+            return self.analyse([t.source for t in tasks], device=self.device)
+        except Exception as exc:
+            LOG.warning("batch of %d failed (%s); analysing its jobs one by one", len(tasks), exception_summary(exc))
+            _log_traceback(tasks[0].job.job_id)
+        records: list[Any] = []
+        for t in tasks:
+            try:
+                records.extend(self.analyse([t.source], device=self.device))
+            except Exception as exc:
+                records.append(None)
+                t.error = exception_summary(exc, message="the analysis raised an error")
+                _log_traceback(t.job.job_id)
+        return records
+
     def _read(self, job: ClaimedJob) -> _Task:
         path = self.archive.absolute(job.archive_path)
         try:
-            return _Task(job, dcmread(path))
+            return _Task(job, read_dataset_bounded(path, self.limits))
+        except ImageTooLarge as exc:  # archived before the limits were lowered: refused, never decoded
+            return _Task(job, None, exception_summary(exc), retryable=False, reason="image_too_large")
         except Exception as exc:  # missing or corrupt archive file: a job failure, never a crash
-            return _Task(job, None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
+            return _Task(job, None, exception_summary(exc, message="the archived file cannot be read"))
 
-    def _finish(self, task: _Task, record, seconds: float) -> None:  # type: ignore[no-untyped-def]
+    def _coerced(self, source: Dataset) -> tuple[Dataset, list[tuple[str, str]]]:
+        """The source's header as it may enter a result object, and the repairs as audit notes (keywords only)."""
+        from .results import coerce_header
+
+        header, repairs = coerce_header(source)
+        if not repairs:
+            return header, []
+        listed = ", ".join(f"{r.keyword} {r.action}" for r in repairs)
+        return header, [("header_coerced", f"{len(repairs)} header repair(s): {listed}"[:2000])]
+
+    def _finish(self, task: _Task, record: Any, seconds: float) -> None:
         from .results import build_results
 
+        assert task.source is not None
         try:
-            objects = build_results(task.source, record, self.identity)  # type: ignore[arg-type]
+            header, notes = self._coerced(task.source)
+            objects = build_results(header, record, self.identity)
+        except Exception as exc:  # the analysis is done; only its encoding failed: a last-resort report, no retry
+            LOG.warning("job %d: result encoding failed (%s)", task.job.job_id, exception_summary(exc))
+            _log_traceback(task.job.job_id)
+            task.error = exception_summary(exc, message="the result objects could not be encoded")
+            self._last_resort(task, "result_encoding_error",
+                              "the analysis finished but its result objects could not be encoded")
+            return
+        try:
             files = [self.store.write(o.kind, o.dataset, record.in_scope, record.reason) for o in objects]
-        except Exception as exc:
-            LOG.warning("job %d: result encoding failed", task.job.job_id, exc_info=True)
-            self._failed(task, "result_encoding_error", f"{type(exc).__name__}: {exc}"[:500])
+        except Exception as exc:  # disk full, I/O error: transient
+            self._failed(task, "result_write_error", exception_summary(exc, message="writing a result failed"), True)
             return
         state = JobState.DONE if record.in_scope else JobState.NOT_ANALYSED
         reason = None if record.in_scope else record.reason
         if not finish_job(self.engine, task.job, state, reason, None if record.in_scope else record.explanation,
-                          files, self.destinations):
+                          files, self.destinations, notes):
             LOG.warning("job %d: lease lost before recording; the job's new owner records it", task.job.job_id)
             return
         c = record.classification
         verdict = (f"p={c.probability:.3f} present={c.present} category={c.most_likely_category}" if c is not None
                    else "no classifier installed") if record.in_scope else f"not analysed: {record.reason}"
-        LOG.info("job %d %s: %s; %s (%.2f s)", task.job.job_id, state.value, verdict,
-                 "+".join(f.kind.upper() for f in files), seconds)
+        LOG.info("job %d %s: %s; %s%s (%.2f s)", task.job.job_id, state.value, verdict,
+                 "+".join(f.kind.upper() for f in files), f"; {len(notes)} header note(s)" if notes else "", seconds)
 
-    def _failed(self, task: _Task, reason: str, error: str) -> None:
-        """A failed attempt: retried while attempts remain; the last one ends failed with a "not analysed" SR."""
-        from .results import build_not_analysed
-
+    def _failed(self, task: _Task, reason: str, error: str, retryable: bool) -> None:
+        """A failed attempt: retried while attempts remain and the error is transient; otherwise the job ends failed
+        with a "not analysed" SR that says why."""
         max_attempts = self.config["queue.max_attempts"]
-        if task.job.attempt < max_attempts:
+        if retryable and task.job.attempt < max_attempts:
             state = fail(self.engine, task.job, reason, error, max_attempts)
-            LOG.warning("job %d attempt %d/%d failed (%s): %s", task.job.job_id, task.job.attempt, max_attempts,
-                        reason, "lease lost" if state is None else "will retry")
+            LOG.warning("job %d attempt %d/%d failed (%s): %s; %s", task.job.job_id, task.job.attempt, max_attempts,
+                        reason, error, "lease lost" if state is None else "will retry")
             return
-        files: list[ResultFile] = []
+        task.error = error
+        self._last_resort(task, reason, f"analysis failed: {error}")
+
+    def _report_lost_job(self, job: ClaimedJob) -> None:
+        """A job whose worker died or hung on every attempt: its report, without analysing it again."""
+        attempts = job.attempt - 1
+        task = _Task(job, None, f"the worker processing it stopped (died or hung) {attempts} time(s)", False)
+        LOG.error("job %d: lost its worker %d time(s); writing its 'not analysed' SR without analysing it again",
+                  job.job_id, attempts)
+        self._last_resort(task, "lease_expired",
+                          f"the analysis was interrupted {attempts} time(s): the worker process died or hung")
+
+    def _last_resort(self, task: _Task, reason: str, explanation: str) -> None:
+        """End the job failed with a "not analysed" SR: the normal one, else the last-resort one; only if both fail,
+        with no object (``finish_job`` then records the audit event that ``dicom-node status`` counts)."""
+        from .results import build_last_resort_sr, build_not_analysed
+
         source = task.source if task.source is not None else self._header_only(task.job)
+        models = _model_descriptions()
+        files: list[ResultFile] = []
+        notes: list[tuple[str, str]] = []
         if source is not None:
+            header = None
             try:
-                objects = build_not_analysed(source, reason, f"analysis failed: {error}"[:1000], self.identity,
-                                             models=_model_descriptions())
+                header, notes = self._coerced(source)
+                objects = build_not_analysed(header, reason, explanation[:1000], self.identity, models=models)
+            except Exception as exc:
+                LOG.warning("job %d: the 'not analysed' SR failed (%s); writing the last-resort SR", task.job.job_id,
+                            exception_summary(exc))
+                _log_traceback(task.job.job_id)
+                try:
+                    objects = build_last_resort_sr(header if header is not None else source, reason,
+                                                   explanation[:1000], self.identity, models)
+                except Exception as exc2:
+                    LOG.error("job %d: even the last-resort SR failed (%s)", task.job.job_id, exception_summary(exc2))
+                    _log_traceback(task.job.job_id)
+                    objects = []
+            try:
                 files = [self.store.write(o.kind, o.dataset, False, reason) for o in objects]
-            except Exception:
-                LOG.error("job %d: cannot even write its 'not analysed' SR", task.job.job_id, exc_info=True)
-        if finish_job(self.engine, task.job, JobState.FAILED, reason, error, files, self.destinations):
+            except Exception as exc:
+                LOG.error("job %d: writing its 'not analysed' SR failed (%s)", task.job.job_id, exception_summary(exc))
+                files = []
+        if finish_job(self.engine, task.job, JobState.FAILED, reason, task.error or explanation, files,
+                      self.destinations, notes):
             LOG.error("job %d failed after %d attempt(s): %s; %s", task.job.job_id, task.job.attempt, reason,
-                      "not-analysed SR written" if files else "no SR possible")
+                      "not-analysed SR written" if files else "NO RESULT OBJECT (audit event recorded)")
 
     def _header_only(self, job: ClaimedJob) -> Dataset | None:
+        """The archived header without pixels; if even that cannot be read, the UIDs the database recorded at
+        intake, so that the job still gets its "not analysed" SR in the right study."""
         try:
-            return dcmread(self.archive.absolute(job.archive_path), stop_before_pixels=True, force=True)
+            header = read_dataset_bounded(self.archive.absolute(job.archive_path), self.limits,
+                                          stop_before_pixels=True, force=True)
+            if "SOPInstanceUID" in header and "StudyInstanceUID" in header:
+                return header
         except Exception:
+            pass
+        LOG.warning("job %d: its archived file cannot be read even for its header; reporting from the UIDs "
+                    "recorded at intake", job.job_id)
+        uids = instance_uids(self.engine, job.instance_id)
+        if uids is None:
             return None
+        header = Dataset()
+        header.SOPClassUID, header.StudyInstanceUID, header.SeriesInstanceUID, header.SOPInstanceUID = uids
+        header.Modality = modality_of(uids[0])
+        return header
+
+
+def modality_of(sop_class_uid: str) -> str:
+    """A Modality for a header rebuilt from UIDs alone (the SR's evidence needs none, highdicom's copy may)."""
+    return {"1.2.840.10008.5.1.4.1.1.1": "CR", "1.2.840.10008.5.1.4.1.1.1.1": "DX",
+            "1.2.840.10008.5.1.4.1.1.1.1.1": "DX"}.get(sop_class_uid, "OT")
 
 
 def _model_descriptions() -> list[dict[str, str]]:
@@ -204,7 +354,6 @@ def _model_descriptions() -> list[dict[str, str]]:
         classifier = pneumoconiosis_classifier()
         if classifier is not None:
             models.append(classifier.describe())
-    except Exception:  # a broken model file is one reason jobs fail; the SR is still written without it
-        pass
+    except Exception as exc:  # a broken model file is one reason jobs fail; the SR is still written without it
+        LOG.warning("the installed models cannot be described (%s); the SR names none", exception_summary(exc))
     return models
-
