@@ -225,12 +225,10 @@ def _split(raw: bytes, vr: str) -> list[bytes]:
 
 
 def _strip(text: str, vr: str) -> str:
-    if vr in ("DS", "IS", "AS"):
+    """Padding and non-significant spaces: both ends for the code-like VRs (PS3.5 6.2), trailing ones otherwise
+    (pydicom's reading), so that a value stays the source's value."""
+    if vr in ("AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM"):
         return text.strip(" \x00")
-    if vr in MULTI_LINE_VRS:
-        return text.rstrip(" \x00")
-    if vr == "UI":
-        return text.rstrip("\x00 ")
     return text.rstrip(" \x00")
 
 
@@ -316,7 +314,7 @@ ORIENTATION_BIPED = re.compile(r"^[APRLHF]+$")
 ORIENTATION_QUADRUPED = re.compile(r"^(LE|RT|D|V|CR|CD|R|M|L|PR|DI|PA|PL)+$")
 
 
-def value_problem(vr: str, value: Any, keyword: str = "") -> str | None:
+def value_problem(vr: str, value: Any) -> str | None:
     """Why one value is not valid for its VR (and the attribute's own rules), or None. Uses pydicom's validators
     (in RAISE mode, so nothing is logged), and adds what they leave out: lengths in encoded (UTF-8) bytes, as
     dciodvfy counts them; control characters; stored dates and times must be single values (no ranges) of a real
@@ -360,7 +358,7 @@ def value_problem(vr: str, value: Any, keyword: str = "") -> str | None:
 
 def values_problem(keyword: str, vr: str, values: list[Any], orientation_type: str = "") -> str | None:
     for value in values:
-        problem = value_problem(vr, value, keyword)
+        problem = value_problem(vr, value)
         if problem:
             return problem
     if not _vm_allows(dictionary_VM(keyword), len(values)):
@@ -400,7 +398,6 @@ def _coerce_item(item: Dataset, codecs: list[str] | None) -> tuple[Dataset | Non
         if not keyword:
             continue
         vr = dictionary_VR(tag)
-        element = item.get_item(tag)
         if vr == "SQ":
             converted = _converted(item, tag)
             if converted is None:
@@ -421,12 +418,12 @@ def _coerce_item(item: Dataset, codecs: list[str] | None) -> tuple[Dataset | Non
         if values is None or values_problem(keyword, vr, values):
             return None, fell_back
         out.add(_element(tag, vr, values))
-    if keyword_is_code_item(out) is False:
+    if _code_item_complete(out) is False:
         return None, fell_back
     return out, fell_back
 
 
-def keyword_is_code_item(item: Dataset) -> bool | None:
+def _code_item_complete(item: Dataset) -> bool | None:
     """For an item that looks like a code (it has a code value): whether the Basic Code Sequence Macro's Type 1
     attributes are there; None for an item that is not a code."""
     if not any(k in item for k in CODE_VALUES) and "CodeMeaning" not in item:
