@@ -3,7 +3,9 @@
 An export is *queued* (pending, due now) in the transaction that records its result, one row per destination whose
 ``types`` include the result's kind. An exporter *claims* due rows under a lease (state sending, attempts + 1), sends
 them, then either marks them *sent* or *schedules a retry* with exponential backoff; after ``max_attempts`` failed
-attempts an export is dead-lettered (state dead, its last error kept) until ``resend`` puts it back. Every write after
+attempts an export is dead-lettered (state dead, its last error kept) until ``resend`` puts it back. A claimed export
+that was never tried (its batch's association was lost before its turn) is *given back*: pending again, the claim's
+attempt not counted. Every write after
 the claim is fenced by the lease owner, as in ``db.queue``: an exporter whose lease was taken back cannot overwrite
 the new owner's outcome. A row whose lease expired (crashed exporter) is claimable again.
 
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, Select, and_, func, or_, select, update
+from sqlalchemy import Engine, Select, and_, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from .engine import readonly
@@ -190,6 +192,32 @@ def schedule_retry(engine: Engine, export_id: int, owner: str, status: int | Non
         session.add(Event(kind="export_dead" if final else "export_retry", sop_instance_uid=result.sop_instance_uid,
                           detail=f"export {export.id} to {export.destination}: {detail}"[:ERROR_TEXT_LIMIT]))
         return export.state
+
+
+def give_back(engine: Engine, export_ids: Iterable[int], owner: str, delay_seconds: float = 0.0,
+              note: str | None = None) -> int:
+    """Return claimed exports that were never tried (the association was lost earlier in their batch, or the
+    exporter is stopping) to pending without spending an attempt: the claim's attempt is taken back, the lease
+    released, due after ``delay_seconds``; ``note``, when given, becomes the last error (the reason they are still
+    pending). Fenced like every write after the claim; returns how many this owner still held."""
+    ids = list(export_ids)
+    if not ids:
+        return 0
+    now = utcnow()
+    values: dict[str, Any] = {
+        "state": ExportState.PENDING, "attempts": case((Export.attempts > 0, Export.attempts - 1), else_=0),
+        "lease_owner": None, "lease_expires_at": None,
+        "next_attempt_at": now + timedelta(seconds=max(delay_seconds, 0.0)), "updated_at": now,
+    }
+    if note is not None:
+        values["last_error"] = note[:ERROR_TEXT_LIMIT]
+    with Session(engine) as session, session.begin():
+        result = session.execute(
+            update(Export)
+            .where(Export.id.in_(ids), Export.state == ExportState.SENDING, Export.lease_owner == owner)
+            .values(**values)
+        )
+        return int(result.rowcount)
 
 
 def extend_lease(engine: Engine, export_ids: Iterable[int], owner: str, lease_seconds: float) -> int:
