@@ -5,12 +5,23 @@ presentation context, the uncompressed fallback (Explicit VR Little Endian, Impl
 peer that accepts the object's own syntax receives the file's bytes unchanged (streamed from disk), and a peer that
 does not still receives the object, decoded (decompressed if need be) to an uncompressed syntax it accepted.
 
+pynetdicom's timeouts bound each wait and each read, not a whole exchange, and its requestor sockets block without a
+timeout: a peer that accepts the association and then trickles bytes (a PDU header, then one byte now and then) or
+stops reading ours holds the association's DUL thread in ``recv``/``send`` for as long as it likes, and pynetdicom's
+own abort then waits for that thread. So every step of an association, its setup and each C-STORE (request sent,
+response received), runs under a watchdog (``Watchdog``, a ``threading.Timer``): past ``deadline`` seconds it aborts
+the association (A-ABORT), wakes the waiting caller and shuts the socket down, so that the step ends within the
+deadline plus ``ABORT_GRACE_SECONDS`` whatever the peer does.
+
 Nothing here knows about the database or the retry policy: see ``dicom_node.export``.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
+import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +31,10 @@ from pydicom import dcmread
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
-from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.pdu_primitives import A_ASSOCIATE, A_P_ABORT
 from pynetdicom.presentation import PresentationContext, build_context
+
+from ai.safe_text import escape, exception_summary
 
 LOG = logging.getLogger("dicom_node.store_scu")
 
@@ -29,6 +42,8 @@ UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 WARNING_STATUSES = frozenset({0xB000, 0xB006, 0xB007})
 """Storage warnings (coercion, elements discarded, data set does not match SOP class): the peer kept the object."""
 MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1-255
+ABORT_GRACE_SECONDS = 0.5
+"""After a watchdog's A-ABORT: how long the DUL thread gets to send it before the socket is shut down under it."""
 
 
 def is_stored(status: int | None) -> bool:
@@ -48,6 +63,11 @@ class Peer:
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"
 
+    @property
+    def safe(self) -> str:
+        """``str(self)`` for a log line or an error text: escaped, bounded."""
+        return escape(str(self))
+
 
 @dataclass(frozen=True)
 class StoreItem:
@@ -59,16 +79,105 @@ class StoreItem:
 @dataclass(frozen=True)
 class StoreOutcome:
     """``stored``: the peer acknowledged it (success or warning). ``local``: the failure is on our side (file
-    missing or undecodable) and sending again will not help."""
+    missing or undecodable) and sending again will not help. ``stalled``: the peer did not answer in time (the
+    watchdog's deadline, or one of pynetdicom's timeouts) and the association is gone: the peer is hung, not
+    merely down."""
 
     stored: bool
     status: int | None = None
     error: str | None = None
     local: bool = False
+    stalled: bool = False
 
 
 class PeerUnreachable(ConnectionError):
     """No association could be established with any of the peers tried (refused, rejected, aborted, timed out)."""
+
+
+def cut(assoc: Association) -> None:
+    """End ``assoc`` now, from any thread, whatever state its peer left it in; returns within about twice
+    ``ABORT_GRACE_SECONDS``.
+
+    An A-ABORT is queued (``abort(block=False)``: pynetdicom's blocking abort waits for a DUL thread that may be
+    stuck), the caller waiting for the A-ASSOCIATE answer or for a DIMSE response is woken (pynetdicom does that
+    itself only when the *peer* ends the association, in its AA-2/3/4 actions), and after a grace period for the
+    A-ABORT to go out the socket is shut down, which ends a ``recv``/``send`` the DUL thread is blocked in."""
+    try:
+        assoc.abort(block=False)
+    except Exception as exc:  # noqa: BLE001 - best effort: the socket shutdown below ends it anyway
+        LOG.debug("A-ABORT could not be queued (%s)", exception_summary(exc))
+    # An association request waiting for its answer gets an abort; the association's reactor thread (running
+    # again since the abort) sees it too and ends itself.
+    assoc.dul.to_user_queue.put(A_P_ABORT())
+    # A send_c_store waiting for its response gets None: twice, as that reactor may take one off the queue first.
+    assoc.dimse.msg_queue.put((None, None))
+    assoc.dimse.msg_queue.put((None, None))
+    deadline = time.monotonic() + ABORT_GRACE_SECONDS
+    while time.monotonic() < deadline and assoc.dul.state_machine.current_state != "Sta1":
+        time.sleep(0.01)
+    transport = assoc.dul.socket
+    raw = getattr(transport, "socket", None)
+    if raw is not None:
+        try:
+            raw.shutdown(socket.SHUT_RDWR)  # the DUL thread's blocked recv returns b"", its send fails: Evt17
+        except OSError:
+            pass  # already closed
+    deadline = time.monotonic() + ABORT_GRACE_SECONDS
+    while time.monotonic() < deadline and assoc.dul.is_alive() and assoc.dul.state_machine.current_state != "Sta1":
+        time.sleep(0.01)
+
+
+class Watchdog:
+    """Cuts an association whose current step (setup, or one C-STORE) runs past ``deadline`` seconds.
+
+    ``with Watchdog(deadline, assoc) as dog: ...``; for the setup, where pynetdicom creates the association inside
+    ``AE.associate``, pass it later to ``watch`` (from the connection-open event): a deadline that passed before
+    then cuts it as soon as it is known. ``fired`` tells afterwards whether the watchdog cut the step."""
+
+    def __init__(self, deadline: float, assoc: Association | None = None) -> None:
+        self.deadline = deadline
+        self.fired = False
+        self._assoc = assoc
+        self._lock = threading.Lock()
+        self._finished = False
+        self._cutter: threading.Thread | None = None
+        self._timer = threading.Timer(deadline, self._fire)
+        self._timer.daemon = True
+        self._timer.name = "store-scu-watchdog"
+
+    def __enter__(self) -> "Watchdog":
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._finished = True
+        self._timer.cancel()
+        cutter = self._cutter
+        if cutter is not None:
+            cutter.join(4 * ABORT_GRACE_SECONDS)  # the association is down before the caller goes on
+        if self._timer.is_alive():
+            self._timer.join(4 * ABORT_GRACE_SECONDS)
+
+    def watch(self, assoc: Association) -> None:
+        with self._lock:
+            self._assoc = assoc
+            late = self.fired and not self._finished
+        if late:  # called from a pynetdicom event handler: cut in another thread, never in the DUL's own
+            self._start_cutter(assoc)
+
+    def _fire(self) -> None:
+        with self._lock:
+            if self._finished:
+                return
+            self.fired = True
+            assoc = self._assoc
+        if assoc is not None:
+            cut(assoc)
+
+    def _start_cutter(self, assoc: Association) -> None:
+        self._cutter = threading.Thread(target=cut, args=(assoc,), name="store-scu-watchdog-late", daemon=True)
+        self._cutter.start()
 
 
 def requested_contexts(items: Iterable[StoreItem]) -> list[PresentationContext]:
@@ -88,9 +197,13 @@ def requested_contexts(items: Iterable[StoreItem]) -> list[PresentationContext]:
 
 
 class StoreClient:
-    """Our Storage SCU: ``calling_ae_title`` and one ``timeout`` for the TCP connection, ACSE, DIMSE and network."""
+    """Our Storage SCU: ``calling_ae_title``, one ``timeout`` for each of pynetdicom's waits (TCP connection, ACSE,
+    DIMSE, network idle) and a ``deadline`` (default: ``timeout``) for each whole step, enforced by a watchdog:
+    one association setup, one C-STORE."""
 
-    def __init__(self, calling_ae_title: str, timeout: float) -> None:
+    def __init__(self, calling_ae_title: str, timeout: float, deadline: float | None = None) -> None:
+        self.timeout = timeout
+        self.deadline = timeout if deadline is None else deadline
         # Send files as they are on disk (no decode, no re-encode) whenever the peer accepts their own syntax.
         _config.STORE_SEND_CHUNKED_DATASET = True
         self.ae = AE(ae_title=calling_ae_title)
@@ -112,28 +225,40 @@ class StoreClient:
                 if isinstance(primitive, A_ASSOCIATE) and primitive.result not in (None, 0x00):
                     rejection.append(f"{primitive.result_str}, {primitive.source_str}: {primitive.reason_str}")
 
-            def _on_connect(_event: evt.Event, connected: list[bool] = connected) -> None:
-                connected.append(True)
+            with Watchdog(self.deadline) as dog:
+                def _on_connect(event: evt.Event, connected: list[bool] = connected, dog: Watchdog = dog) -> None:
+                    connected.append(True)
+                    dog.watch(event.assoc)  # type: ignore[attr-defined]
 
-            assoc = self.ae.associate(peer.host, peer.port, contexts=contexts, ae_title=peer.ae_title,
-                                      evt_handlers=[(evt.EVT_ACSE_RECV, _on_acse), (evt.EVT_CONN_OPEN, _on_connect)])
-            if assoc.is_established:
-                return StoreAssociation(assoc, peer)
-            if not connected:
-                problems.append(f"{peer} could not be reached (connection refused or timed out)")
+                assoc = self.ae.associate(peer.host, peer.port, contexts=contexts, ae_title=peer.ae_title,
+                                          evt_handlers=[(evt.EVT_ACSE_RECV, _on_acse),
+                                                        (evt.EVT_CONN_OPEN, _on_connect)])
+                established = bool(assoc.is_established) and not dog.fired
+            if established:
+                return StoreAssociation(assoc, peer, self.deadline, self.timeout)
+            if assoc.is_established:  # the deadline passed just as the peer accepted: not worth keeping
+                cut(assoc)
+            if dog.fired:
+                problems.append(f"{peer.safe} did not complete the association within {self.deadline:g} s "
+                                "(export.deadline_seconds): aborted")
+            elif not connected:
+                problems.append(f"{peer.safe} could not be reached (connection refused or timed out)")
             elif assoc.is_rejected:
-                problems.append(f"{peer} rejected the association ({rejection[0] if rejection else 'no reason'})")
+                reason = escape(rejection[0]) if rejection else "no reason"
+                problems.append(f"{peer.safe} rejected the association ({reason})")
             else:
-                problems.append(f"{peer} aborted or did not answer the association request")
+                problems.append(f"{peer.safe} aborted or did not answer the association request")
         raise PeerUnreachable("; ".join(problems))
 
 
 class StoreAssociation:
     """An established association; ``store`` one object after another, then ``release`` (or use ``with``)."""
 
-    def __init__(self, assoc: Association, peer: Peer) -> None:
+    def __init__(self, assoc: Association, peer: Peer, deadline: float, timeout: float) -> None:
         self.assoc = assoc
         self.peer = peer
+        self.deadline = deadline
+        self.timeout = timeout
         self._message_id = 0
 
     def __enter__(self) -> "StoreAssociation":
@@ -156,12 +281,12 @@ class StoreAssociation:
 
     def store(self, item: StoreItem) -> StoreOutcome:
         if not self.is_established:
-            return StoreOutcome(False, error=f"association with {self.peer} was lost")
+            return StoreOutcome(False, error=f"association with {self.peer.safe} was lost")
         accepted = self._accepted(item.sop_class_uid)
         if item.transfer_syntax_uid in accepted:
             payload: Path | Any = item.path  # streamed as is: the peer receives the file's bytes
             if not item.path.is_file():
-                return StoreOutcome(False, error=f"file {item.path} is missing", local=True)
+                return StoreOutcome(False, error=f"file {escape(str(item.path))} is missing", local=True)
         elif any(ts in UNCOMPRESSED for ts in accepted):
             try:
                 payload = dcmread(item.path)
@@ -169,28 +294,35 @@ class StoreAssociation:
                     # A change of transfer syntax keeps the instance: same SOP Instance UID.
                     payload.decompress(generate_instance_uid=False)
             except FileNotFoundError:
-                return StoreOutcome(False, error=f"file {item.path} is missing", local=True)
+                return StoreOutcome(False, error=f"file {escape(str(item.path))} is missing", local=True)
             except Exception as exc:  # noqa: BLE001 - any decoder error: this object cannot go uncompressed
-                return StoreOutcome(False, error=f"cannot decode {item.path.name} for an uncompressed syntax: "
-                                                 f"{type(exc).__name__}: {exc}", local=True)
-            LOG.debug("%s: %s not accepted by %s, sending it decoded", item.path.name,
-                      UID(item.transfer_syntax_uid).name, self.peer)
+                return StoreOutcome(False, error=f"cannot decode {escape(item.path.name)} for an uncompressed "
+                                                 f"syntax: {exception_summary(exc)}", local=True)
+            LOG.debug("%s: %s not accepted by %s, sending it decoded", escape(item.path.name),
+                      UID(item.transfer_syntax_uid).name, self.peer.safe)
         else:
-            return StoreOutcome(False, error=f"{self.peer} accepted no presentation context for "
+            return StoreOutcome(False, error=f"{self.peer.safe} accepted no presentation context for "
                                              f"{UID(item.sop_class_uid).name} in "
                                              f"{UID(item.transfer_syntax_uid).name} or uncompressed")
         self._message_id = self._message_id % 65535 + 1
+        started = time.monotonic()
         try:
-            response = self.assoc.send_c_store(payload, msg_id=self._message_id)
+            with Watchdog(self.deadline, self.assoc) as dog:
+                response = self.assoc.send_c_store(payload, msg_id=self._message_id)
         except (ValueError, AttributeError) as exc:  # no usable context, or the file lacks its meta information
-            return StoreOutcome(False, error=f"cannot send {item.path.name}: {exc}")
+            return StoreOutcome(False, error=f"cannot send {escape(item.path.name)}: {exception_summary(exc)}")
         status = response.get("Status") if response else None
         if status is None:
-            return StoreOutcome(False, error=f"no C-STORE response from {self.peer} (timeout, abort or connection "
-                                             "closed)")
+            if dog.fired:
+                return StoreOutcome(False, stalled=True,
+                                    error=f"no C-STORE response from {self.peer.safe} within {self.deadline:g} s "
+                                          "(export.deadline_seconds): association aborted")
+            stalled = time.monotonic() - started >= 0.95 * self.timeout  # one of pynetdicom's timeouts
+            what = "timeout (export.timeout_seconds)" if stalled else "the association was aborted or closed"
+            return StoreOutcome(False, stalled=stalled, error=f"no C-STORE response from {self.peer.safe}: {what}")
         status = int(status)
         if is_stored(status):
             return StoreOutcome(True, status=status)
         comment = response.get("ErrorComment")
-        return StoreOutcome(False, status=status, error=f"{self.peer} answered status 0x{status:04X}"
-                                                        + (f" ({comment})" if comment else ""))
+        return StoreOutcome(False, status=status, error=f"{self.peer.safe} answered status 0x{status:04X}"
+                                                        + (f" ({escape(comment)})" if comment else ""))
