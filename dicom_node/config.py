@@ -162,6 +162,7 @@ SCHEMA: dict[str, Key] = {
     "export.max_attempts": Key(int, 10, _range(1, 1000)),
     "export.poll_seconds": Key(float, 0.5, _range(0.05)),
     "export.timeout_seconds": Key(float, 30.0, _range(1)),
+    "export.deadline_seconds": Key(float, 120.0, _range(1)),
     "limits.max_rows": Key(int, 6144, _range(1, 65535)),
     "limits.max_columns": Key(int, 6144, _range(1, 65535)),
     "limits.max_frames": Key(int, 16, _range(1, 100000)),

@@ -1,16 +1,27 @@
 """Sending result objects to the configured destinations (PACS), with persisted retries.
 
 The export rows live in the database (``db.exports``): an exporter claims the due ones under a lease, sends them
-grouped by destination over one association each, and records every outcome, so a restart, a crash or a PACS that is
+over one association per destination and round, and records every outcome, so a restart, a crash or a PACS that is
 down for hours loses nothing. A failed attempt is retried after ``export.retry_initial_seconds``, doubling up to
 ``export.retry_max_seconds``; after ``export.max_attempts`` failed attempts the export is dead-lettered until
-``dicom-node resend``. A destination that cannot be reached (connection refused, association rejected or aborted)
-is replaced by its ``alternate``, when it has one, within the same attempt.
+``dicom-node resend``. A destination that cannot be reached (connection refused, association rejected, aborted or
+not completed in time) is replaced by its ``alternate``, when it has one, within the same attempt.
 
-``Exporter.start()`` runs the rounds on an APScheduler background job every ``export.poll_seconds``; ``wake()``
-brings the next round forward for a caller in the same process (workers run in their own processes, so their
-results wait at most ``export.poll_seconds``); ``run_once()`` runs one round in the caller's thread. Log lines
-name exports by id and UIDs, never patients.
+No head-of-line blocking: every destination is a *lane* of its own, with its own claim (``claim_due`` restricted to
+its name, up to ``batch_size`` exports), its own round and its own thread, so a PACS that is down, slow or hung
+delays only its own exports. A hung PACS costs one ``export.deadline_seconds`` per round, not one timeout per
+object: each association setup and each C-STORE runs under a watchdog (``store_scu.Watchdog``) that aborts the
+association past that deadline, however the peer keeps the connection alive; the object in flight is then retried
+with backoff, and the batch's other exports, not tried, go back to pending without spending an attempt
+(``db.exports.give_back``), due when the failed one is (the destination stalled) or at once (it dropped the
+association: the next round opens a new one).
+
+``Exporter.start()`` runs the rounds on APScheduler: one interval job per destination every ``export.poll_seconds``,
+on a pool with a thread per destination; ``wake()`` brings every destination's next round forward for a caller in
+the same process (workers run in their own processes, so their results wait at most ``export.poll_seconds``);
+``run_once()`` runs one round for every destination, concurrently, and returns when all of them are done. Log lines
+name exports by id and UIDs, never patients; peers' AE titles and hosts are escaped, exception texts withheld
+(``ai.safe_text``).
 """
 
 from __future__ import annotations
@@ -19,28 +30,30 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
-from collections import OrderedDict
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine
 
-from db.exports import ClaimedExport, claim_due, extend_lease, mark_sent, schedule_retry
+from ai.safe_text import escape
+from db.exports import ClaimedExport, backoff_seconds, claim_due, extend_lease, give_back, mark_sent, schedule_retry
 from db.models import ExportState
 
 from .config import NodeConfig
-from .store_scu import Peer, PeerUnreachable, StoreClient, StoreItem, StoreOutcome
+from .store_scu import ABORT_GRACE_SECONDS, Peer, PeerUnreachable, StoreClient, StoreItem, StoreOutcome
 
 LOG = logging.getLogger("dicom_node.export")
-JOB_ID = "export"
+JOB_ID = "export"  # the APScheduler job of destination NAME is "export:NAME"
 DEFAULT_BATCH_SIZE = 16
 
 
 class _DropSkippedRuns(logging.Filter):
-    """A round longer than the poll interval makes APScheduler skip the next tick with a warning: expected here
-    (``max_instances=1``), so not worth a log line every ``poll_seconds``."""
+    """A round longer than the poll interval makes APScheduler skip that destination's next tick with a warning:
+    expected here (``max_instances=1``), so not worth a log line every ``poll_seconds``."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "maximum number of running instances reached" not in record.getMessage()
@@ -60,9 +73,32 @@ def _utcnow_aware() -> datetime:
     return datetime.now(timezone.utc)
 
 
+@dataclass(eq=False)
+class _Lane:
+    """One destination: its peers, its round lock and its scheduling state."""
+
+    name: str
+    destination: dict[str, Any]
+    round_lock: threading.Lock = field(default_factory=threading.Lock)
+    state_lock: threading.Lock = field(default_factory=threading.Lock)
+    running: bool = False  # its scheduled job is in a round (or between two)
+    rerun: bool = False  # run another round as soon as this one ends
+
+    @property
+    def job_id(self) -> str:
+        return f"{JOB_ID}:{self.name}"
+
+    @property
+    def peers(self) -> list[Peer]:
+        peers = [Peer.from_config(self.destination)]
+        if self.destination.get("alternate"):
+            peers.append(Peer.from_config(self.destination["alternate"]))
+        return peers
+
+
 class Exporter:
-    """Sends due exports. Thread-safe: rounds never overlap within one exporter; several exporters (processes)
-    share the work through the database leases."""
+    """Sends due exports, every destination independently of the others. Thread-safe: rounds of one destination
+    never overlap within one exporter; several exporters (processes) share the work through the database leases."""
 
     def __init__(self, config: NodeConfig, engine: Engine, storage_root: Path | str, *, owner: str | None = None,
                  batch_size: int = DEFAULT_BATCH_SIZE) -> None:
@@ -74,105 +110,138 @@ class Exporter:
         self.max_attempts = int(config["export.max_attempts"])
         self.poll_seconds = float(config["export.poll_seconds"])
         self.timeout = float(config["export.timeout_seconds"])
+        self.deadline = float(config["export.deadline_seconds"])
         self.batch_size = batch_size
         self.owner = owner or f"exporter-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.client = StoreClient(config["network.ae_title"], self.timeout)
-        self._round_lock = threading.Lock()
-        self._state_lock = threading.Lock()
-        self._job_running = False
-        self._rerun = False
+        self.client = StoreClient(config["network.ae_title"], self.timeout, self.deadline)
+        self._lanes = {name: _Lane(name, dest) for name, dest in self.destinations.items()}
+        self._stopping = threading.Event()
         self._scheduler: Any = None
 
     # -- scheduling ------------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Run rounds in the background every ``export.poll_seconds``, the first one now."""
+        """Run rounds in the background, every destination every ``export.poll_seconds``, the first ones now."""
         from apscheduler.executors.pool import ThreadPoolExecutor
         from apscheduler.schedulers.background import BackgroundScheduler
 
         if self._scheduler is not None:
             return
+        self._stopping.clear()
         scheduler = BackgroundScheduler(timezone=timezone.utc, logger=_SCHEDULER_LOG,
-                                        executors={EXECUTOR: ThreadPoolExecutor(1)})
-        scheduler.add_job(self._job, "interval", seconds=self.poll_seconds, id=JOB_ID, name="export",
-                          executor=EXECUTOR, max_instances=1, coalesce=True, misfire_grace_time=None,
-                          next_run_time=_utcnow_aware())
+                                        executors={EXECUTOR: ThreadPoolExecutor(max(1, len(self._lanes)))})
+        for lane in self._lanes.values():
+            scheduler.add_job(self._job, "interval", args=[lane], seconds=self.poll_seconds, id=lane.job_id,
+                              name=lane.job_id, executor=EXECUTOR, max_instances=1, coalesce=True,
+                              misfire_grace_time=None, next_run_time=_utcnow_aware())
         scheduler.start()
         self._scheduler = scheduler
-        LOG.info("exporter %s: %d destination(s) (%s), polling every %g s", self.owner, len(self.destinations),
-                 ", ".join(self.destinations) or "none: results stay under the storage root", self.poll_seconds)
+        LOG.info("exporter %s: %d destination(s) (%s), each in its own thread, polling every %g s, C-STORE deadline "
+                 "%g s", escape(self.owner), len(self.destinations),
+                 ", ".join(escape(name) for name in self.destinations) or "none: results stay under the storage root",
+                 self.poll_seconds, self.deadline)
 
     def stop(self, wait: bool = True) -> None:
-        """Stop polling; with ``wait``, let a round in progress finish (its objects are recorded)."""
+        """Stop polling; with ``wait``, let the rounds in progress finish the object each has in flight (at most
+        about ``export.deadline_seconds``); their other claimed exports go back to pending, untried."""
         scheduler, self._scheduler = self._scheduler, None
         if scheduler is not None:
+            self._stopping.set()
             scheduler.shutdown(wait=wait)
 
     def wake(self) -> None:
-        """Start a round now instead of at the next poll (or right after the round in progress)."""
-        with self._state_lock:
-            if self._job_running:
-                self._rerun = True
-                return
+        """Start a round of every destination now instead of at the next poll (or right after its round in
+        progress)."""
         scheduler = self._scheduler
-        if scheduler is None:
-            return
-        from apscheduler.jobstores.base import JobLookupError
-        from apscheduler.schedulers import SchedulerNotRunningError
+        for lane in self._lanes.values():
+            with lane.state_lock:
+                if lane.running:
+                    lane.rerun = True
+                    continue
+            if scheduler is None:
+                continue
+            from apscheduler.jobstores.base import JobLookupError
+            from apscheduler.schedulers import SchedulerNotRunningError
 
-        try:
-            scheduler.modify_job(JOB_ID, next_run_time=_utcnow_aware())  # wakes the scheduler up
-        except (JobLookupError, SchedulerNotRunningError):
-            pass  # stopping
+            try:
+                scheduler.modify_job(lane.job_id, next_run_time=_utcnow_aware())  # wakes the scheduler up
+            except (JobLookupError, SchedulerNotRunningError):
+                return  # stopping
 
-    def _job(self) -> None:
-        with self._state_lock:
-            self._job_running, self._rerun = True, False
+    def _job(self, lane: _Lane) -> None:
+        with lane.state_lock:
+            lane.running, lane.rerun = True, False
         try:
-            while True:
-                claimed, _ = self._round()
-                with self._state_lock:  # checked and cleared together with wake()'s flag: no wake is lost
-                    if claimed < self.batch_size and not self._rerun:
-                        self._job_running = False
+            while not self._stopping.is_set():
+                claimed, _ = self._round(lane, interruptible=True)
+                with lane.state_lock:  # checked and cleared together with wake()'s flag: no wake is lost
+                    if claimed < self.batch_size and not lane.rerun:
+                        lane.running = False
                         return
-                    self._rerun = False  # a full batch (more may be due) or a wake() during the round
-        except Exception:  # noqa: BLE001 - e.g. the database locked beyond its timeout: try again at the next poll
-            with self._state_lock:
-                self._job_running = False
-            LOG.exception("export round failed; retrying at the next poll")
+                    lane.rerun = False  # a full batch (more may be due), a wake() or a drop during the round
+        except Exception:  # noqa: BLE001 - e.g. the database locked beyond its timeout: try at the next poll
+            LOG.exception("export round for %s failed; retrying at the next poll", escape(lane.name))
+        with lane.state_lock:
+            lane.running = False
 
     # -- one round -------------------------------------------------------------------------------------------
 
     def run_once(self) -> int:
-        """Claim the exports due now (up to the batch size), send them, record the outcomes; returns how many
-        were sent. Exports retried during this round are not tried again in it, however short their backoff."""
-        return self._round()[1]
+        """One round for every destination, concurrently (a thread each when there are several): claim the
+        exports due now (up to the batch size per destination), send them, record the outcomes. Returns, once
+        every destination's round is done, how many were sent. Exports retried during this round are not tried
+        again in it, however short their backoff. An error of one destination's round (the database) is raised
+        after the others finished."""
+        lanes = list(self._lanes.values())
+        if len(lanes) <= 1:
+            return sum(self._round(lane)[1] for lane in lanes)
+        results: dict[str, int] = {}
+        errors: list[BaseException] = []
+
+        def run(lane: _Lane) -> None:
+            try:
+                results[lane.name] = self._round(lane)[1]
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(lane,), name=f"export-once-{lane.name}", daemon=True)
+                   for lane in lanes]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+        return sum(results.values())
+
+    @property
+    def step_seconds(self) -> float:
+        """The longest one step of a round takes: an association setup or one C-STORE (the watchdog's deadline,
+        then the abort), or decoding one object for an uncompressed syntax (covered by the margin)."""
+        return self.deadline + 2 * ABORT_GRACE_SECONDS
 
     @property
     def lease_seconds(self) -> float:
-        # Worst case of one destination's share of a batch: two association attempts (primary, alternate), then
-        # one DIMSE exchange per object; the lease is extended whenever an association is re-opened.
-        return self.timeout * (self.batch_size + 4)
+        # Long enough for the association (primary, then alternate) and the first C-STORE; a round extends the
+        # lease of the exports it still holds whenever less than two steps' worth of it remains.
+        return 3 * self.step_seconds + 30
 
-    def _round(self) -> tuple[int, int]:
-        if not self.destinations:
-            return 0, 0
-        with self._round_lock:
+    def _round(self, lane: _Lane, interruptible: bool = False) -> tuple[int, int]:
+        """Claim and send one batch of ``lane``'s due exports; (claimed, sent). An ``interruptible`` round (the
+        scheduler's) stops after the object in flight when ``stop()`` is called."""
+        with lane.round_lock:
+            leased_at = time.monotonic()
             claimed = claim_due(self.engine, self.owner, self.lease_seconds, self.batch_size,
-                                destinations=list(self.destinations), max_attempts=self.max_attempts)
-            groups: OrderedDict[str, list[ClaimedExport]] = OrderedDict()
-            for export in claimed:
-                groups.setdefault(export.destination, []).append(export)
-            sent = sum(self._send_group(self.destinations[name], exports) for name, exports in groups.items())
-            return len(claimed), sent
+                                destinations=[lane.name], max_attempts=self.max_attempts)
+            if not claimed:
+                return 0, 0
+            return len(claimed), self._send_batch(lane, claimed, leased_at, interruptible)
 
     def _item(self, export: ClaimedExport) -> StoreItem:
         return StoreItem(self.storage_root / export.archive_path, export.sop_class_uid, export.transfer_syntax_uid)
 
-    def _send_group(self, destination: dict[str, Any], exports: list[ClaimedExport]) -> int:
-        peers = [Peer.from_config(destination)]
-        if destination.get("alternate"):
-            peers.append(Peer.from_config(destination["alternate"]))
+    def _send_batch(self, lane: _Lane, exports: list[ClaimedExport], leased_at: float, interruptible: bool) -> int:
+        """One association for the batch; returns how many were sent."""
         sent = 0
         remaining = []
         for export in exports:
@@ -180,45 +249,78 @@ class Exporter:
                 remaining.append(export)
             else:
                 self._record(export, StoreOutcome(False, error="result file missing under the storage root: "
-                                                               f"{export.archive_path}", local=True), None)
-        first = True
-        while remaining:
-            if not first:
+                                                               f"{escape(export.archive_path)}", local=True), None)
+        if not remaining:
+            return 0
+        lease_until = leased_at + self.lease_seconds
+
+        def keep_lease() -> None:
+            nonlocal lease_until
+            if lease_until - time.monotonic() < 2 * self.step_seconds:
+                lease_until = time.monotonic() + self.lease_seconds
                 extend_lease(self.engine, [e.export_id for e in remaining], self.owner, self.lease_seconds)
-            first = False
-            try:
-                association = self.client.open(peers, [self._item(e) for e in remaining])
-            except PeerUnreachable as exc:
-                for export in remaining:
-                    self._record(export, StoreOutcome(False, error=str(exc)), None)
-                break
-            with association:
-                # The association may drop mid-batch: the object in flight fails, the rest go over a new one.
-                while remaining and association.is_established:
-                    export = remaining.pop(0)
-                    outcome = association.store(self._item(export))
-                    sent += self._record(export, outcome, association.peer)
+
+        try:
+            association = self.client.open(lane.peers, [self._item(e) for e in remaining])
+        except PeerUnreachable as exc:
+            for export in remaining:
+                self._record(export, StoreOutcome(False, error=str(exc)), None)
+            return 0
+        with association:
+            while remaining:
+                if interruptible and self._stopping.is_set():
+                    self._give_back(lane, remaining, 0.0, None, "the exporter is stopping")
+                    break
+                keep_lease()
+                export = remaining.pop(0)
+                outcome = association.store(self._item(export))
+                sent += self._record(export, outcome, association.peer)
+                if remaining and not association.is_established:
+                    self._after_lost_association(lane, export, outcome, remaining, association.peer)
+                    break
         return sent
+
+    def _after_lost_association(self, lane: _Lane, failed: ClaimedExport, outcome: StoreOutcome,
+                                untried: list[ClaimedExport], peer: Peer) -> None:
+        """The association ended under ``failed``: no second one in this round. When the peer stalled, the
+        untried exports wait as long as the failed one (the destination backs off as a whole); when it dropped the
+        association, they are due at once and the destination runs another round right away."""
+        if outcome.stalled:
+            delay = backoff_seconds(failed.attempt, self.initial, self.cap)
+            note = f"not tried: {peer.safe} stopped answering earlier in the batch; due with export {failed.export_id}"
+            self._give_back(lane, untried, delay, note, f"{peer.safe} stalled")
+        else:
+            self._give_back(lane, untried, 0.0, None, f"the association with {peer.safe} ended")
+            with lane.state_lock:
+                lane.rerun = True
+
+    def _give_back(self, lane: _Lane, exports: list[ClaimedExport], delay: float, note: str | None,
+                   why: str) -> None:
+        ids = [e.export_id for e in exports]
+        returned = give_back(self.engine, ids, self.owner, delay, note)
+        LOG.warning("%s: %d export(s) not tried (%s), pending again without spending an attempt, due in %g s: %s",
+                    escape(lane.name), returned, why, delay, ", ".join(map(str, ids)))
+        exports.clear()
 
     def _record(self, export: ClaimedExport, outcome: StoreOutcome, peer: Peer | None) -> bool:
         """Persist one outcome and log it; returns whether the export now counts as sent by this round."""
-        what = f"export {export.export_id} ({export.kind} {export.sop_instance_uid}) to {export.destination}"
+        what = (f"export {export.export_id} ({export.kind} {escape(export.sop_instance_uid)}) to "
+                f"{escape(export.destination)}")
         status = f"0x{outcome.status:04X}" if outcome.status is not None else "-"
+        error = escape(outcome.error or "failed", 1000)
         if outcome.stored and peer is not None:
             if mark_sent(self.engine, export.export_id, self.owner, str(peer), outcome.status):
-                LOG.info("%s: sent to %s on attempt %d, status %s", what, peer, export.attempt, status)
+                LOG.info("%s: sent to %s on attempt %d, status %s", what, peer.safe, export.attempt, status)
                 return True
-            LOG.warning("%s: sent to %s but the lease was lost meanwhile; the new owner records it", what, peer)
+            LOG.warning("%s: sent to %s but the lease was lost meanwhile; the new owner records it", what, peer.safe)
             return False
-        state = schedule_retry(self.engine, export.export_id, self.owner, outcome.status, outcome.error or "failed",
+        state = schedule_retry(self.engine, export.export_id, self.owner, outcome.status, error,
                                self.initial, self.cap, self.max_attempts, retryable=not outcome.local)
         if state is None:
-            LOG.warning("%s: attempt %d failed (%s) but the lease was lost meanwhile", what, export.attempt,
-                        outcome.error)
+            LOG.warning("%s: attempt %d failed (%s) but the lease was lost meanwhile", what, export.attempt, error)
         elif state == ExportState.DEAD:
             LOG.error("%s: dead after attempt %d, status %s: %s (dicom-node resend queues it again)", what,
-                      export.attempt, status, outcome.error)
+                      export.attempt, status, error)
         else:
-            LOG.warning("%s: attempt %d failed, status %s: %s; will retry", what, export.attempt, status,
-                        outcome.error)
+            LOG.warning("%s: attempt %d failed, status %s: %s; will retry", what, export.attempt, status, error)
         return False
