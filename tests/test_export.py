@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -34,6 +35,7 @@ from .conftest import CONFIG, PEER_ENV, REPO, SAMPLES, free_port, require_tool
 SR = SAMPLES / "reference-outputs" / "sr_document.dcm"
 SEG = SAMPLES / "reference-outputs" / "seg_image_cr_binary.dcm"
 J2KR = SAMPLES / "not-chest" / "RG3_J2KR.dcm"  # 0.8 MB JPEG 2000 lossless CR: a compressed object
+SR2 = SAMPLES / "reference-outputs" / "sr_document_with_multiple_groups.dcm"
 INITIAL = 0.2  # retry_initial_seconds in these tests
 
 
@@ -114,10 +116,14 @@ def scp_factory(tmp_path):
 
 class StatusSCP:
     """A pynetdicom Storage SCP that answers ``status`` to every C-STORE (and keeps what it accepted), or rejects
-    every association when ``require_called_aet`` is set and we call it by another title."""
+    every association when ``require_called_aet`` is set and we call it by another title; with ``abort_first`` it
+    aborts the association under the first C-STORE it gets."""
 
-    def __init__(self, aet: str = "PACS", status: int = 0x0000, require_called_aet: bool = False) -> None:
+    def __init__(self, aet: str = "PACS", status: int = 0x0000, require_called_aet: bool = False,
+                 abort_first: bool = False) -> None:
         self.status = status
+        self.abort_first = abort_first
+        self.associations = 0
         self.received: list[str] = []
         self.in_store = threading.Event()  # set while a C-STORE is being answered
         self.release = threading.Event()  # cleared: C-STOREs wait for it
@@ -127,9 +133,17 @@ class StatusSCP:
         ae.require_called_aet = require_called_aet
         ae.supported_contexts = StoragePresentationContexts
         self.server = ae.start_server(("127.0.0.1", self.port), block=False,
-                                      evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+                                      evt_handlers=[(evt.EVT_C_STORE, self._on_store),
+                                                    (evt.EVT_ESTABLISHED, self._on_established)])
+
+    def _on_established(self, _event: evt.Event) -> None:
+        self.associations += 1
 
     def _on_store(self, event: evt.Event) -> int:
+        if self.abort_first:
+            self.abort_first = False
+            event.assoc.abort()
+            return 0xA700
         self.in_store.set()
         self.release.wait(10)
         self.in_store.clear()
@@ -514,3 +528,234 @@ def test_concurrent_rounds_never_send_twice(site, scp_factory):
         t.join(30)
     pacs.stop()
     assert sum(counts) == 3 and len(pacs.files()) == 3
+
+
+# -- no head-of-line blocking: a hung destination delays only itself ---------------------------------------------
+
+DEADLINE = 3.0  # export.deadline_seconds in these tests; export.timeout_seconds (each pynetdicom wait) stays 30 s
+PER_READ_TIMEOUT = 30.0
+SLACK = 2.0  # the watchdog's abort (at most 2 x store_scu.ABORT_GRACE_SECONDS) and a loaded machine
+
+
+class HungSCP:
+    """A pynetdicom Storage SCP that accepts every association and never answers a C-STORE until the test ends:
+    ``mode="silent"`` just waits; ``mode="trickle"`` first writes a P-DATA-TF header announcing 100 kB, then one
+    byte every 0.2 s, which keeps the connection busy and holds the caller's pynetdicom DUL thread in ``recv``."""
+
+    def __init__(self, mode: str = "silent", aet: str = "HUNG") -> None:
+        self.mode = mode
+        self.stores = 0
+        self.in_store = threading.Event()
+        self.done = threading.Event()
+        self.port = free_port()
+        ae = AE(ae_title=aet)
+        ae.supported_contexts = StoragePresentationContexts
+        self.associations = 0
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, self._on_store),
+                                                    (evt.EVT_ESTABLISHED, self._on_established)])
+
+    def _on_established(self, _event: evt.Event) -> None:
+        self.associations += 1
+
+    def _on_store(self, event: evt.Event) -> int:
+        self.stores += 1
+        self.in_store.set()
+        if self.mode == "trickle":
+            raw = event.assoc.dul.socket.socket
+            try:
+                raw.sendall(b"\x04\x00" + (100_000).to_bytes(4, "big"))
+                while not self.done.wait(0.2):
+                    raw.sendall(b"\x00")
+            except OSError:  # the node cut the connection
+                pass
+        self.done.wait(120)
+        return 0x0000
+
+    def destination(self, name: str = "hung", **extra: object) -> dict:
+        return {"name": name, "ae_title": "HUNG", "host": "127.0.0.1", "port": self.port, **extra}
+
+    def stop(self) -> None:
+        self.done.set()
+        self.server.shutdown()
+
+
+class TricklingAcceptor:
+    """A bare TCP server that reads the A-ASSOCIATE-RQ, answers with an A-ASSOCIATE-AC header announcing 100 kB and
+    then trickles one byte every 0.2 s: the association is never complete, the connection never idle."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self.done.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.connections += 1
+            with conn:
+                try:
+                    conn.recv(65536)
+                    conn.sendall(b"\x02\x00" + (100_000).to_bytes(4, "big"))
+                    while not self.done.wait(0.2):
+                        conn.sendall(b"\x00")
+                except OSError:  # the node cut the connection
+                    pass
+
+    def destination(self, name: str = "hung", **extra: object) -> dict:
+        return {"name": name, "ae_title": "HUNG", "host": "127.0.0.1", "port": self.port, **extra}
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join(5)
+        self.sock.close()
+
+
+@pytest.fixture
+def hung_peers():
+    peers: list = []
+
+    def make(kind: str = "silent"):  # type: ignore[no-untyped-def]
+        peers.append(TricklingAcceptor() if kind == "association" else HungSCP(kind))
+        return peers[-1]
+
+    yield make
+    for peer in peers:
+        peer.stop()
+
+
+def our_association_threads() -> list[threading.Thread]:
+    """The node's side of any association still alive: requestor associations, their DUL threads, watchdogs."""
+    from pynetdicom.association import Association
+    from pynetdicom.dul import DULServiceProvider
+
+    def ours(t: threading.Thread) -> bool:
+        if isinstance(t, Association):
+            return t.is_requestor
+        if isinstance(t, DULServiceProvider):
+            return t.assoc.is_requestor
+        return t.name.startswith("store-scu-watchdog")
+
+    return [t for t in threading.enumerate() if t.is_alive() and ours(t)]
+
+
+def test_a_hung_destination_delays_only_itself(site, scp_factory, hung_peers):
+    pacs, hung = scp_factory().start(), hung_peers("silent")
+    dests = [hung.destination(), pacs.destination()]  # the hung one first, as the old exporter served them
+    for sample, kind in ((SR, "sr"), (SEG, "seg"), (J2KR, "sc")):
+        site.add_result(sample, kind, dests)
+    exporter = site.exporter(dests, export__deadline_seconds=DEADLINE, export__timeout_seconds=PER_READ_TIMEOUT,
+                             export__retry_initial_seconds=30)
+    counts: list[int] = []
+    started = time.monotonic()
+    round_thread = threading.Thread(target=lambda: counts.append(exporter.run_once()))
+    round_thread.start()
+
+    def sent_to_pacs() -> int:
+        return sum(1 for r in site.exports() if r.destination == "pacs" and r.state == ExportState.SENT)
+
+    wait_for(lambda: sent_to_pacs() == 3, timeout=DEADLINE + SLACK + 5)
+    healthy_after = time.monotonic() - started
+    # The healthy PACS has everything while the hung one still holds its first C-STORE: far below its deadline,
+    # let alone its 30 s per-read timeout.
+    assert round_thread.is_alive() and hung.in_store.is_set()
+    assert healthy_after < DEADLINE - 0.5 and len(pacs.files()) == 3
+    round_thread.join(60)
+    elapsed = time.monotonic() - started
+    # run_once returns when every destination's round is done: the hung one's after one deadline, not 3 x 30 s.
+    assert counts == [3]
+    assert DEADLINE - 0.1 <= elapsed < DEADLINE + SLACK
+    assert (hung.associations, hung.stores) == (1, 1)  # one association; the batch's other objects never went
+
+    rows = [r for r in site.exports() if r.destination == "hung"]
+    assert all(r.state == ExportState.PENDING and r.lease_owner is None for r in rows)
+    (cut,) = [r for r in rows if r.attempts == 1]
+    assert "within 3 s" in cut.last_error and "deadline" in cut.last_error and "HUNG@127.0.0.1" in cut.last_error
+    # Retried with backoff (30 s here) from the cut, the batch's untried exports with it, no attempt spent on them.
+    assert utcnow() + timedelta(seconds=25) < cut.next_attempt_at < utcnow() + timedelta(seconds=31)
+    untried = [r for r in rows if r is not cut]
+    assert len(untried) == 2 and all(r.attempts == 0 and "not tried" in r.last_error for r in untried)
+    assert all(abs((r.next_attempt_at - cut.next_attempt_at).total_seconds()) < 2 for r in untried)
+    time.sleep(2 * 0.5)
+    assert our_association_threads() == []
+
+    # Under the scheduler too: while the hung destination's lane sits in its next C-STORE, a new result reaches
+    # the healthy PACS at once, and stop() waits for the hung lane no longer than its deadline.
+    site.make_due()
+    hung.in_store.clear()
+    exporter = site.exporter(dests, export__deadline_seconds=DEADLINE, export__timeout_seconds=PER_READ_TIMEOUT,
+                             export__retry_initial_seconds=30, export__poll_seconds=3600)
+    exporter.start()
+    try:
+        assert hung.in_store.wait(DEADLINE)
+        stalled_since = time.monotonic()
+        site.add_result(SR2, "sr", [pacs.destination()])
+        exporter.wake()
+        wait_for(lambda: sent_to_pacs() == 4, timeout=DEADLINE + SLACK + 5)
+        assert time.monotonic() - stalled_since < DEADLINE - 0.5 and hung.stores == 2
+    finally:
+        stopping = time.monotonic()
+        exporter.stop()
+    assert time.monotonic() - stopping < DEADLINE + SLACK
+    assert {(r.state, r.lease_owner) for r in site.exports() if r.destination == "hung"} == {
+        (ExportState.PENDING, None)}
+    pacs.stop()
+
+
+@pytest.mark.parametrize("stall", ["c_store", "association"])
+def test_a_stalled_association_is_cut_by_the_deadline_however_the_peer_keeps_it_alive(site, scp_factory,
+                                                                                      hung_peers, stall):
+    """The peer trickles bytes, so neither pynetdicom's per-read timeouts (30 s here) nor its idle timeout ever
+    fire, and pynetdicom alone would wait for as long as the peer likes: the watchdog ends the attempt at the
+    deadline. A C-STORE cut is retried; an association setup cut counts as unreachable, so the alternate is used."""
+    hung = hung_peers("trickle" if stall == "c_store" else "association")
+    dest = hung.destination()
+    backup = None
+    if stall == "association":
+        backup = scp_factory(aet="BACKUP").start()
+        dest["alternate"] = {"ae_title": "BACKUP", "host": "127.0.0.1", "port": backup.port}
+    site.add_result(SR, "sr", [dest])
+    site.add_result(SEG, "seg", [dest])
+    exporter = site.exporter([dest], export__deadline_seconds=DEADLINE, export__timeout_seconds=PER_READ_TIMEOUT)
+    started = time.monotonic()
+    sent = exporter.run_once()
+    elapsed = time.monotonic() - started
+    assert DEADLINE - 0.1 <= elapsed < DEADLINE + SLACK
+    rows = site.exports()
+    if stall == "c_store":
+        assert sent == 0 and hung.stores == 1
+        assert [(r.state, r.attempts) for r in rows] == [(ExportState.PENDING, 1), (ExportState.PENDING, 0)]
+        assert "no C-STORE response" in rows[0].last_error and "within 3 s" in rows[0].last_error
+    else:
+        assert sent == 2 and hung.connections == 1
+        backup.stop()
+        assert len(backup.files()) == 2 and backup.associations() == 1
+        assert {(r.state, r.attempts, r.sent_to) for r in rows} == {
+            (ExportState.SENT, 1, f"BACKUP@127.0.0.1:{backup.port}")}
+    time.sleep(2 * 0.5)
+    assert our_association_threads() == []
+
+
+def test_a_dropped_association_gives_the_batch_back_for_the_next_round(site, status_scp):
+    """A peer that aborts the association under the first C-STORE: that export is retried with backoff, the
+    others were never tried and go in the next round, over a new association, without losing an attempt."""
+    peer = status_scp(abort_first=True)
+    dests = [peer.destination()]
+    for sample, kind in ((SR, "sr"), (SEG, "seg"), (J2KR, "sc")):
+        site.add_result(sample, kind, dests)
+    exporter = site.exporter(dests, export__retry_initial_seconds=30)
+    assert exporter.run_once() == 0
+    rows = site.exports()
+    assert [(r.state, r.attempts) for r in rows] == [(ExportState.PENDING, 1)] + [(ExportState.PENDING, 0)] * 2
+    assert rows[0].next_attempt_at > utcnow() + timedelta(seconds=25)
+    assert all(r.next_attempt_at <= utcnow() for r in rows[1:])
+    assert exporter.run_once() == 2  # the next round: a new association
+    assert peer.associations == 2
+    assert [(r.state, r.attempts) for r in site.exports()] == [(ExportState.PENDING, 1)] + [(ExportState.SENT, 1)] * 2
