@@ -21,6 +21,7 @@ from pydicom.dataset import Dataset
 
 from .header_scope import header_scope
 from .input_check import InputCheck, check_lung_fields
+from .limits import DEFAULT_LIMITS, ImageLimits, ImageTooLarge, check_declared_size
 from .lungs import LEFT_LUNG, RIGHT_LUNG
 from .classifier import Classification
 from .models import lung_segmenter, pneumoconiosis_classifier
@@ -40,6 +41,7 @@ FAILURE_REASONS: dict[str, tuple[str, bool]] = {
     "decoder_crashed": ("the pixel decoder crashed on this image", False),
     "decoder_timeout": ("decoding the pixel data took too long", False),
     "decoder_unavailable": ("the pixel decoder could not be started", True),
+    "image_too_large": ("the image exceeds the configured size limits (limits.*)", False),
     "file_not_found": ("file not found", True),  # an NFS archive may come back
     "file_unavailable": ("the file cannot be opened", True),
     "analysis_error": ("the analysis raised an unexpected error", True),
@@ -122,7 +124,7 @@ def _fail(record: AnalysisRecord, reason: str, exc: BaseException, message: str 
     record.explanation = explanation or (str(exc) if isinstance(exc, UnreadableImage) else "analysis failed")
 
 
-def _prepare(source: Source, decode_timeout: float) -> _Prepared:
+def _prepare(source: Source, decode_timeout: float, limits: ImageLimits) -> _Prepared:
     """Read, check the header, decode and normalise one input; a refusal or error ends in the record."""
     name = source.SOPInstanceUID if isinstance(source, Dataset) and "SOPInstanceUID" in source else str(source)
     record = AnalysisRecord(source=str(name), in_scope=False, reason="unreadable_image", explanation="")
@@ -131,13 +133,14 @@ def _prepare(source: Source, decode_timeout: float) -> _Prepared:
         ds: Dataset | None = source if isinstance(source, Dataset) else None
         path = None if ds is not None else Path(source)  # type: ignore[arg-type]
         if path is not None:
-            ds = read_image_file(path)  # None: a picture (PNG/JPEG)
+            ds = read_image_file(path, limits)  # None: a picture (PNG/JPEG)
         if ds is not None:
             record.sop_instance_uid = str(ds.get("SOPInstanceUID", "")) or None
             verdict = header_scope(ds)
             if not verdict.in_scope:
                 record.reason, record.explanation = verdict.reason, verdict.explanation
                 return _Prepared(record, None)
+            check_declared_size(ds, limits)  # nothing is decoded beyond the limits
             stored = decode_pixels(ds, decode_timeout)
             decoded = time.perf_counter()
             image = normalise_dataset(ds, stored)
@@ -147,6 +150,10 @@ def _prepare(source: Source, decode_timeout: float) -> _Prepared:
                 image = normalise_picture(path)  # type: ignore[arg-type]
             except (OSError, ValueError):
                 raise UnreadableImage("not a readable image file") from None
+    except ImageTooLarge as exc:
+        _fail(record, "image_too_large", exc)
+        record.explanation = str(exc)  # a SafeMessage: sizes and limits only
+        return _Prepared(record, None)
     except UnreadableImage as exc:  # the node's own, log-safe; reason and retryable travel with it
         _fail(record, exc.reason, exc, retryable=exc.retryable)
         return _Prepared(record, None)
@@ -212,13 +219,14 @@ def _segment(segmenter: Any, todo: list[_Prepared]) -> list[tuple[_Prepared, Any
 
 
 def analyse_batch(sources: Sequence[Source], device: str | None = None,
-                  decode_timeout: float = DECODE_TIMEOUT) -> list[AnalysisRecord]:
+                  decode_timeout: float = DECODE_TIMEOUT, limits: ImageLimits = DEFAULT_LIMITS) -> list[AnalysisRecord]:
     """Analyse several inputs with one model call for all that reach segmentation (the worker's form).
 
-    ``decode_timeout``: seconds one compressed image may take to decode (then ``decoder_timeout``)."""
+    ``decode_timeout``: seconds one compressed image may take to decode (then ``decoder_timeout``); ``limits``:
+    images declaring more are refused (``image_too_large``) before anything is inflated or decoded."""
     segmenter = lung_segmenter(device)
     classifier = pneumoconiosis_classifier(device)
-    prepared = [_prepare(s, decode_timeout) for s in sources]
+    prepared = [_prepare(s, decode_timeout, limits) for s in sources]
     todo = [p for p in prepared if p.image is not None]
     if todo:
         for p, seg in _segment(segmenter, todo):
@@ -240,5 +248,6 @@ def analyse_batch(sources: Sequence[Source], device: str | None = None,
     return [p.record for p in prepared]
 
 
-def analyse(source: Source, device: str | None = None, decode_timeout: float = DECODE_TIMEOUT) -> AnalysisRecord:
-    return analyse_batch([source], device, decode_timeout)[0]
+def analyse(source: Source, device: str | None = None, decode_timeout: float = DECODE_TIMEOUT,
+            limits: ImageLimits = DEFAULT_LIMITS) -> AnalysisRecord:
+    return analyse_batch([source], device, decode_timeout, limits)[0]

@@ -21,6 +21,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 
 from . import header_values
+from .limits import DEFAULT_LIMITS, ImageLimits, ImageTooLarge, read_dataset_bounded
 from .decoding import (DECODE_TIMEOUT, DecoderCrashed, DecoderTimeout, DecoderUnavailable, UndecodablePixels,
                        UnreadableImage, decode)
 
@@ -228,18 +229,21 @@ def _is_picture(path: Path) -> bool:
         return False
 
 
-def read_image_file(path: Path | str) -> Dataset | None:
+def read_image_file(path: Path | str, limits: ImageLimits = DEFAULT_LIMITS) -> Dataset | None:
     """Read ``path`` as DICOM, or return None for a picture (PNG/JPEG ...) that Pillow can open.
 
     Besides DICOM Part 10 files (DICM marker), a dataset with no preamble and no file meta (an old ACR-NEMA-style
     export) is read with pydicom's ``force``: it counts as DICOM only when it has a SOP Class UID or Pixel Data, and
     its transfer syntax is set from the encoding pydicom found (implicit or explicit VR, little or big endian).
+    Nothing larger than ``limits`` is inflated or loaded (:class:`ai.limits.ImageTooLarge`).
     Raises :class:`UnreadableImage` for a file that is neither, ``OSError`` (``FileNotFoundError`` ...) when the
     file cannot be opened at all."""
     path = Path(path)
     if is_dicom_file(path):
         try:
-            ds = dcmread(path)
+            ds = read_dataset_bounded(path, limits)
+        except ImageTooLarge:
+            raise
         except Exception:
             raise UnreadableImage("not a readable DICOM file") from None
         if "SOPClassUID" not in ds:
@@ -248,7 +252,9 @@ def read_image_file(path: Path | str) -> Dataset | None:
     if _is_picture(path):
         return None
     try:
-        ds = dcmread(path, force=True)
+        ds = read_dataset_bounded(path, limits, force=True)
+    except ImageTooLarge:
+        raise
     except Exception:
         raise UnreadableImage("not a readable image file") from None
     if not (header_values.uid(ds, "SOPClassUID") or "PixelData" in ds):

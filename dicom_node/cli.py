@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import Engine
+
+from ai.limits import ImageLimits
 from sqlalchemy.exc import SQLAlchemyError
 
 from db.engine import SchemaError, init_schema, make_engine
@@ -252,7 +254,8 @@ def _cmd_jobs(rt: Runtime, state: str | None, limit: int) -> int:
     return 0
 
 
-def _cmd_analyse(files: list[Path], as_json: bool, mask_out: Path | None, device: str | None) -> int:
+def _cmd_analyse(files: list[Path], as_json: bool, mask_out: Path | None, device: str | None,
+                 limits: ImageLimits) -> int:
     """Run the analysis on files without the network: one result per file, in input order, errors included."""
     import json
 
@@ -265,7 +268,7 @@ def _cmd_analyse(files: list[Path], as_json: bool, mask_out: Path | None, device
         mask_out.mkdir(parents=True, exist_ok=True)
     failures = 0
     for path in files:
-        record = analyse(path, device=device)
+        record = analyse(path, device=device, limits=limits)
         record_json = record.to_json()
         failures += record_json["error"] is not None
         if record.labels is not None and mask_out is not None:
@@ -304,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     jobs = sub.add_parser("jobs", parents=[common], help="list analysis jobs, newest first")
     jobs.add_argument("--state", choices=[s.value for s in JobState])
     jobs.add_argument("--limit", type=int, default=100)
-    analyse = sub.add_parser("analyse", help="analyse DICOM, PNG or JPEG files without the network")
+    analyse = sub.add_parser("analyse", parents=[common],
+                             help="analyse DICOM, PNG or JPEG files without the network (limits.* apply)")
     analyse.add_argument("files", nargs="+", type=Path)
     analyse.add_argument("--json", action="store_true", help="one JSON object per line, one line per file")
     analyse.add_argument("--mask-out", type=Path, help="write <file stem>.png label masks (0 bg, 1 right, 2 left)")
@@ -326,8 +330,14 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "analyse":
-        logging.basicConfig(level=logging.WARNING)
-        return _cmd_analyse(args.files, args.json, args.mask_out, args.device)
+        setup_logging("WARNING")
+        try:
+            config_path = args.config if args.config is not None else default_config_path()
+            limits = load_config(config_path, parse_set_options(args.set)).image_limits
+        except ConfigError as exc:
+            print(f"dicom-node: configuration error: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        return _cmd_analyse(args.files, args.json, args.mask_out, args.device, limits)
     try:
         rt = _open_runtime(args)
     except ConfigError as exc:

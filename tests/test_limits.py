@@ -103,3 +103,37 @@ def test_compressed_and_native_files_are_checked_too(tmp_path):
     assert read_dataset_bounded(path).Rows == 64
     with pytest.raises(ImageTooLarge):
         read_dataset_bounded(path, ImageLimits(max_rows=32))
+
+
+PEAK_OF_CHILD = """
+import resource, subprocess, sys
+proc = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+print(proc.stdout, end="")
+print(f"peak_mb={resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024:.0f}")
+"""
+
+
+def test_analyse_refuses_the_bomb_with_a_clear_reason_and_bounded_memory(bomb):
+    """`dicom-node analyse` on the deflate bomb passed 12 GB before the limits; now it refuses before inflating.
+    What remains of its peak is the models, loaded at start (about 1 GB)."""
+    import json
+
+    cli = [sys.executable, "-m", "dicom_node.cli", "analyse", "--json", str(bomb)]
+    run = subprocess.run([sys.executable, "-c", PEAK_OF_CHILD, *cli], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    record = json.loads(run.stdout.splitlines()[0])
+    assert (record["analysed"], record["reason"], record["retryable"]) == (False, "image_too_large", False)
+    assert "28043 x 28043" in record["explanation"]
+    peak = float(run.stdout.rsplit("peak_mb=", 1)[1])
+    assert peak < 2000, f"dicom-node analyse peaked at {peak:.0f} MB"
+
+
+def test_analyse_takes_the_limits_from_the_configuration(tmp_path):
+    import json
+
+    (path,) = clone_instances(synthetic_dx(64, 64), tmp_path, 1)
+    cli = [sys.executable, "-m", "dicom_node.cli", "analyse", "--json", "--set", "limits.max_rows=32", str(path)]
+    run = subprocess.run(cli, capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert json.loads(run.stdout.splitlines()[0])["reason"] == "image_too_large", run.stdout + run.stderr
+    bad = subprocess.run(cli[:-2] + ["limits.max_rows=0", str(path)], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "limits.max_rows" in bad.stderr
