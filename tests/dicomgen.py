@@ -117,3 +117,21 @@ def deflate_bomb(path: Path, rows: int, cols: int, sop_class: str = "1.2.840.100
             left -= step
         fh.write(deflater.flush())
     return path
+
+
+ABORTING_J2K_KEEP = 6  # SOC (FF4F), the SIZ marker (FF51) and its length; the SIZ parameters and the rest: garbage
+
+
+def aborting_j2k(path: Path, keep: int = ABORTING_J2K_KEEP, seed: int = 0) -> Dataset:
+    """A JPEG 2000 dataset whose codestream has a valid start marker and garbage after it: python-gdcm calls
+    ``abort()`` on it (the process dies with SIGABRT), pylibjpeg-openjpeg raises a clean error."""
+    from pydicom.encaps import encapsulate, generate_frames
+
+    ds = dcmread(path)
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    assert frame[:4] == b"\xff\x4f\xff\x51", "not a raw J2K codestream starting with SOC, SIZ"
+    garbage = np.random.default_rng(seed).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    ds.PixelData = encapsulate([frame[:keep] + garbage])
+    ds.SOPInstanceUID = generate_uid(UID_ROOT)
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    return ds

@@ -29,24 +29,17 @@ from ai.decoding import (GDCM_READER, NATIVE, PLUGIN_ORDER, DecoderCrashed, Deco
 from ai.normalise import decode_pixels
 
 from .conftest import REPO, SAMPLES, require_tool
+from .dicomgen import aborting_j2k as _aborting_j2k
 
 CHEST = SAMPLES / "chest"
 J2K_LOSSY = CHEST / "RG1_J2KI.dcm"  # the smaller Philips J2K: 0.15 s to decode
 J2K_LOSSLESS = CHEST / "RG1_J2KR.dcm"
 JPEG_LS = CHEST / "RG1_JLSN_Philips_CR_chest_JPEGLS_near_lossless.dcm"
 UNCOMPRESSED = CHEST / "RG1_UNCR.dcm"
-GARBAGE_SEED = 0
-KEEP = 6  # SOC (FF4F), the SIZ marker (FF51) and its length; the SIZ parameters and everything after are garbage
 
 
-def aborting_j2k(path=J2K_LOSSY, keep: int = KEEP, seed: int = GARBAGE_SEED):
-    ds = dcmread(path)
-    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
-    assert frame[:4] == b"\xff\x4f\xff\x51", "not a raw J2K codestream starting with SOC, SIZ"
-    garbage = np.random.default_rng(seed).integers(0, 256, 4096, dtype=np.uint8).tobytes()
-    ds.PixelData = encapsulate([frame[:keep] + garbage])
-    ds.SOPInstanceUID = generate_uid()
-    return ds
+def aborting_j2k(path=J2K_LOSSY, **kwargs):
+    return _aborting_j2k(path, **kwargs)
 
 
 @pytest.fixture(scope="module")
