@@ -10,6 +10,10 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from .support.dicom_files import dataset_bytes
+
+__all__ = ["ABORTING_J2K_KEEP", "UID_ROOT", "aborting_j2k", "clone_instances", "dataset_bytes", "deflate_bomb", "synthetic_dx"]
+
 UID_ROOT = "1.2.826.0.1.3680043.10.1456."  # test data only
 
 
@@ -61,15 +65,6 @@ def clone_instances(template: Path | Dataset, out_dir: Path, count: int, per_ser
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
-
-
-def dataset_bytes(path: Path) -> bytes:
-    """The encoded dataset after the File Meta Information: what travels on the wire in the file's own syntax."""
-    raw = path.read_bytes()
-    assert raw[128:132] == b"DICM", f"{path} is not in the DICOM file format"
-    # (0002,0000) File Meta Information Group Length is the first element: explicit VR 'UL', 4-byte value.
-    group_length = int.from_bytes(raw[132 + 8:132 + 12], "little")
-    return raw[132 + 12 + group_length:]
 
 
 def deflate_bomb(path: Path, rows: int, cols: int, sop_class: str = "1.2.840.10008.5.1.4.1.1.1") -> Path:

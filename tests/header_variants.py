@@ -37,9 +37,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 
-from .conftest import SAMPLES
-
-CHEST = SAMPLES / "chest" / "RG1_UNCR.dcm"
+from .support.data import CHEST_UNCOMPRESSED
 
 # Distinctive values, so that a grep finds any leak. Every one is valid for its VR.
 BASELINE = {
@@ -115,17 +113,17 @@ class Variant:
 @lru_cache(maxsize=1)
 def _chest_pixel_element() -> bytes:
     """The encoded (7FE0,0010) element of the chest file (Explicit VR Little Endian, OW: a 12-byte header)."""
-    ds = dcmread(CHEST)
+    ds = dcmread(CHEST_UNCOMPRESSED)
     raw = ds.get_item(0x7FE00010)
     start = raw.value_tell - 12
-    data = CHEST.read_bytes()
+    data = CHEST_UNCOMPRESSED.read_bytes()
     assert data[start:start + 4] == b"\xe0\x7f\x10\x00", "the chest's pixel data is not where it should be"
     return data[start:raw.value_tell + raw.length]
 
 
 @lru_cache(maxsize=1)
 def _chest_header() -> Dataset:
-    return dcmread(CHEST, stop_before_pixels=True)
+    return dcmread(CHEST_UNCOMPRESSED, stop_before_pixels=True)
 
 
 class _Silent:

@@ -10,7 +10,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .conftest import PEER_ENV, free_port, require_tool
+from .support.dicom_tools import PEER_ENV, require_tool
+from .support.net import free_port
 
 
 @dataclass

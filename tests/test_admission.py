@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import PEER_ENV, require_tool, storescu
 from .dicomgen import clone_instances, synthetic_dx
+from .support.dicom_tools import PEER_ENV, require_tool, storescu
 
 HOST = "127.0.0.1"
 RQ_PREFIX = b"\x01\x00" + struct.pack(">L", 205) + b"\x00\x01\x00\x00" + b"PNEUMO"

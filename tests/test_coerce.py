@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import subprocess
 import warnings
 from pathlib import Path
 
@@ -24,8 +23,9 @@ from dicom_node.results import (NodeIdentity, Repair, ResultEncodingError, build
                                 build_results, coerce_header, derive_device_uid)
 from dicom_node.results import coerce as coercion
 
-from .conftest import require_tool
-from .header_variants import CHEST, PROBLEMS, Variant, variant, variants
+from .header_variants import PROBLEMS, Variant, variant, variants
+from .support.data import CHEST_UNCOMPRESSED as CHEST
+from .support.dicom_tools import dciodvfy_errors
 
 ALL = variants()
 STRING_VRS = {"AE", "AS", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UI", "UR", "UT"}  # DA/TM/DS/IS: pydicom's types
@@ -42,15 +42,7 @@ FULL = ({name for name, *_ in PROBLEMS}
                                                 "ImagerPixelSpacing", "Laterality", "Manufacturer", "InstitutionName")})
 
 
-# --- tools ------------------------------------------------------------------------------------------------------
-
-
-def dciodvfy_errors(path: Path, allow_off_root_uids: bool = False) -> list[str]:
-    proc = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True, text=True, timeout=60)
-    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "Error" in line]
-    if allow_off_root_uids:  # the source's own UIDs, referenced as they are (docs/results.md)
-        errors = [line for line in errors if "Illegal root for UID" not in line]
-    return errors
+# --- helpers ----------------------------------------------------------------------------------------------------
 
 
 def text_values_are_str(ds: Dataset) -> list[str]:

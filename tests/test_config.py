@@ -10,7 +10,7 @@ import pytest
 
 from dicom_node.config import SCHEMA, ConfigError, load_config
 
-from .conftest import CONFIG, REPO
+from .support.data import CONFIG, REPO
 
 
 def test_config_toml_documents_every_key_with_the_built_in_default():

@@ -18,7 +18,6 @@ import time
 import numpy as np
 import pytest
 from pydicom import dcmread
-from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels import pixel_array
 from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian, JPEGLSLossless, RLELossless, generate_uid
 
@@ -28,14 +27,13 @@ from ai.decoding import (GDCM_READER, NATIVE, PLUGIN_ORDER, DecoderCrashed, Deco
                          UnreadableImage, decode, decoder_process, plugin_order)
 from ai.normalise import decode_pixels
 
-from .conftest import REPO, SAMPLES, require_tool
 from .dicomgen import aborting_j2k as _aborting_j2k
-
-CHEST = SAMPLES / "chest"
-J2K_LOSSY = CHEST / "RG1_J2KI.dcm"  # the smaller Philips J2K: 0.15 s to decode
-J2K_LOSSLESS = CHEST / "RG1_J2KR.dcm"
-JPEG_LS = CHEST / "RG1_JLSN_Philips_CR_chest_JPEGLS_near_lossless.dcm"
-UNCOMPRESSED = CHEST / "RG1_UNCR.dcm"
+from .support.data import REPO, SAMPLES
+from .support.data import CHEST_J2K_LOSSLESS as J2K_LOSSLESS
+from .support.data import CHEST_J2K_LOSSY as J2K_LOSSY  # the smaller Philips J2K: 0.15 s to decode
+from .support.data import CHEST_JPEG_LS as JPEG_LS
+from .support.data import CHEST_UNCOMPRESSED as UNCOMPRESSED
+from .support.dicom_tools import require_tool
 
 
 def aborting_j2k(path=J2K_LOSSY, **kwargs):

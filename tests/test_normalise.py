@@ -21,13 +21,14 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate
 from ai.geometry import Letterbox
 from ai.normalise import UnreadableImage, normalise, stretch_contrast
 
-from .conftest import SAMPLES, sample_files
+from .support.data import CHEST_UNCOMPRESSED as CHEST_UNCOMPRESSED_PATH
+from .support.data import sample_files
 
 # --------------------------------------------------------------------------------------------------------------------
 # Real files
 # --------------------------------------------------------------------------------------------------------------------
 
-CHEST_UNCOMPRESSED = "RG1_UNCR.dcm"
+CHEST_UNCOMPRESSED = CHEST_UNCOMPRESSED_PATH.name
 LOSSLESS = ("RG1_J2KR.dcm",)
 # Measured (RG1_UNCR as reference): J2KI mean 0.0017 / max 0.0134; JLSN (near lossless) mean 7.4e-5 / max 1.3e-4.
 LOSSY_LIMITS = {  # (mean abs diff, max abs diff): a few times the measured error, far below any real change
@@ -84,7 +85,7 @@ def test_chest_lungs_darker_than_mediastinum(chest):
 
 
 def test_dataset_and_path_inputs_agree():
-    path = SAMPLES / "chest" / CHEST_UNCOMPRESSED
+    path = CHEST_UNCOMPRESSED_PATH
     from_path = normalise(path)
     from_str = normalise(str(path))
     from_dataset = normalise(dcmread(path))
@@ -665,7 +666,7 @@ def with_raw(ds: Dataset, path=None, implicit: bool = False, **values: bytes) ->
 
 def chest_header() -> Dataset:
     """The Philips chest's header with a token Pixel Data (the scope verdict only needs its presence)."""
-    ds = dcmread(SAMPLES / "chest" / CHEST_UNCOMPRESSED, stop_before_pixels=True)
+    ds = dcmread(CHEST_UNCOMPRESSED_PATH, stop_before_pixels=True)
     ds.PixelData = b"\0" * 4
     ds["PixelData"].VR = "OW"
     return ds

@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from .conftest import storescu
 from .dicomgen import clone_instances, synthetic_dx
+from .support.dicom_tools import storescu
 
 DIE_MID_TRANSFER = """
 import os, sys

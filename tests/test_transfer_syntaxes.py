@@ -27,13 +27,16 @@ from pydicom.uid import generate_uid
 from ai.normalise import decode_pixels
 from dicom_node.scp import TRANSFER_SYNTAXES
 
-from .conftest import PEER_ENV, SAMPLES, Node, dcmtk_wire_encoding, free_port, require_tool, storescu
-from .dicomgen import UID_ROOT, dataset_bytes
+from .dicomgen import UID_ROOT
+from .support.data import CHEST_DIR as CHEST
+from .support.data import CHEST_UNCOMPRESSED as UNCOMPRESSED
+from .support.dicom_files import dataset_bytes
+from .support.dicom_tools import PEER_ENV, dcmtk_wire_encoding, require_tool, storescu
+from .support.net import free_port
+from .support.node import Node
 
 pytestmark = pytest.mark.slow
 
-CHEST = SAMPLES / "chest"
-UNCOMPRESSED = CHEST / "RG1_UNCR.dcm"
 CROP = 512
 
 # Plugins pydicom may use here; every one is under a permissive licence (GPL pylibjpeg-libjpeg must stay out).
