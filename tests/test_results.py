@@ -8,7 +8,6 @@ import copy
 import dataclasses
 import logging
 import re
-import subprocess
 import warnings
 from pathlib import Path
 
@@ -21,97 +20,28 @@ from pydicom.uid import ExplicitVRLittleEndian
 from scipy import ndimage
 
 from ai import analyse
-from ai.classifier import Classification, zone_scores
+from ai.classifier import Classification
+from ai.explain import zone_scores
 from ai.lungs import LEFT_LUNG, RIGHT_LUNG
+from ai.model_info import ModelInfo
 from dicom_node.results import (NodeIdentity, build_not_analysed, build_results, derive_device_uid, result_uid,
                                 result_series_uid)
 from dicom_node.results.sc import banner_lines
 from dicom_node.results.sr import NO_CLASSIFIER_NOTE
 
-from .conftest import SAMPLES, require_tool
+from .support.data import CHEST_JPEG_LS
+from .support.data import CHEST_UNCOMPRESSED as CHEST
+from .support.data import NOT_CHEST_TINY as NOT_CHEST
+from .support.dicom_tools import assert_dciodvfy_clean, assert_dsrdump_clean
+from .support.result_checks import assert_not_analysed_sr, our_equipment
+from .support.sr_tree import children, code_of, name_of, num, only, text_values, unit_of, walk
 
-CHEST = SAMPLES / "chest" / "RG1_UNCR.dcm"
-CHEST_JPEG_LS = SAMPLES / "chest" / "RG1_JLSN_Philips_CR_chest_JPEGLS_near_lossless.dcm"
-NOT_CHEST = SAMPLES / "not-chest" / "CR1_6154_Agfa_16x16.dcm"
 NOTICE = "DEMO model trained on synthetic radiographs only; not for clinical use."
-DEMO_CLASSIFIER = {"name": "pneumo-resnet34", "version": "0.1.0-demo", "model_card": "classifier.md",
-                   "trained_on": "synthetic opacities", "notice": NOTICE}
+DEMO_CLASSIFIER = ModelInfo(name="pneumo-resnet34", version="0.1.0-demo", card_id="classifier.md",
+                            trained_on="synthetic opacities", notice=NOTICE)
 ZONE_SITES = {"right_upper": ("281392002", "24028007"), "right_middle": ("281393007", "24028007"),
               "right_lower": ("281394001", "24028007"), "left_upper": ("281392002", "7771000"),
               "left_middle": ("281393007", "7771000"), "left_lower": ("281394001", "7771000")}
-
-# --- tools and tree helpers -------------------------------------------------------------------------------------
-
-
-def assert_dciodvfy_clean(path: Path) -> str:
-    """No line with "Error" (warnings, e.g. about our private coding scheme, are allowed)."""
-    proc = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True, text=True, timeout=60)
-    output = proc.stdout + proc.stderr
-    errors = [line for line in output.splitlines() if "Error" in line]
-    assert not errors, f"dciodvfy {path.name}:\n{output}"
-    return output
-
-
-DSRDUMP_NO_UTF8_CHECK = "W: The VR checker does not support this Specific Character Set: ISO_IR 192"
-
-
-def assert_dsrdump_clean(path: Path) -> str:
-    """dsrdump in verbose mode, content item errors downgraded to warnings: none may be printed."""
-    proc = subprocess.run([require_tool("dsrdump"), "-Ee", "-v", str(path)], capture_output=True, text=True,
-                          timeout=60)
-    output = proc.stdout + proc.stderr
-    # DCMTK's VR checker cannot check UTF-8 values and says so for every result (all are ISO_IR 192): that line
-    # is a limit of the tool, not a problem of the object; every other warning still fails.
-    problems = [line for line in output.splitlines() if (re.match(r"^[WEF]: ", line) or "Warning" in line)
-                and line.strip() != DSRDUMP_NO_UTF8_CHECK]
-    assert proc.returncode == 0 and not problems, f"dsrdump {path.name}:\n{output}"
-    return output
-
-
-def name_of(item: Dataset) -> tuple[str, str]:
-    code = item.ConceptNameCodeSequence[0]
-    return str(code.CodeValue), str(code.CodingSchemeDesignator)
-
-
-def code_of(item: Dataset) -> tuple[str, str]:
-    code = item.ConceptCodeSequence[0]
-    return str(code.CodeValue), str(code.CodingSchemeDesignator)
-
-
-def children(item: Dataset, name: tuple[str, str]) -> list[Dataset]:
-    return [c for c in item.get("ContentSequence", []) if name_of(c) == name]
-
-
-def only(item: Dataset, name: tuple[str, str]) -> Dataset:
-    found = children(item, name)
-    assert len(found) == 1, (name, len(found))
-    return found[0]
-
-
-def walk(items):
-    for item in items:
-        yield item
-        yield from walk(item.get("ContentSequence", []))
-
-
-def unit_of(item: Dataset) -> tuple[str, str]:
-    unit = item.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0]
-    return str(unit.CodeValue), str(unit.CodingSchemeDesignator)
-
-
-def num(item: Dataset) -> float:
-    return float(item.MeasuredValueSequence[0].NumericValue)
-
-
-def our_equipment(ds: Dataset, node: NodeIdentity) -> Dataset:
-    """The node's Contributing Equipment item (highdicom adds its own and the source's acquisition device)."""
-    ours = [e for e in ds.ContributingEquipmentSequence if e.get("DeviceUID") == node.device_uid]
-    assert len(ours) == 1
-    purpose = ours[0].PurposeOfReferenceCodeSequence[0]
-    assert (purpose.CodeValue, purpose.CodingSchemeDesignator, purpose.CodeMeaning) == (
-        "109102", "DCM", "Processing Equipment")
-    return ours[0]
-
 
 # --- fixtures ---------------------------------------------------------------------------------------------------
 
@@ -151,12 +81,12 @@ def synthetic_classification(labels: np.ndarray) -> Classification:
 @pytest.fixture(scope="module")
 def demo_record(analysed):
     return dataclasses.replace(analysed, classification=synthetic_classification(analysed.labels),
-                               models=[analysed.models[0], DEMO_CLASSIFIER])
+                               classifier=DEMO_CLASSIFIER)
 
 
 @pytest.fixture(scope="module")
 def no_classifier_record(analysed):
-    return dataclasses.replace(analysed, classification=None, models=[analysed.models[0]])
+    return dataclasses.replace(analysed, classification=None, classifier=None)
 
 
 def write_all(results, folder: Path) -> dict[str, Path]:
@@ -215,7 +145,7 @@ def test_seg_is_valid_and_equals_the_lung_labels(demo, chest, demo_record, node)
     assert pixels.shape == (1, chest.Rows, chest.Columns, 2)
     assert np.array_equal(pixels[0, ..., 0] > 0, demo_record.labels == RIGHT_LUNG)
     assert np.array_equal(pixels[0, ..., 1] > 0, demo_record.labels == LEFT_LUNG)
-    segmenter = demo_record.models[0]
+    segmenter = demo_record.segmenter
     for number, label, laterality in ((1, "Right lung", ("24028007", "SCT")), (2, "Left lung", ("7771000", "SCT"))):
         segment = seg.SegmentSequence[number - 1]
         assert (segment.SegmentNumber, segment.SegmentLabel) == (number, label)
@@ -227,7 +157,7 @@ def test_seg_is_valid_and_equals_the_lung_labels(demo, chest, demo_record, node)
         assert len(modifier) == 1 and (modifier[0].CodeValue, modifier[0].CodingSchemeDesignator) == laterality
         assert segment.SegmentAlgorithmType == "AUTOMATIC"
         algorithm = segment.SegmentationAlgorithmIdentificationSequence[0]
-        assert (algorithm.AlgorithmName, algorithm.AlgorithmVersion) == (segmenter["name"], segmenter["version"])
+        assert (algorithm.AlgorithmName, algorithm.AlgorithmVersion) == (segmenter.name, segmenter.version)
     references = seg.ReferencedSeriesSequence[0]
     assert references.SeriesInstanceUID == chest.SeriesInstanceUID
     assert references.ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == chest.SOPInstanceUID
@@ -246,11 +176,22 @@ def test_sr_is_valid_for_dciodvfy_and_dsrdump(demo):
     assert_dsrdump_clean(paths["sr"])
 
 
-def test_sr_reports_every_item(demo, chest, demo_record, node):
+@pytest.fixture(scope="module")
+def demo_sr(demo):
+    """The demo SR as highdicom reads it, and its SEG's header."""
     _, paths = demo
-    sr = hd.sr.srread(paths["sr"])
-    seg = dcmread(paths["seg"], stop_before_pixels=True)
-    c = demo_record.classification
+    return hd.sr.srread(paths["sr"]), dcmread(paths["seg"], stop_before_pixels=True)
+
+
+def measurement_groups(sr) -> list[Dataset]:
+    """The TID 1500 Imaging Measurements' groups: the pneumoconiosis finding, then the right and left lung."""
+    groups = children(only(sr, ("126010", "DCM")), ("125007", "DCM"))
+    assert len(groups) == 3
+    return groups
+
+
+def test_sr_document_is_a_complete_unverified_comprehensive_sr_with_its_evidence(demo_sr, chest):
+    sr, seg = demo_sr
     assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
     assert (sr.CompletionFlag, sr.VerificationFlag) == ("COMPLETE", "UNVERIFIED")
     schemes = {item.CodingSchemeDesignator: item for item in sr.CodingSchemeIdentificationSequence}
@@ -259,7 +200,10 @@ def test_sr_reports_every_item(demo, chest, demo_record, node):
                 for r in s.ReferencedSeriesSequence for i in r.ReferencedSOPSequence}
     assert evidence == {chest.SOPInstanceUID, seg.SOPInstanceUID}
 
-    root = sr  # the root content item's attributes live on the dataset itself
+
+def test_sr_observation_context_names_the_node_as_device_observer(demo_sr, node):
+    """TID 1500 root with TID 1001/1004 (observer: a device) and the procedure reported."""
+    root, _ = demo_sr  # the root content item's attributes live on the dataset itself
     assert name_of(root) == ("126000", "DCM") and root.ContentTemplateSequence[0].TemplateIdentifier == "1500"
     assert code_of(only(root, ("121005", "DCM"))) == ("121007", "DCM")  # Observer Type: Device
     assert only(root, ("121012", "DCM")).UID == node.device_uid
@@ -267,25 +211,33 @@ def test_sr_reports_every_item(demo, chest, demo_record, node):
     assert only(root, ("121014", "DCM")).TextValue == node.manufacturer
     assert only(root, ("121015", "DCM")).TextValue == node.model_name
     assert code_of(only(root, ("121058", "DCM"))) == ("399208008", "SCT")  # Procedure reported
-    library = only(only(root, ("111028", "DCM")), ("126200", "DCM"))
+
+
+def test_sr_image_library_holds_the_source_without_frame_or_segment_numbers(demo_sr, chest):
+    """TID 1600 Image Library; no reference to the single-frame source may carry frame or segment numbers
+    (dciodvfy errors)."""
+    sr, _ = demo_sr
+    library = only(only(sr, ("111028", "DCM")), ("126200", "DCM"))
     image = only(library, ("260753009", "SCT"))
     assert image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == chest.SOPInstanceUID
-    # No reference to the single-frame source may carry frame or segment numbers (dciodvfy errors).
     for item in walk(sr.ContentSequence):
         if item.ValueType == "IMAGE" and item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == \
                 chest.SOPInstanceUID:
             assert "ReferencedFrameNumber" not in item.ReferencedSOPSequence[0]
             assert "ReferencedSegmentNumber" not in item.ReferencedSOPSequence[0]
 
-    measurements = only(root, ("126010", "DCM"))
-    groups = children(measurements, ("125007", "DCM"))
-    assert len(groups) == 3
-    finding = groups[0]
+
+def test_sr_pneumoconiosis_findings_report_the_classification(demo_sr, chest, demo_record):
+    """The TID 1501 measurement group of the finding: algorithm, source, presence, ILO category, probability,
+    threshold, category probabilities and the six zone scores with their sites."""
+    sr, _ = demo_sr
+    c = demo_record.classification
+    finding = measurement_groups(sr)[0]
     assert only(finding, ("112039", "DCM")).TextValue == "Pneumoconiosis"  # Tracking Identifier
     assert code_of(only(finding, ("121071", "DCM"))) == ("40122008", "SCT")
     assert code_of(only(finding, ("363698007", "SCT"))) == ("39607008", "SCT")
-    assert only(finding, ("111001", "DCM")).TextValue == DEMO_CLASSIFIER["name"]
-    assert only(finding, ("111003", "DCM")).TextValue == DEMO_CLASSIFIER["version"]
+    assert only(finding, ("111001", "DCM")).TextValue == DEMO_CLASSIFIER.name
+    assert only(finding, ("111003", "DCM")).TextValue == DEMO_CLASSIFIER.version
     assert {i.TextValue for i in children(finding, ("111002", "DCM"))} == {
         "model card: classifier.md", "trained on: synthetic opacities"}
     source = only(finding, ("121112", "DCM"))
@@ -309,8 +261,15 @@ def test_sr_reports_every_item(demo, chest, demo_record, node):
         assert unit_of(zone) == ("1", "UCUM")
     assert seen == pytest.approx({ZONE_SITES[k]: round(v, 6) for k, v in c.zones.items()}, abs=1e-6)
     assert seen[ZONE_SITES["right_middle"]] > 0.5 > seen[ZONE_SITES["left_upper"]]
+    # highdicom's own reading of the same tree agrees.
+    assert len(sr.content.get_image_measurement_groups()) == 1
 
-    segmenter = demo_record.models[0]
+
+def test_sr_lung_areas_are_inferred_from_their_seg_segments(demo_sr, chest, demo_record):
+    """The TID 1410 planar ROI measurement groups: one per lung, its area inferred from its SEG segment."""
+    sr, seg = demo_sr
+    groups = measurement_groups(sr)
+    segmenter = demo_record.segmenter
     for group, side, number, laterality in ((groups[1], "right", 1, "24028007"), (groups[2], "left", 2, "7771000")):
         assert group.ContentTemplateSequence[0].TemplateIdentifier == "1410"
         assert only(group, ("112039", "DCM")).TextValue == f"{side.capitalize()} lung field"
@@ -325,11 +284,10 @@ def test_sr_reports_every_item(demo, chest, demo_record, node):
         assert (segment_ref.ReferencedSOPInstanceUID, segment_ref.ReferencedSegmentNumber) == (seg.SOPInstanceUID,
                                                                                              number)
         assert "ReferencedFrameNumber" not in segment_ref
-        assert only(group, ("111001", "DCM")).TextValue == segmenter["name"]
-        assert only(group, ("111003", "DCM")).TextValue == segmenter["version"]
-        if segmenter.get("model_card"):
-            assert f"model card: {segmenter['model_card']}" in {i.TextValue for i in children(group,
-                                                                                              ("111002", "DCM"))}
+        assert only(group, ("111001", "DCM")).TextValue == segmenter.name
+        assert only(group, ("111003", "DCM")).TextValue == segmenter.version
+        if segmenter.card_id:
+            assert f"model card: {segmenter.card_id}" in {i.TextValue for i in children(group, ("111002", "DCM"))}
         frame_ref = only(group, ("121214", "DCM")).ReferencedSOPSequence[0]
         assert (frame_ref.ReferencedSOPClassUID, frame_ref.ReferencedSOPInstanceUID) == (seg.SOPClassUID,
                                                                                        seg.SOPInstanceUID)
@@ -338,15 +296,16 @@ def test_sr_reports_every_item(demo, chest, demo_record, node):
         assert seg.SegmentSequence[number - 1].SegmentLabel.lower() == f"{side} lung"
         source = only(group, ("121233", "DCM")).ReferencedSOPSequence[0]
         assert source.ReferencedSOPInstanceUID == chest.SOPInstanceUID
+    # highdicom's own reading of the same tree agrees.
+    assert len(sr.content.get_planar_roi_measurement_groups()) == 2
 
-    statements = only(root, ("C0034375", "UMLS"))
+
+def test_sr_qualitative_evaluations_say_the_analysis_succeeded_and_carry_the_notice(demo_sr):
+    sr, _ = demo_sr
+    statements = only(sr, ("C0034375", "UMLS"))
     assert code_of(only(statements, ("111017", "DCM"))) == ("111242", "DCM")  # succeeded, with findings
     assert only(statements, ("NOTICE", "99PNEUMOILO")).TextValue == NOTICE
     assert not children(statements, ("NOTE", "99PNEUMOILO"))
-
-    # highdicom's own reading of the same tree agrees.
-    assert len(sr.content.get_image_measurement_groups()) == 1
-    assert len(sr.content.get_planar_roi_measurement_groups()) == 2
 
 
 def test_sc_is_rgb_with_burnt_in_heat_map_contours_and_banner(demo, chest, demo_record):
@@ -397,7 +356,7 @@ def test_uids_are_deterministic_and_follow_the_model_versions(demo, chest, demo_
     again = build_results(chest, demo_record, node)
     uids = lambda rs: [(r.dataset.SOPInstanceUID, r.dataset.SeriesInstanceUID) for r in rs]  # noqa: E731
     assert uids(again) == uids(results)
-    newer = dataclasses.replace(demo_record, models=[demo_record.models[0], {**DEMO_CLASSIFIER, "version": "0.2.0"}])
+    newer = dataclasses.replace(demo_record, classifier=dataclasses.replace(DEMO_CLASSIFIER, version="0.2.0"))
     other = uids(build_results(chest, newer, node))
     assert not set(u for pair in other for u in pair) & set(u for pair in uids(results) for u in pair)
     for uid in [u for pair in uids(results) for u in pair]:
@@ -440,29 +399,42 @@ def test_without_a_classifier_the_sr_says_so_and_still_reports_the_lung_areas(ch
     assert (sample.max(axis=-1) - sample.min(axis=-1) <= 3).all(), "no heat map without a classifier"
 
 
-def test_whatever_analyse_returns_for_another_encoding_gives_valid_results(node, tmp_path):
+def analyse_another_encoding(node, folder: Path):
+    """The JPEG-LS chest through the real analysis and result building (installed models as the caller's
+    fixture says): valid objects, the notice of every model that has one, the SEG equal to the lung labels."""
     source = dcmread(CHEST_JPEG_LS)
     record = analyse(source, device="cpu")
     assert record.in_scope, record.explanation
-    paths = write_all(build_results(source, record, node), tmp_path)
+    paths = write_all(build_results(source, record, node), folder)
     for path in paths.values():
         assert_dciodvfy_clean(path)
     assert_dsrdump_clean(paths["sr"])
     sr = dcmread(paths["sr"])
     statements = only(sr, ("C0034375", "UMLS"))
-    if record.classification is None:
-        assert only(statements, ("NOTE", "99PNEUMOILO")).TextValue == NO_CLASSIFIER_NOTE
-    else:
-        finding = children(only(sr, ("126010", "DCM")), ("125007", "DCM"))[0]
-        assert num(only(finding, ("122157", "DCM"))) == pytest.approx(record.classification.probability, abs=1e-6)
     for model in record.models:
-        if model.get("notice"):
-            assert model["notice"] in {i.TextValue for i in children(statements, ("NOTICE", "99PNEUMOILO"))}
+        if model.notice:
+            assert model.notice in {i.TextValue for i in children(statements, ("NOTICE", "99PNEUMOILO"))}
             assert sr.SeriesDescription.startswith("DEMO")
     seg = hd.seg.segread(paths["seg"])
     pixels = seg.get_pixels_by_source_instance([source.SOPInstanceUID], segment_numbers=[1, 2])
     assert np.array_equal(pixels[0, ..., 0] > 0, record.labels == RIGHT_LUNG)
     assert np.array_equal(pixels[0, ..., 1] > 0, record.labels == LEFT_LUNG)
+    return record, sr, statements
+
+
+def test_another_encoding_with_the_bundled_classifier_reports_its_probability(with_classifier, node, tmp_path):
+    record, sr, statements = analyse_another_encoding(node, tmp_path)
+    assert record.classification is not None
+    finding = children(only(sr, ("126010", "DCM")), ("125007", "DCM"))[0]
+    assert num(only(finding, ("122157", "DCM"))) == pytest.approx(record.classification.probability, abs=1e-6)
+
+
+def test_another_encoding_without_a_classifier_says_none_is_installed(without_classifier, node, tmp_path):
+    record, sr, statements = analyse_another_encoding(node, tmp_path)
+    assert record.classification is None
+    assert only(statements, ("NOTE", "99PNEUMOILO")).TextValue == NO_CLASSIFIER_NOTE
+    assert "classifier" in " ".join(text_values(sr)).lower()  # what the end-to-end test asked of such an SR
+    assert not [i for i in walk(sr.ContentSequence) if name_of(i) == ("122157", "DCM")]  # no probability
 
 
 def test_known_pixel_spacing_gives_areas_in_square_millimetres(chest, no_classifier_record, node, tmp_path):
@@ -484,6 +456,26 @@ def test_known_pixel_spacing_gives_areas_in_square_millimetres(chest, no_classif
     assert [float(v) for v in spacing] == [0.2, 0.2]
 
 
+def test_the_image_library_reports_the_detector_spacing_and_the_areas_the_patients(chest):
+    """TID 1603's pixel spacings are at the detector (Imager Pixel Spacing first); the lung areas measure the
+    patient (Pixel Spacing first): the same lenient parser, two preferences (ai.header_values.pixel_spacing)."""
+    from ai.normalise import pixel_spacing
+    from dicom_node.results.image_library import descriptors
+
+    def library_spacing(source):
+        values = {name_of(i)[0]: float(i.MeasuredValueSequence[0].NumericValue) for i in descriptors(source)
+                  if i.ValueType == "NUM" and name_of(i)[0] in ("111066", "111026")}  # vertical, horizontal
+        return (values["111066"], values["111026"]) if values else None
+
+    source = dcmread(CHEST, stop_before_pixels=True)
+    source.PixelSpacing, source.ImagerPixelSpacing = [0.2, 0.21], [0.24, 0.25]
+    assert library_spacing(source) == (0.24, 0.25) and pixel_spacing(source) == (0.2, 0.21)
+    source.ImagerPixelSpacing = [0, 0]  # "unknown": the other attribute is the only spacing there is
+    assert library_spacing(source) == (0.2, 0.21) == pixel_spacing(source)
+    source.PixelSpacing = [0, 0]
+    assert library_spacing(source) is None and pixel_spacing(source) is None
+
+
 def test_a_source_without_patient_orientation_or_body_part_still_validates(chest, no_classifier_record, node,
                                                                            tmp_path):
     source = copy.deepcopy(chest)
@@ -498,23 +490,6 @@ def test_a_source_without_patient_orientation_or_body_part_still_validates(chest
 
 
 # --- not analysed ----------------------------------------------------------------------------------------------
-
-
-def assert_not_analysed_sr(path: Path, source: Dataset, reason: str, explanation: str, node) -> Dataset:
-    assert_dciodvfy_clean(path)
-    assert_dsrdump_clean(path)
-    sr = dcmread(path)
-    assert sr.StudyInstanceUID == source.StudyInstanceUID and sr.PatientID == source.PatientID
-    assert "NOT ANALYSED" in sr.SeriesDescription
-    assert name_of(sr) == ("126000", "DCM") and sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
-    assert not children(sr, ("126010", "DCM"))  # no measurements
-    statements = only(sr, ("C0034375", "UMLS"))
-    assert code_of(only(statements, ("111017", "DCM"))) == ("111245", "DCM")  # no algorithms succeeded
-    assert only(statements, ("REASON", "99PNEUMOILO")).TextValue == reason
-    why = only(statements, ("EXPLANATION", "99PNEUMOILO")).TextValue
-    assert explanation in why and "NOT been assessed for pneumoconiosis" in why
-    assert our_equipment(sr, node).DeviceUID == node.device_uid
-    return sr
 
 
 def test_a_not_chest_sample_gets_a_not_analysed_sr_only(node, tmp_path):
@@ -532,7 +507,7 @@ def test_a_not_chest_sample_gets_a_not_analysed_sr_only(node, tmp_path):
 
 def test_build_not_analysed_for_a_job_that_failed_for_good(chest, analysed, node, tmp_path):
     reason, explanation = "unreadable_image", "pixel data cannot be decoded (RuntimeError)"
-    models = [{**analysed.models[0], "notice": NOTICE}]
+    models = [dataclasses.replace(analysed.segmenter, notice=NOTICE)]
     results = build_not_analysed(chest, reason, explanation, node, models)
     assert [r.kind for r in results] == ["sr"]
     sr = assert_not_analysed_sr(write_all(results, tmp_path)["sr"], chest, reason, explanation, node)
@@ -540,7 +515,8 @@ def test_build_not_analysed_for_a_job_that_failed_for_good(chest, analysed, node
     assert only(only(sr, ("C0034375", "UMLS")), ("NOTICE", "99PNEUMOILO")).TextValue == NOTICE
     again = build_not_analysed(chest, reason, explanation, node, models)[0].dataset
     assert again.SOPInstanceUID == sr.SOPInstanceUID
-    analysed_sr = build_results(chest, dataclasses.replace(analysed, classification=None, models=models), node)[1]
+    analysed_sr = build_results(chest, dataclasses.replace(analysed, classification=None, segmenter=models[0],
+                                                           classifier=None), node)[1]
     assert analysed_sr.dataset.SOPInstanceUID != sr.SOPInstanceUID  # a later success never reuses the UID
 
 
