@@ -1,8 +1,10 @@
 """The analysis worker, called directly (no network, no subprocess): real models, a real SQLite queue, real files.
 
-Instances are queued the way the intake does it (file placed at its archive path, ``record_new`` with the real
-UIDs); ``Worker.run_once`` / ``Worker.process`` then claim, analyse, write and record. Chest analyses cost about a
-second each on a CPU, so the environments that analyse chests are module-scoped and shared where a test only reads.
+Instances are queued the way the intake does it: the file placed at its archive path, its row built by the
+intake's own builder (``dicom_node.received.received_instance``) and recorded with ``record_new``; ``Worker.run_once``
+/ ``Worker.process`` then claim, analyse, write and record. The analysis function is injected (the real
+``ai.analyse_batch`` unless a test passes another). Chest analyses cost about a second each on a CPU, so the
+environments that analyse chests are module-scoped and shared where a test only reads.
 """
 
 from __future__ import annotations
@@ -19,21 +21,21 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 import ai
-from ai.header_scope import header_scope
 from db.engine import init_schema, make_engine
 from db.instances import ReceivedInstance, record_new, record_replacement
 from db.models import Export, Job, JobState, Result
 from db.queue import claim
 from dicom_node.archive import Archive, sha256_of
 from dicom_node.config import load_config
+from dicom_node.received import received_instance
 from dicom_node.results import derive_device_uid
-from dicom_node.worker import Worker
+from dicom_node.worker import AnalyseBatch, ResultBuilders, Worker
 
-from .conftest import CONFIG, SAMPLES
 from .dicomgen import clone_instances
+from .support.data import CONFIG, HAND
+from .support.data import CHEST_UNCOMPRESSED as CHEST  # uncompressed: the cheapest chest to decode
+from .support.result_checks import assert_not_analysed_sr
 
-CHEST = SAMPLES / "chest" / "RG1_UNCR.dcm"  # uncompressed: the cheapest chest to decode
-HAND = SAMPLES / "not-chest" / "Kodak_CR500_hand_J2KR.dcm"
 SOP_CLASS = {"seg": "1.2.840.10008.5.1.4.1.1.66.4", "sr": "1.2.840.10008.5.1.4.1.1.88.33",
              "sc": "1.2.840.10008.5.1.4.1.1.7"}
 DESTINATIONS = [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 1},
@@ -50,25 +52,20 @@ class Env:
     archive: Archive
     engine: Any
 
-    def worker(self, owner: str | None = None) -> Worker:
-        return Worker(self.config, self.engine, self.archive, owner)
+    def worker(self, owner: str | None = None, analyse: AnalyseBatch = ai.analyse_batch,
+               builders: ResultBuilders = ResultBuilders()) -> Worker:
+        return Worker(self.config, self.engine, self.archive, owner, analyse=analyse, builders=builders)
 
     def receive(self, path: Path, calling_aet: str = "MODALITY") -> tuple[int, ReceivedInstance]:
-        """What the intake does with a received file: header verdict, archive placement, instance + job row."""
+        """What the intake does with a received file: its row (the intake's own builder: UIDs, header verdict),
+        archive placement, instance + job row. The intake's refusals (a truncated Pixel Data, ...) are not applied:
+        the tests feed the worker what a lowered limit or a damaged disk could leave in the archive."""
         ds = dcmread(path, defer_size=1024)
-        verdict = header_scope(ds)
-        study, series, sop = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
-        target = self.archive.path_for(study, series, sop)
+        rec = received_instance(ds, self.archive, calling_aet=calling_aet, size_bytes=path.stat().st_size,
+                                sha256=sha256_of(path), transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID))
+        target = self.archive.absolute(rec.archive_path)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, target)
-        rec = ReceivedInstance(
-            sop_instance_uid=sop, sop_class_uid=str(ds.SOPClassUID), study_instance_uid=study,
-            series_instance_uid=series, accession_number=str(ds.get("AccessionNumber", "") or "")[:16] or None,
-            modality=str(ds.get("Modality", "") or "")[:16] or None, calling_aet=calling_aet,
-            archive_path=self.archive.relative(target), size_bytes=target.stat().st_size,
-            sha256=sha256_of(target), transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-            in_scope=verdict.in_scope, scope_reason=verdict.reason,
-        )
         return record_new(self.engine, rec), rec
 
     def job(self, job_id: int) -> Job:
@@ -104,28 +101,6 @@ def make_env(root: Path, **overrides: Any) -> Env:
 def chest_copies(out_dir: Path, count: int) -> list[Path]:
     """The chest samples share one SOP Instance UID: every copy gets its own."""
     return clone_instances(CHEST, out_dir, count)
-
-
-def sr_text(ds, code_value: str) -> list[str]:
-    """TextValue of every content item named ``code_value`` anywhere in an SR tree."""
-    found = []
-    for item in ds.get("ContentSequence", []):
-        name = item.get("ConceptNameCodeSequence")
-        if name and name[0].CodeValue == code_value and "TextValue" in item:
-            found.append(str(item.TextValue))
-        found += sr_text(item, code_value)
-    return found
-
-
-def assert_not_analysed_sr(env: Env, row: Result, source_path: Path, reason: str) -> None:
-    assert (row.kind, row.analysed, row.reason) == ("sr", False, reason)
-    sr = dcmread(env.root / row.archive_path)
-    source = dcmread(source_path, stop_before_pixels=True)
-    assert sr.SOPInstanceUID == row.sop_instance_uid and sr.SOPClassUID == SOP_CLASS["sr"]
-    assert sr.StudyInstanceUID == source.StudyInstanceUID
-    assert "NOT ANALYSED" in sr.SeriesDescription
-    assert sr_text(sr, "REASON") == [reason]
-    assert all("NOT been assessed" in text for text in sr_text(sr, "EXPLANATION"))
 
 
 def assert_no_tmp_leftovers(env: Env) -> None:
@@ -198,9 +173,7 @@ def batched(tmp_path_factory):
     sources = chest_copies(tmp / "in", 3)
     received = [env.receive(p) for p in sources]
     counter = CountingAnalyseBatch(ai.analyse_batch)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ai, "analyse_batch", counter)
-        claimed = env.worker().run_once()
+    claimed = env.worker(analyse=counter).run_once()
     return env, received, sources, claimed, list(counter.calls)
 
 
@@ -248,7 +221,7 @@ def test_a_refused_image_ends_not_analysed_with_its_reason_and_one_not_analysed_
     assert (job.state, job.reason, job.attempts) == (JobState.NOT_ANALYSED, "body_part_not_chest", 1)
     [row] = env.results()
     assert row.job_id == job_id
-    assert_not_analysed_sr(env, row, hand, "body_part_not_chest")
+    assert_not_analysed_sr(env.root / row.archive_path, hand, "body_part_not_chest", row=row)
     assert_no_tmp_leftovers(env)
 
 
@@ -268,7 +241,7 @@ def test_corrupted_pixel_data_fails_at_once_with_a_not_analysed_sr(tmp_path):
     assert job.last_error
     [row] = env.results()
     assert row.job_id == job_id
-    assert_not_analysed_sr(env, row, bad, "undecodable_pixels")
+    assert_not_analysed_sr(env.root / row.archive_path, bad, "undecodable_pixels", row=row)
     assert env.worker().run_once() == 0  # failed for good
     assert_no_tmp_leftovers(env)
 
@@ -283,7 +256,8 @@ def test_an_archived_file_that_vanished_fails_its_job_with_an_sr_from_the_record
     assert (job.state, job.attempts, job.reason) == (JobState.FAILED, 1, "unreadable_file")
     assert job.last_error.startswith("FileNotFoundError")
     [row] = env.results()  # no header left: the SR is written from the UIDs the intake recorded
-    assert_not_analysed_sr(env, row, source, "unreadable_file")
+    assert_not_analysed_sr(env.root / row.archive_path, source, "unreadable_file", row=row,
+                           from_recorded_uids=True)
     sr = dcmread(env.root / row.archive_path)
     assert (sr.StudyInstanceUID, sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
             .ReferencedSOPSequence[0].ReferencedSOPInstanceUID) == (rec.study_instance_uid, rec.sop_instance_uid)
@@ -324,14 +298,13 @@ def test_a_worker_that_lost_its_lease_records_nothing(tmp_path):
     assert env.results() == [] and env.exports() == []
 
 
-def test_one_input_that_breaks_the_analysis_does_not_fail_its_batch_mates(tmp_path, monkeypatch):
+def test_one_input_that_breaks_the_analysis_does_not_fail_its_batch_mates(tmp_path):
     env = make_env(tmp_path / "var", worker__batch_size="3", queue__max_attempts="1")
     sources = chest_copies(tmp_path / "in", 3)
     received = [env.receive(p) for p in sources]
     bad_job, bad = received[1]
     counter = CountingAnalyseBatch(ai.analyse_batch, raise_for=bad.sop_instance_uid)
-    monkeypatch.setattr(ai, "analyse_batch", counter)
-    assert env.worker().run_once() == 3
+    assert env.worker(analyse=counter).run_once() == 3
     assert counter.calls[0] == [rec.sop_instance_uid for _, rec in received]
     assert sorted(map(tuple, counter.calls[1:])) == sorted((rec.sop_instance_uid,) for _, rec in received)
     for job_id, _ in (received[0], received[2]):
@@ -342,5 +315,5 @@ def test_one_input_that_breaks_the_analysis_does_not_fail_its_batch_mates(tmp_pa
     # the exception's type and a fixed text: exception texts may quote dataset values and are never stored raw
     assert job.last_error == "RuntimeError: the analysis raised an error"
     [row] = env.results(job_id=bad_job)
-    assert_not_analysed_sr(env, row, sources[1], "analysis_error")
+    assert_not_analysed_sr(env.root / row.archive_path, sources[1], "analysis_error", row=row)
     assert_no_tmp_leftovers(env)

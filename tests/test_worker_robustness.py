@@ -22,7 +22,6 @@ import sys
 import threading
 import time
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 from pydicom import dcmread
@@ -35,12 +34,15 @@ from db.models import Event, Job, JobState, utcnow
 from db.queue import NO_RESULT_EVENT, claim
 from db.results import count_without_result
 from dicom_node.log_safety import setup_logging
+from dicom_node.worker import ResultBuilders
 
-from .conftest import CONFIG, REPO, SAMPLES, require_tool
+from .conftest import CONFIG, REPO, SAMPLES
 from .dicomgen import UID_ROOT, aborting_j2k, clone_instances
 from .header_variants import variant
 from .test_coerce import FULL
-from .test_worker import Env, assert_no_tmp_leftovers, make_env, sr_text
+from .support.dicom_tools import dciodvfy_errors
+from .support.sr_tree import sr_text
+from .test_worker import Env, assert_no_tmp_leftovers, make_env
 
 ANALYSIS_INPUTS = ("SOPClassUID", "BodyPartExamined", "ViewPosition", "ImageType", "NumberOfFrames",
                    "PhotometricInterpretation", "SamplesPerPixel", "Rows", "Columns", "BitsAllocated", "BitsStored",
@@ -74,7 +76,6 @@ class CachedAnalysis:
                 self.cache[key] = ai.analyse_batch([source], device=device)[0]
             record = copy.copy(self.cache[key])
             record.source = record.sop_instance_uid = str(source.SOPInstanceUID)
-            record.models = [dict(m) for m in record.models]
             records.append(record)
         return records
 
@@ -92,14 +93,6 @@ def node_log():
     logging.captureWarnings(False)
     root.handlers[:] = saved[0]
     root.setLevel(saved[1])
-
-
-def dciodvfy_errors(path: Path, allow_off_root_uids: bool = False) -> list[str]:
-    proc = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True, text=True, timeout=60)
-    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "Error" in line]
-    if allow_off_root_uids:  # the source's own UIDs, referenced as they are (docs/results.md)
-        errors = [line for line in errors if "Illegal root for UID" not in line]
-    return errors
 
 
 def database_text(env: Env) -> str:
@@ -124,8 +117,7 @@ def test_header_variants_through_the_worker_are_never_silent_and_never_leak(tmp_
         job_id, _ = env.receive(path)
         jobs[job_id] = v
     analysis = CachedAnalysis()
-    worker = env.worker()
-    worker.analyse = analysis
+    worker = env.worker(analyse=analysis)
     while worker.run_once():
         pass
     planted = {p for v in jobs.values() for p in v.planted}
@@ -210,8 +202,7 @@ def test_a_job_whose_worker_died_on_every_attempt_gets_its_sr_without_being_anal
         _expire(env, job_id)
 
     calls = []
-    worker = env.worker()
-    worker.analyse = lambda sources, device=None: calls.append(sources) or []
+    worker = env.worker(analyse=lambda sources, device=None: calls.append(sources) or [])
     assert worker.run_once() == 1
     assert calls == [], "the pixels that killed two workers are not touched again"
     job = env.job(job_id)
@@ -230,25 +221,21 @@ def test_a_job_taken_back_is_processed_alone_after_the_fresh_ones(tmp_path):
     assert claim(env.engine, "dead-worker", 60, 3).job_id == first
     _expire(env, first)
     batches = []
-    worker = env.worker()
-    real = worker.analyse
-    worker.analyse = lambda sources, device=None: batches.append(len(sources)) or real(sources, device=device)
+    worker = env.worker(analyse=lambda sources, device=None: batches.append(len(sources))
+                        or ai.analyse_batch(sources, device=device))
     assert worker.run_once() == 3
     assert batches == [2, 1], "the fresh jobs together, the taken-back one alone and last"
     assert all(env.job(i).state == JobState.NOT_ANALYSED for i in range(first, first + 3))
 
 
-def test_a_job_with_no_result_object_is_counted_and_audited(tmp_path, monkeypatch):
-    import dicom_node.results as results
-
+def test_a_job_with_no_result_object_is_counted_and_audited(tmp_path):
     def broken(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise RuntimeError("no SR can be built")
 
-    monkeypatch.setattr(results, "build_not_analysed", broken)
-    monkeypatch.setattr(results, "build_last_resort_sr", broken)
     env = make_env(tmp_path / "var")
     job_id, rec = env.receive(SAMPLES / "not-chest" / "Kodak_CR500_hand_J2KR.dcm")
-    assert env.worker().run_once() == 1
+    no_builder_works = ResultBuilders(analysed=broken, not_analysed=broken, last_resort=broken)
+    assert env.worker(builders=no_builder_works).run_once() == 1
     assert env.job(job_id).state == JobState.FAILED and env.results(job_id=job_id) == []
     assert count_without_result(env.engine) == 1
     with Session(env.engine) as session:
