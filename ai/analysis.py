@@ -24,7 +24,8 @@ from .input_check import InputCheck, check_lung_fields
 from .limits import DEFAULT_LIMITS, ImageLimits, ImageTooLarge, check_declared_size
 from .lungs import LEFT_LUNG, RIGHT_LUNG
 from .classifier import Classification
-from .models import lung_segmenter, pneumoconiosis_classifier
+from .model_info import ModelInfo
+from .models import ModelDir, lung_segmenter, pneumoconiosis_classifier
 from .normalise import DECODE_TIMEOUT, NormalisedImage, UnreadableImage, decode_pixels, normalise_dataset, \
     normalise_picture, read_image_file
 from .safe_text import exception_summary
@@ -66,12 +67,18 @@ class AnalysisRecord:
     lung_area_px: dict[str, int] | None = None
     lung_area_mm2: dict[str, float] | None = None
     input_check: dict[str, float] = field(default_factory=dict)
-    models: list[dict[str, str]] = field(default_factory=list)
+    segmenter: ModelInfo | None = None  # set once segmentation ran (None: refused or failed before it)
+    classifier: ModelInfo | None = None  # set once the classifier ran (None: not run, or none installed)
     timings: dict[str, float] = field(default_factory=dict)
     error: str | None = None  # log-safe (ai.safe_text.exception_summary): never a library's exception text
     retryable: bool = False  # a failure that may succeed when tried again later (missing file, model error)
     image: NormalisedImage | None = None  # kept for result rendering (heat map, secondary capture)
     classification: Classification | None = None  # None when not analysed or no classifier is installed
+
+    @property
+    def models(self) -> list[ModelInfo]:
+        """The models that ran on this input, in run order: the segmenter, then the classifier."""
+        return [m for m in (self.segmenter, self.classifier) if m is not None]
 
     def to_json(self) -> dict[str, Any]:
         """The JSON line of ``dicom-node analyse --json`` (no pixel arrays)."""
@@ -87,7 +94,7 @@ class AnalysisRecord:
             "lung_area_px": self.lung_area_px,
             "lung_area_mm2": self.lung_area_mm2,
             "input_check": {k: round(v, 4) for k, v in self.input_check.items()},
-            "models": self.models,
+            "models": [m.to_json() for m in self.models],
             "timings_ms": {k: round(v * 1000, 1) for k, v in self.timings.items()},
             "error": self.error,
             "retryable": self.retryable,
@@ -218,21 +225,23 @@ def _segment(segmenter: Any, todo: list[_Prepared]) -> list[tuple[_Prepared, Any
     return done
 
 
-def analyse_batch(sources: Sequence[Source], device: str | None = None,
-                  decode_timeout: float = DECODE_TIMEOUT, limits: ImageLimits = DEFAULT_LIMITS) -> list[AnalysisRecord]:
+def analyse_batch(sources: Sequence[Source], device: str | None = None, decode_timeout: float = DECODE_TIMEOUT,
+                  limits: ImageLimits = DEFAULT_LIMITS, model_dir: ModelDir = None) -> list[AnalysisRecord]:
     """Analyse several inputs with one model call for all that reach segmentation (the worker's form).
 
-    ``decode_timeout``: seconds one compressed image may take to decode (then ``decoder_timeout``); ``limits``:
-    images declaring more are refused (``image_too_large``) before anything is inflated or decoded."""
-    segmenter = lung_segmenter(device)
-    classifier = pneumoconiosis_classifier(device)
+    ``device``: cpu, cuda, ... (None or "auto": CUDA when present); ``decode_timeout``: seconds one compressed
+    image may take to decode (then ``decoder_timeout``); ``limits``: images declaring more are refused
+    (``image_too_large``) before anything is inflated or decoded; ``model_dir``: a site's own model files
+    (``models.directory``), each replacing the bundled file of the same name (None: the bundled models)."""
+    segmenter = lung_segmenter(device, model_dir)
+    classifier = pneumoconiosis_classifier(device, model_dir)
     prepared = [_prepare(s, decode_timeout, limits) for s in sources]
     todo = [p for p in prepared if p.image is not None]
     if todo:
         for p, seg in _segment(segmenter, todo):
             try:
                 p.record.timings.update(seg.timings)
-                p.record.models.append(segmenter.describe())
+                p.record.segmenter = segmenter.info
                 started = time.perf_counter()
                 check = check_lung_fields(seg.labels, seg.confidence)
                 p.record.timings["input_check"] = time.perf_counter() - started
@@ -240,7 +249,7 @@ def analyse_batch(sources: Sequence[Source], device: str | None = None,
                 if classifier is not None and p.record.in_scope:
                     p.record.classification = classifier.classify(p.image, seg.labels)  # type: ignore[arg-type]
                     p.record.timings.update(p.record.classification.timings)
-                    p.record.models.append(classifier.describe())
+                    p.record.classifier = classifier.info
             except Exception as exc:
                 _model_failure(p, exc, "analysis")
     for p in prepared:
@@ -249,5 +258,5 @@ def analyse_batch(sources: Sequence[Source], device: str | None = None,
 
 
 def analyse(source: Source, device: str | None = None, decode_timeout: float = DECODE_TIMEOUT,
-            limits: ImageLimits = DEFAULT_LIMITS) -> AnalysisRecord:
-    return analyse_batch([source], device, decode_timeout, limits)[0]
+            limits: ImageLimits = DEFAULT_LIMITS, model_dir: ModelDir = None) -> AnalysisRecord:
+    return analyse_batch([source], device, decode_timeout, limits, model_dir)[0]

@@ -168,3 +168,38 @@ def integer(ds: Dataset, keyword: str) -> int | None:
     if value is None or value != int(value):
         return None
     return int(value)
+
+
+ANATOMY_SPACING = ("PixelSpacing", "ImagerPixelSpacing")
+"""Preference for a spacing that measures the patient: the analysis's lung areas in mm² (``pixel_spacing``)."""
+DETECTOR_SPACING = ("ImagerPixelSpacing", "PixelSpacing")
+"""Preference for a spacing at the detector: the SR image library's TID 1603 descriptors (``pixel_spacing``)."""
+
+
+def pixel_spacing(ds: Dataset, preference: tuple[str, ...]) -> tuple[float, float] | None:
+    """(row, column) spacing in mm from the first attribute of ``preference`` holding two positive decimals;
+    None when none does. Read leniently (``0.14 0.14``, ``0,139\\0,139``); a value of ``0\\0`` (a real-world way of
+    saying "unknown"), a single value, three values or a malformed one count as absent, and the next is tried.
+
+    Which attribute comes first depends on what the spacing is for. For CR and DX (PS3.3 C.8.11.7), Imager Pixel
+    Spacing is measured at the front plane of the image receptor, the detector, and is never corrected for the
+    geometric magnification; Pixel Spacing, when present, is calibrated to the patient (Pixel Spacing Calibration
+    Type says how) and is smaller by that magnification, 10-20 % for a PA chest. So:
+
+    - the analysis measures anatomy (lung areas in mm², ``ai.normalise.pixel_spacing``): ``ANATOMY_SPACING``,
+      Pixel Spacing first, Imager Pixel Spacing when that is all the header has (the area is then the magnified
+      one, at the detector);
+    - the SR image library describes the image (``dicom_node.results.image_library``): TID 1603's Horizontal and
+      Vertical Pixel Spacing (DCM 111026, 111066) are defined for projection radiography at the front plane of the
+      image receptor housing (highdicom fills them from Imager Pixel Spacing), so ``DETECTOR_SPACING``, Imager
+      Pixel Spacing first, Pixel Spacing when that is all the header has (a secondary capture, or a CR written
+      before Imager Pixel Spacing existed, whose Pixel Spacing was the plate's).
+    """
+    for keyword in preference:
+        values = decimals(ds, keyword)
+        if values is None or len(values) != 2:
+            continue
+        row, column = values
+        if row > 0 and column > 0:
+            return row, column
+    return None

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import checkpoint
 from .geometry import Letterbox
 from .lungs import labels_on_source
-from .models import model_card_id
+from .model_info import ModelInfo
 from .normalise import NormalisedImage, stretch_contrast
 from .unet import UNet
 
@@ -56,20 +57,13 @@ class LungSegmenter:
     """Loads the weights once; ``segment`` takes a batch of normalised images."""
 
     def __init__(self, weights: Path, device: torch.device) -> None:
-        checkpoint = torch.load(weights, map_location="cpu", weights_only=False)
-        self.name: str = checkpoint["name"]
-        self.version: str = checkpoint["version"]
-        self.input_size: int = int(checkpoint["input_size"])
-        self.model = UNet(base_width=int(checkpoint["base_width"]), depth=int(checkpoint["depth"]))
-        self.model.load_state_dict({k: v.float() if v.is_floating_point() else v
-                                    for k, v in checkpoint["state_dict"].items()})
+        model_file = checkpoint.load(weights, checkpoint.SEGMENTER_FIELDS)
+        self.info: ModelInfo = model_file.info()
+        self.input_size: int = int(model_file["input_size"])
+        self.model = UNet(base_width=int(model_file["base_width"]), depth=int(model_file["depth"]))
+        self.model.load_state_dict(model_file.state_dict)
         self.model.eval().to(device)
         self.device = device
-        self.test_metrics: dict = checkpoint.get("test_metrics", {})
-        self.model_card = model_card_id(weights, checkpoint)
-
-    def describe(self) -> dict[str, str]:
-        return {"name": self.name, "version": self.version, "model_card": self.model_card}
 
     @torch.inference_mode()
     def probabilities(self, inputs: np.ndarray) -> np.ndarray:

@@ -49,15 +49,15 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     from ai import analyse
-    from ai.models import lung_segmenter
+    from ai.models import lung_segmenter, pneumoconiosis_classifier
+    from dicom_node.config import load_config
 
-    from ai.models import pneumoconiosis_classifier
-
-    segmenter = lung_segmenter("cpu")
-    classifier = pneumoconiosis_classifier("cpu")
+    model_dir = load_config(REPO / "config.toml").models_directory  # a site's models, as the node would use them
+    segmenter = lung_segmenter("cpu", model_dir)
+    classifier = pneumoconiosis_classifier("cpu", model_dir)
     samples: dict[str, list[float]] = {stage: [] for stage in STAGES}
     for i in range(args.warmup + args.runs):
-        record = analyse(args.file, device="cpu")
+        record = analyse(args.file, device="cpu", model_dir=model_dir)
         if not record.in_scope:
             print(f"warning: {args.file.name} was not analysed ({record.reason})", file=sys.stderr)
         if i >= args.warmup:
@@ -66,9 +66,10 @@ def main() -> int:
             for stage in STAGES:
                 samples[stage].append(timings.get(stage, 0.0) * 1000)
 
-    print(f"Analysis stages, {args.file.name} ({record.rows}x{record.columns}), model {segmenter.name} "
-          f"{segmenter.version} at {segmenter.input_size} px; classifier "
-          + (f"{classifier.name} {classifier.version} at {classifier.input_size} px" if classifier else "none"))
+    print(f"Analysis stages, {args.file.name} ({record.rows}x{record.columns}), model {segmenter.info.name} "
+          f"{segmenter.info.version} at {segmenter.input_size} px; classifier "
+          + (f"{classifier.info.name} {classifier.info.version} at {classifier.input_size} px" if classifier
+             else "none"))
     print(f"{cpu_model()}, {os.cpu_count()} cores visible, torch {torch.__version__} with {args.threads} threads, "
           f"Python {platform.python_version()}, {args.runs} runs after {args.warmup} warm-up, "
           f"{time.strftime('%Y-%m-%d')}")

@@ -44,12 +44,14 @@ def expected_sr_uids(files: list[Path]) -> dict[Path, str]:
     from pydicom import dcmread
 
     from ai.models import lung_segmenter, pneumoconiosis_classifier
+    from dicom_node.config import load_config
     from dicom_node.results import model_versions, result_uid
 
-    models = [lung_segmenter("cpu").describe()]
-    classifier = pneumoconiosis_classifier("cpu")
+    model_dir = load_config(REPO / "config.toml").models_directory  # the node below is started with this config
+    models = [lung_segmenter("cpu", model_dir).info]
+    classifier = pneumoconiosis_classifier("cpu", model_dir)
     if classifier is not None:
-        models.append(classifier.describe())
+        models.append(classifier.info)
     versions = model_versions(models)
     return {f: result_uid(str(dcmread(f, stop_before_pixels=True).SOPInstanceUID), "sr", versions) for f in files}
 

@@ -154,6 +154,7 @@ SCHEMA: dict[str, Key] = {
     "worker.batch_size": Key(int, 4, _range(1, 64)),
     "worker.poll_seconds": Key(float, 0.25, _range(0.05)),
     "worker.device": Key(str, "auto", _one_of(DEVICES)),
+    "models.directory": Key(str, ""),
     "results.device_uid": Key(str, "", lambda v: None if not v or _is_uid(v) else "must be a DICOM UID"),
     "results.institution_name": Key(str, ""),
     "export.destinations": Key(list, [], _check_destinations),
@@ -250,6 +251,15 @@ class NodeConfig:
     def storage_root(self) -> Path:
         root = Path(self.values["storage.storage_root"]).expanduser()
         return root if root.is_absolute() else (self.base_dir / root).resolve()
+
+    @property
+    def models_directory(self) -> Path | None:
+        """models.directory as a path (relative ones against the config file's folder); None: bundled models only."""
+        value = self.values["models.directory"].strip()
+        if not value:
+            return None
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else (self.base_dir / path).resolve()
 
     @property
     def database_url(self) -> str:

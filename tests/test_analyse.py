@@ -34,7 +34,8 @@ def test_every_chest_sample_is_analysed_with_two_lungs_on_the_native_grid():
         assert cols.min() > 0.03 * ds.Columns and cols.max() < 0.97 * ds.Columns
         assert record.lung_area_px["right"] > 0.05 * record.labels.size
         assert record.pixel_spacing_mm is None and record.lung_area_mm2 is None  # spacing "0.000\0.000"
-        assert record.models and record.models[0]["name"] == "lung-field-unet"
+        assert record.models and record.models[0].name == "lung-field-unet"
+        assert record.models[0] is record.segmenter
         for stage in ("decode", "normalise", "segment", "postprocess", "total"):
             assert record.timings[stage] >= 0
 
@@ -138,8 +139,109 @@ def test_bundled_classifier_card_says_demo_in_its_first_line_and_matches_the_wei
     weights = (BUNDLED_DIR / "classifier.pt").read_bytes()
     assert hashlib.sha256(weights).hexdigest() in card
     classifier = pneumoconiosis_classifier("cpu")
-    assert classifier.notice and classifier.notice in card
+    assert classifier.info.notice and classifier.info.notice in card
     assert classifier.input_size in (384, 512)
+
+
+# --- model files (ai.checkpoint) and a site's model folder (models.directory) --------------------------------------
+
+
+def test_bundled_model_files_load_weights_only_and_name_their_card_and_digest():
+    import hashlib
+
+    import torch
+
+    from ai import checkpoint
+    from ai.models import BUNDLED_DIR, CLASSIFIER, LUNG_UNET, lung_segmenter, pneumoconiosis_classifier
+
+    for name, required in ((LUNG_UNET, checkpoint.SEGMENTER_FIELDS), (CLASSIFIER, checkpoint.CLASSIFIER_FIELDS)):
+        path = BUNDLED_DIR / name
+        model_file = checkpoint.load(path, required)  # torch.load(weights_only=True): no object may need code
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        info = model_file.info()
+        assert info.sha256 == digest and digest in path.with_suffix(".md").read_text()
+        assert info.card_id == f"{path.with_suffix('.md').name} (weights sha256 {digest[:16]})"
+        assert info.input_size == model_file["input_size"] and info.version == model_file["version"]
+        floats = [v for v in model_file.state_dict.values() if v.is_floating_point()]
+        assert floats and all(v.dtype == torch.float32 for v in floats)  # half precision on disk
+    segmenter, classifier = lung_segmenter("cpu").info, pneumoconiosis_classifier("cpu").info
+    assert segmenter.threshold is None and segmenter.notice == "" and segmenter.to_json() == {
+        "name": "lung-field-unet", "version": segmenter.version, "model_card": segmenter.card_id}
+    assert 0 < classifier.threshold < 1 and classifier.notice.startswith("DEMO") and classifier.trained_on
+    assert list(classifier.to_json()) == ["name", "version", "model_card", "trained_on", "notice"]
+
+
+class _RunsCode:
+    """Unpickling this would call ``os.mkdir(marker)``: what a hostile model file can do without weights_only."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return os.mkdir, (self.marker,)
+
+
+def test_a_model_file_that_would_run_code_is_refused_without_running_it(tmp_path):
+    import torch
+
+    from ai import checkpoint
+    from ai.segment import LungSegmenter
+
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "lung_unet.pt"
+    torch.save({"name": "lung-field-unet", "version": "6.6.6", "input_size": 256, "base_width": 12, "depth": 4,
+                "state_dict": {}, "extra": _RunsCode(marker)}, path)
+    with pytest.raises(checkpoint.ModelFileError, match="lung_unet.pt cannot be read as weights only"):
+        LungSegmenter(path, torch.device("cpu"))
+    assert not marker.exists()
+    torch.save({"name": "lung-field-unet", "state_dict": {}}, path)
+    with pytest.raises(checkpoint.ModelFileError, match="lacks version, input_size, base_width, depth"):
+        checkpoint.load(path, checkpoint.SEGMENTER_FIELDS)
+
+
+def test_saved_model_files_hold_plain_values_and_load_again(tmp_path):
+    import torch
+
+    from ai import checkpoint
+
+    weights = {"w": torch.tensor([0.1, 0.25], dtype=torch.float32), "n": torch.tensor(3)}
+    checkpoint.save(tmp_path / "m.pt", weights, {"name": "m", "version": "1", "input_size": np.int64(64),
+                                                 "cross_validation": {"auc": np.float64(0.75), "ci": (0.5, 0.9)}})
+    raw = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert raw["state_dict"]["w"].dtype == torch.float16 and raw["state_dict"]["n"].dtype == torch.int64
+    loaded = checkpoint.load(tmp_path / "m.pt")
+    assert type(loaded["input_size"]) is int and loaded["cross_validation"] == {"auc": 0.75, "ci": [0.5, 0.9]}
+    assert loaded.state_dict["w"].dtype == torch.float32 and torch.allclose(loaded.state_dict["w"], weights["w"],
+                                                                            atol=1e-3)
+    with pytest.raises(checkpoint.ModelFileError, match="needs version, input_size"):
+        checkpoint.save(tmp_path / "bad.pt", weights, {"name": "m"})
+
+
+def test_a_site_model_folder_from_the_config_file_replaces_the_bundled_file(tmp_path):
+    import torch
+
+    from ai import checkpoint
+    from ai.models import BUNDLED_DIR, LUNG_UNET
+
+    bundled = checkpoint.load(BUNDLED_DIR / LUNG_UNET, checkpoint.SEGMENTER_FIELDS)
+    site = tmp_path / "site-models"
+    checkpoint.save(site / LUNG_UNET, bundled.state_dict, {**bundled.fields, "version": "1.0.0-site"},
+                    checkpoint.SEGMENTER_FIELDS)
+    resaved = checkpoint.load(site / LUNG_UNET, checkpoint.SEGMENTER_FIELDS)
+    assert all(torch.equal(resaved.state_dict[k], v) for k, v in bundled.state_dict.items())  # half is lossless
+    config = tmp_path / "node.toml"
+    config.write_text('[models]\ndirectory = "site-models"\n')  # relative: against the config file's folder
+    chest = SAMPLES / "chest" / "RG1_UNCR.dcm"
+    proc = subprocess.run([sys.executable, "-m", "dicom_node.cli", "analyse", "--json", "--config", str(config),
+                           "--device", "cpu", str(chest)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = json.loads(proc.stdout)
+    assert line["analysed"] and line["models"][0] == {
+        "name": "lung-field-unet", "version": "1.0.0-site",
+        "model_card": f"lung_unet.md (weights sha256 {resaved.sha256[:16]})"}
+    assert line["models"][1]["name"] == "pneumoconiosis-resnet34"  # no classifier.pt there: the bundled one
 
 
 # --- files without preamble and file meta; failure reasons and retryable flags ------------------------------------
@@ -242,8 +344,9 @@ class ExplodingSegmenter:
             raise RuntimeError("model exploded: 1940-03-05")  # a text that must not reach the record
         return self.real.segment(images)
 
-    def describe(self):
-        return self.real.describe()
+    @property
+    def info(self):
+        return self.real.info
 
 
 def test_an_exception_inside_the_models_fails_only_its_input_and_is_retryable(monkeypatch):
@@ -253,7 +356,7 @@ def test_an_exception_inside_the_models_fails_only_its_input_and_is_retryable(mo
     from .dicomgen import synthetic_dx
 
     exploding = ExplodingSegmenter(lung_segmenter("cpu"), (64, 64))
-    monkeypatch.setattr(analysis, "lung_segmenter", lambda device=None: exploding)
+    monkeypatch.setattr(analysis, "lung_segmenter", lambda device=None, model_dir=None: exploding)
     good, bad = dcmread(SAMPLES / "chest" / "RG1_UNCR.dcm"), synthetic_dx(64, 64)
     good_record, bad_record = analyse_batch([good, bad], device="cpu")
     assert exploding.calls == 3  # the batch, then one call per input

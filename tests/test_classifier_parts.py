@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torchvision.models import resnet34
 
-from ai.classifier import IMAGENET_FILE, ZONES, PneumoconiosisNet, build_resnet34, grad_cam, lung_crop, zone_scores
+from ai.explain import ZONES, grad_cam, zone_scores
+from ai.lung_crop import lung_crop
+from ai.resnet import IMAGENET_FILE, PneumoconiosisNet, build_resnet34
 from train.losses import focal_loss_binary, focal_loss_multiclass
 
 

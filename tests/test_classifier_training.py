@@ -47,7 +47,7 @@ def test_tiny_cross_validation_writes_report_figures_and_final_model(tmp_path):
     chest = SAMPLES / "chest" / "RG1_UNCR.dcm"
     analysed = subprocess.run([sys.executable, "-m", "dicom_node.cli", "analyse", "--json", str(chest)], cwd=REPO,
                               capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "PNEUMO_MODEL_DIR": str(out)})
+                              env={**os.environ, "DICOM_NODE_MODELS_DIRECTORY": str(out)})
     assert analysed.returncode == 0, analysed.stderr[-2000:]
     line = json.loads(analysed.stdout)
     p = line["pneumoconiosis"]

@@ -6,7 +6,7 @@
    or any CSV with ``file`` and ``present`` (0/1) and optionally ``category`` (ILO 0-3), ``patient_id`` or
    ``source_file`` (the grouping key: synthetic images made from one radiograph share it) and ``mask``.
    Images without a mask file are segmented with the node's lung U-Net.
-2. Every image becomes the classifier's input once, the same way inference makes it (``ai.classifier``): lung crop
+2. Every image becomes the classifier's input once, the same way inference makes it (``ai.lung_crop``): lung crop
    with a margin, optional outside-lung suppression, letterbox to ``--size``, contrast standardisation.
 3. k-fold cross-validation (default 10), stratified, grouped by patient; brightness augmentation after the split,
    on training folds only: ``random`` (a factor in 0.7-1.3 per image per epoch, the default, as cheap as no
@@ -29,13 +29,16 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
-from ai.classifier import PROFUSION_CATEGORIES, PneumoconiosisNet, classifier_input
+from ai import checkpoint
+from ai.lung_crop import classifier_input
 from ai.lungs import postprocess_probability
 from ai.normalise import normalise
+from ai.resnet import PROFUSION_CATEGORIES, PneumoconiosisNet
 
 from .engine import FitConfig, fit, resolve_device, seed_everything
 from .folds import BRIGHTNESS_RANGE, brightness_levels, check_no_leakage, stratified_group_kfold
@@ -45,6 +48,7 @@ from .metrics import binary_summary, multiclass_metrics, roc_auc, roc_curve, thr
 from .report import plot_confusion, plot_history, plot_roc, write_report
 
 MODEL_NAME = "pneumoconiosis-resnet34"
+LossFn = Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -100,7 +104,7 @@ def prepare_inputs(items: list[Item], size: int, margin: float, suppress: bool) 
     return out
 
 
-def make_loss(alpha_b: float, gamma_b: float, alpha_p: float | None, gamma_p: float, with_profusion: bool):
+def make_loss(alpha_b: float, gamma_b: float, alpha_p: float | None, gamma_p: float, with_profusion: bool) -> LossFn:
     def loss(outputs: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
         value = focal_loss_binary(outputs["binary"], targets[:, 0].float(), alpha=alpha_b, gamma=gamma_b)
         if with_profusion:
@@ -168,7 +172,7 @@ def choose_threshold(rule: str, y: np.ndarray, p: np.ndarray) -> float:
     raise ValueError(f"unknown threshold rule {rule!r} (youden or sensitivity:0.90)")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="folder with labels.csv, or a CSV file")
     parser.add_argument("--out", type=Path, required=True)
@@ -197,7 +201,108 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--limit", type=int, default=0, help="use only the first N images (smoke runs)")
     parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+@dataclass
+class CrossValidation:
+    """Step 4's outcome: out-of-fold predictions for every image, and each fold's metrics, history and ROC."""
+
+    prob: np.ndarray  # (N,) out-of-fold probability of pneumoconiosis
+    category: np.ndarray  # (N, 4) out-of-fold ILO category probabilities
+    per_fold: list[dict]
+    histories: list[list[dict[str, float]]]
+    curves: list[tuple]  # (fpr, tpr, label, auc) per fold with both classes
+    init: str  # how the models were initialised ("scratch" or "imagenet:<path>")
+
+
+def cross_validate(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, items: list[Item],
+                   folds: list[tuple[np.ndarray, np.ndarray]], levels: list[float] | None, loss_fn: LossFn,
+                   with_profusion: bool, device: torch.device) -> CrossValidation:
+    """Step 4: one model per fold, trained on the other folds (augmented) and evaluated on its own."""
+    present = y[:, 0].numpy()
+    cv = CrossValidation(np.zeros(len(items)), np.zeros((len(items), PROFUSION_CATEGORIES)), [], [], [], "scratch")
+    for k, (train_idx, val_idx) in enumerate(folds, start=1):
+        check_no_leakage(train_idx, val_idx, [i.group for i in items])
+        generator = seed_everything(args.seed + k)
+        model = PneumoconiosisNet.create(imagenet_weights=args.imagenet_weights)
+        cv.init = model.init
+        cfg = FitConfig(epochs=args.epochs, lr=args.lr, patience=args.patience, device=args.device,
+                        seed=args.seed + k, out_dir=args.out / f"fold{k:02d}", progress=not args.no_progress)
+        history = fit(
+            model,
+            train_batches=lambda epoch, t=train_idx: batches(x, y, t, args.batch_size, args.seed + epoch, levels),
+            val_batches=lambda v=val_idx: batches(x, y, v, 64, None),
+            loss_fn=loss_fn, score_fn=auc_score, cfg=cfg, accuracy_fn=binary_accuracy,
+            train_transform=random_brightness(generator) if args.augment == "random" else None,
+        )
+        prob, cat = predict(model, x, val_idx, device)
+        cv.prob[val_idx], cv.category[val_idx] = prob, cat
+        row = {"fold": k, "best_epoch": history.best_epoch, **binary_summary(present[val_idx], prob, 0.5)}
+        known = y[val_idx, 1].numpy() >= 0
+        if with_profusion and known.any():
+            mc = multiclass_metrics(y[val_idx, 1].numpy()[known], cat[known])
+            row.update(profusion_accuracy=mc["accuracy"], qwk=mc["qwk"])
+        cv.per_fold.append(row)
+        cv.histories.append(history.epochs)
+        if 0 < present[val_idx].sum() < len(val_idx):
+            fpr, tpr, _ = roc_curve(present[val_idx], prob)
+            cv.curves.append((fpr, tpr, f"fold {k}", row["auc"]))
+    return cv
+
+
+def pooled_results(args: argparse.Namespace, cv: CrossValidation, y: torch.Tensor, items: list[Item],
+                   with_profusion: bool) -> tuple[dict, float]:
+    """Step 5: the pooled out-of-fold metrics at the chosen threshold, the figures and oof.npz."""
+    present = y[:, 0].numpy()
+    threshold = choose_threshold(args.threshold_rule, present, cv.prob)
+    pooled = {"fold": "pooled", **binary_summary(present, cv.prob, threshold)}
+    fpr, tpr, _ = roc_curve(present, cv.prob)
+    plot_roc(cv.curves + [(fpr, tpr, "pooled out-of-fold", pooled["auc"])], args.out / "roc.png")
+    plot_confusion(pooled["confusion"], ["absent", "present"], args.out / "confusion.png")
+    plot_history(cv.histories, args.out / "history.png", labels=[f"fold {k}" for k in range(1, len(cv.histories) + 1)])
+    known = y[:, 1].numpy() >= 0
+    if with_profusion and known.any():
+        mc = multiclass_metrics(y[:, 1].numpy()[known], cv.category[known])
+        pooled.update(profusion_accuracy=mc["accuracy"], qwk=mc["qwk"])
+        plot_confusion(mc["confusion"], ["0", "1", "2", "3"], args.out / "confusion_profusion.png")
+    np.savez(args.out / "oof.npz", prob=cv.prob, category=cv.category, present=present,
+             files=np.array([str(i.image) for i in items]))
+    return pooled, threshold
+
+
+def run_summary(args: argparse.Namespace, items: list[Item], pooled: dict, threshold: float, init: str,
+                with_profusion: bool, device: torch.device) -> dict:
+    """The report's summary: data, protocol settings and the pooled result."""
+    return {
+        "title": "Classifier cross-validation", "pooled": pooled, "class_names": ["absent", "present"],
+        "images": len(items), "groups": len({i.group for i in items}), "positives": sum(i.present for i in items),
+        "folds": args.folds, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+        "size": args.size, "margin": args.margin, "suppress_outside": args.suppress_outside,
+        "augmentation": args.augment, "focal_binary": [args.focal_alpha, args.focal_gamma],
+        "focal_profusion": [args.profusion_alpha, args.profusion_gamma] if with_profusion else None,
+        "initialisation": init, "threshold_rule": args.threshold_rule, "threshold": threshold,
+        "device": str(device), "seed": args.seed, "data": str(args.data),
+    }
+
+
+def train_final(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, per_fold: list[dict],
+                levels: list[float] | None, loss_fn: LossFn) -> tuple[PneumoconiosisNet, int]:
+    """Step 6: a model on all data for the median best epoch of the folds (no early stopping)."""
+    epochs = max(1, int(statistics.median(r["best_epoch"] for r in per_fold)))
+    model = PneumoconiosisNet.create(imagenet_weights=args.imagenet_weights)
+    everything = np.arange(len(x))
+    generator = seed_everything(args.seed)
+    fit(model, train_batches=lambda epoch: batches(x, y, everything, args.batch_size, args.seed + epoch, levels),
+        val_batches=lambda: batches(x, y, everything[:64], 64, None), loss_fn=loss_fn, score_fn=auc_score,
+        cfg=FitConfig(epochs=epochs, lr=args.lr, patience=epochs + 1, device=args.device, seed=args.seed,
+                      out_dir=args.out / "final", progress=not args.no_progress),
+        train_transform=random_brightness(generator) if args.augment == "random" else None)
+    return model, epochs
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -211,7 +316,6 @@ def main(argv: list[str] | None = None) -> int:
     with_profusion = any(i.category >= 0 for i in items)
     x = prepare_inputs(items, args.size, args.margin, args.suppress_outside)
     y = torch.tensor([[i.present, i.category] for i in items], dtype=torch.long)
-    present = y[:, 0].numpy()
 
     # 3. Folds, grouped by patient, stratified by the label
     strata = [f"{i.present}/{i.category}" for i in items]
@@ -221,91 +325,35 @@ def main(argv: list[str] | None = None) -> int:
     # 4. One model per fold
     loss_fn = make_loss(args.focal_alpha, args.focal_gamma, args.profusion_alpha, args.profusion_gamma,
                         with_profusion)
-    oof_prob = np.zeros(len(items))
-    oof_cat = np.zeros((len(items), PROFUSION_CATEGORIES))
-    per_fold, histories, curves, init = [], [], [], "scratch"
-    for k, (train_idx, val_idx) in enumerate(folds, start=1):
-        check_no_leakage(train_idx, val_idx, [i.group for i in items])
-        generator = seed_everything(args.seed + k)
-        model = PneumoconiosisNet.create(imagenet_weights=args.imagenet_weights)
-        init = model.init
-        cfg = FitConfig(epochs=args.epochs, lr=args.lr, patience=args.patience, device=args.device,
-                        seed=args.seed + k, out_dir=args.out / f"fold{k:02d}", progress=not args.no_progress)
-        history = fit(
-            model,
-            train_batches=lambda epoch, t=train_idx: batches(x, y, t, args.batch_size, args.seed + epoch, levels),
-            val_batches=lambda v=val_idx: batches(x, y, v, 64, None),
-            loss_fn=loss_fn, score_fn=auc_score, cfg=cfg, accuracy_fn=binary_accuracy,
-            train_transform=random_brightness(generator) if args.augment == "random" else None,
-        )
-        prob, cat = predict(model, x, val_idx, device)
-        oof_prob[val_idx], oof_cat[val_idx] = prob, cat
-        row = {"fold": k, "best_epoch": history.best_epoch, **binary_summary(present[val_idx], prob, 0.5)}
-        known = y[val_idx, 1].numpy() >= 0
-        if with_profusion and known.any():
-            mc = multiclass_metrics(y[val_idx, 1].numpy()[known], cat[known])
-            row.update(profusion_accuracy=mc["accuracy"], qwk=mc["qwk"])
-        per_fold.append(row)
-        histories.append(history.epochs)
-        if 0 < present[val_idx].sum() < len(val_idx):
-            fpr, tpr, _ = roc_curve(present[val_idx], prob)
-            curves.append((fpr, tpr, f"fold {k}", row["auc"]))
+    cv = cross_validate(args, x, y, items, folds, levels, loss_fn, with_profusion, device)
 
     # 5. Pooled out-of-fold results, threshold, figures, report
-    threshold = choose_threshold(args.threshold_rule, present, oof_prob)
-    pooled = {"fold": "pooled", **binary_summary(present, oof_prob, threshold)}
-    fpr, tpr, _ = roc_curve(present, oof_prob)
-    curves.append((fpr, tpr, "pooled out-of-fold", pooled["auc"]))
-    plot_roc(curves, args.out / "roc.png")
-    plot_confusion(pooled["confusion"], ["absent", "present"], args.out / "confusion.png")
-    plot_history(histories, args.out / "history.png", labels=[f"fold {k}" for k in range(1, len(folds) + 1)])
-    known = y[:, 1].numpy() >= 0
-    if with_profusion and known.any():
-        mc = multiclass_metrics(y[:, 1].numpy()[known], oof_cat[known])
-        pooled.update(profusion_accuracy=mc["accuracy"], qwk=mc["qwk"])
-        plot_confusion(mc["confusion"], ["0", "1", "2", "3"], args.out / "confusion_profusion.png")
-    np.savez(args.out / "oof.npz", prob=oof_prob, category=oof_cat, present=present,
-             files=np.array([str(i.image) for i in items]))
-    summary = {
-        "title": "Classifier cross-validation", "pooled": pooled, "class_names": ["absent", "present"],
-        "images": len(items), "groups": len({i.group for i in items}), "positives": int(present.sum()),
-        "folds": args.folds, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-        "size": args.size, "margin": args.margin, "suppress_outside": args.suppress_outside,
-        "augmentation": args.augment, "focal_binary": [args.focal_alpha, args.focal_gamma],
-        "focal_profusion": [args.profusion_alpha, args.profusion_gamma] if with_profusion else None,
-        "initialisation": init, "threshold_rule": args.threshold_rule, "threshold": threshold,
-        "device": str(device), "seed": args.seed, "data": str(args.data),
-    }
+    pooled, threshold = pooled_results(args, cv, y, items, with_profusion)
+    summary = run_summary(args, items, pooled, threshold, cv.init, with_profusion, device)
 
     # 6. Final model on all data
     if args.final:
-        epochs = max(1, int(statistics.median(r["best_epoch"] for r in per_fold)))
-        model = PneumoconiosisNet.create(imagenet_weights=args.imagenet_weights)
-        everything = np.arange(len(items))
-        generator = seed_everything(args.seed)
-        fit(model, train_batches=lambda epoch: batches(x, y, everything, args.batch_size, args.seed + epoch, levels),
-            val_batches=lambda: batches(x, y, everything[:64], 64, None), loss_fn=loss_fn, score_fn=auc_score,
-            cfg=FitConfig(epochs=epochs, lr=args.lr, patience=epochs + 1, device=args.device, seed=args.seed,
-                          out_dir=args.out / "final", progress=not args.no_progress),
-            train_transform=random_brightness(generator) if args.augment == "random" else None)
-        export_classifier(model, args.out / "classifier.pt", args, threshold, init, epochs, pooled)
+        model, epochs = train_final(args, x, y, cv.per_fold, levels, loss_fn)
+        export_classifier(model, args.out / "classifier.pt", args, threshold, cv.init, epochs, pooled)
         summary["final_epochs"] = epochs
     summary["seconds"] = round(time.perf_counter() - started, 1)
-    write_report(args.out, summary, per_fold)
+    write_report(args.out, summary, cv.per_fold)
     print(json.dumps({k: pooled[k] for k in ("accuracy", "auc", "auc_ci", "sensitivity", "specificity")}))
     return 0
 
 
 def export_classifier(model: PneumoconiosisNet, path: Path, args: argparse.Namespace, threshold: float, init: str,
                       epochs: int, pooled: dict) -> None:
-    """Half-precision weights with everything inference and the model card need."""
-    state = {k: (v.half() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
-    torch.save({"name": MODEL_NAME, "version": args.version, "state_dict": state, "threshold": threshold,
-                "threshold_rule": args.threshold_rule, "input_size": args.size, "margin": args.margin,
-                "suppress_outside": args.suppress_outside, "initialisation": init, "epochs": epochs,
-                "trained_on": args.trained_on, "notice": args.notice, "cross_validation": {k: pooled.get(k) for k in
-                                                                    ("accuracy", "auc", "auc_ci", "sensitivity",
-                                                                     "specificity", "qwk")}}, path)
+    """The model file (``ai.checkpoint``): half-precision weights with everything inference and the model card
+    need."""
+    checkpoint.save(path, model.state_dict(), {
+        "name": MODEL_NAME, "version": args.version, "threshold": threshold,
+        "threshold_rule": args.threshold_rule, "input_size": args.size, "margin": args.margin,
+        "suppress_outside": args.suppress_outside, "initialisation": init, "epochs": epochs,
+        "trained_on": args.trained_on, "notice": args.notice,
+        "cross_validation": {k: pooled.get(k) for k in ("accuracy", "auc", "auc_ci", "sensitivity", "specificity",
+                                                        "qwk")},
+    }, required=checkpoint.CLASSIFIER_FIELDS)
 
 
 if __name__ == "__main__":

@@ -73,7 +73,8 @@ def load_gray(path: Path, size: int | None = None) -> np.ndarray:
 
 
 def load_mask(path: Path, size: int | None = None) -> np.ndarray:
-    """Binary lung mask (threshold 127), nearest-neighbour resized."""
+    """Binary lung mask as float32 0/1: resized bilinearly to ``size`` x ``size`` when given, then thresholded at
+    127, so the resized edge lies where the interpolated mask crosses half-way."""
     with Image.open(path) as img:
         img = img.convert("L")
         if size is not None and img.size != (size, size):

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ai import checkpoint
+
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -59,8 +61,8 @@ def fit(
     model: nn.Module,
     train_batches: Callable[[int], Iterable[Batch]],
     val_batches: Callable[[], Iterable[Batch]],
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    score_fn: Callable[[list[torch.Tensor], list[torch.Tensor]], float],
+    loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
+    score_fn: Callable[[list[Any], list[torch.Tensor]], float],
     cfg: FitConfig,
     train_transform: Callable[[torch.Tensor, torch.Tensor], Batch] | None = None,
     extra_state: dict | None = None,
@@ -71,6 +73,9 @@ def fit(
     ``train_batches(epoch)`` yields (inputs, targets) on the CPU, freshly shuffled per epoch; ``train_transform``
     augments them on the device (training data only). Model outputs may be tensors or dicts of tensors (several
     heads). ``accuracy_fn(outputs, targets) -> (correct, count)`` adds train and validation accuracy per epoch.
+    Each epoch: ``train_one_epoch``, ``validate``, then the checkpoints (``save_best`` when the score improved,
+    ``save_last`` always) and the early-stopping rule (``patience_exhausted``). At the end the best weights are
+    loaded back into ``model``.
     """
     device = resolve_device(cfg.device)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
@@ -78,72 +83,132 @@ def fit(
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    history = History()
-    start_epoch = 0
-
-    last_path = cfg.out_dir / "last.pt"
-    if last_path.exists():  # resume
-        state = torch.load(last_path, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        history = History(**state["history"])
-        start_epoch = len(history.epochs)
-        if cfg.progress:
-            print(f"resuming from {last_path} after epoch {start_epoch}")
+    best_path, last_path = cfg.out_dir / "best.pt", cfg.out_dir / "last.pt"
+    history = resume(last_path, model, optimizer, device, cfg.progress)
+    start_epoch = len(history.epochs)
 
     seed_everything(cfg.seed + start_epoch)
     started = time.perf_counter() - history.seconds
-    sign = 1 if cfg.higher_is_better else -1
     for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        total, count, correct, judged = 0.0, 0, 0, 0
-        batches = train_batches(epoch)
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False)
-        for inputs, targets in bar:
-            inputs, targets = inputs.to(device), targets.to(device)
-            if train_transform is not None:
-                inputs, targets = train_transform(inputs, targets)
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, enabled=use_amp):
-                outputs = model(inputs)
-                loss = loss_fn(outputs, targets)
-            if accuracy_fn is not None:
-                c, n = accuracy_fn(_detach(outputs), targets)
-                correct, judged = correct + c, judged + n
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            total += loss.item() * inputs.shape[0]
-            count += inputs.shape[0]
-            bar.set_postfix(loss=f"{total / count:.4f}")
-
-        val_loss, score, outputs, targets = evaluate(model, val_batches(), loss_fn, score_fn, device,
-                                                     keep_outputs=True)
-        record = {"epoch": epoch + 1, "train_loss": total / max(count, 1), "val_loss": val_loss, "val_score": score}
+        trained = train_one_epoch(model, train_batches(epoch), loss_fn, optimizer, scaler, device,
+                                  transform=train_transform, accuracy_fn=accuracy_fn, use_amp=use_amp,
+                                  description=f"epoch {epoch + 1}/{cfg.epochs}", progress=cfg.progress)
+        validated = validate(model, val_batches(), loss_fn, score_fn, device, accuracy_fn)
+        record = {"epoch": epoch + 1, "train_loss": trained["loss"], "val_loss": validated["loss"],
+                  "val_score": validated["score"]}
         if accuracy_fn is not None:
-            record["train_acc"] = correct / max(judged, 1)
-            c, n = accuracy_fn(_concat(outputs), torch.cat(targets)) if outputs else (0, 0)
-            record["val_acc"] = c / max(n, 1)
+            record["train_acc"], record["val_acc"] = trained["acc"], validated["acc"]
         history.epochs.append(record)
-        improved = math.isnan(history.best_score) or sign * (score - history.best_score) > 0
+        improved = is_improvement(history, record["val_score"], cfg.higher_is_better)
         if improved:
-            history.best_score, history.best_epoch = score, epoch + 1
-            torch.save({"model": model.state_dict(), "epoch": epoch + 1, "score": score, **(extra_state or {})},
-                       cfg.out_dir / "best.pt")
+            history.best_score, history.best_epoch = record["val_score"], epoch + 1
+            save_best(best_path, model, epoch + 1, record["val_score"], extra_state)
         history.seconds = time.perf_counter() - started
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "history": asdict(history)}, last_path)
+        save_last(last_path, model, optimizer, history)
         if cfg.progress:
-            print(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}, val loss {val_loss:.4f}, "
-                  f"val score {score:.4f}{' *' if improved else ''} ({history.seconds:.0f} s)", flush=True)
-        if epoch + 1 - history.best_epoch >= cfg.patience:
+            print(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}, "
+                  f"val score {record['val_score']:.4f}{' *' if improved else ''} ({history.seconds:.0f} s)",
+                  flush=True)
+        if patience_exhausted(history, epoch + 1, cfg.patience):
             history.stopped_early = True
             break
 
     (cfg.out_dir / "history.json").write_text(json.dumps(asdict(history), indent=2))
-    best = torch.load(cfg.out_dir / "best.pt", map_location=device, weights_only=False)
-    model.load_state_dict(best["model"])
+    model.load_state_dict(checkpoint.read(best_path, map_location=device)["model"])
     return history
+
+
+def train_one_epoch(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+    *,
+    transform: Callable[[torch.Tensor, torch.Tensor], Batch] | None = None,
+    accuracy_fn: Callable[[Any, torch.Tensor], tuple[int, int]] | None = None,
+    use_amp: bool = False,
+    description: str = "",
+    progress: bool = True,
+) -> dict[str, float]:
+    """One pass over the training batches (mixed precision when ``use_amp``): the mean loss per input and, with
+    ``accuracy_fn``, the accuracy (``{"loss": ..., "acc": ...}``)."""
+    model.train()
+    total, count, correct, judged = 0.0, 0, 0, 0
+    bar = tqdm(batches, desc=description, disable=not progress, leave=False)
+    for inputs, targets in bar:
+        inputs, targets = inputs.to(device), targets.to(device)
+        if transform is not None:
+            inputs, targets = transform(inputs, targets)
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, enabled=use_amp):
+            outputs = model(inputs)
+            loss = loss_fn(outputs, targets)
+        if accuracy_fn is not None:
+            c, n = accuracy_fn(_detach(outputs), targets)
+            correct, judged = correct + c, judged + n
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        total += loss.item() * inputs.shape[0]
+        count += inputs.shape[0]
+        bar.set_postfix(loss=f"{total / count:.4f}")
+    result = {"loss": total / max(count, 1)}
+    if accuracy_fn is not None:
+        result["acc"] = correct / max(judged, 1)
+    return result
+
+
+def validate(model: nn.Module, batches: Iterable[Batch], loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
+             score_fn: Callable[[list[Any], list[torch.Tensor]], float], device: torch.device,
+             accuracy_fn: Callable[[Any, torch.Tensor], tuple[int, int]] | None = None) -> dict[str, float]:
+    """``evaluate`` on the validation batches: loss, score and, with ``accuracy_fn``, accuracy (``{"loss": ...,
+    "score": ..., "acc": ...}``)."""
+    loss, score, outputs, targets = evaluate(model, batches, loss_fn, score_fn, device, keep_outputs=True)
+    result = {"loss": loss, "score": float(score)}  # a Python float: last.pt must load with weights_only
+    if accuracy_fn is not None:
+        c, n = accuracy_fn(_concat(outputs), torch.cat(targets)) if outputs else (0, 0)
+        result["acc"] = c / max(n, 1)
+    return result
+
+
+# --- checkpoints and early stopping ------------------------------------------------------------------------------
+
+def resume(last_path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+           progress: bool = True) -> History:
+    """The history so far, with model and optimizer restored from ``last_path`` when an earlier run left it;
+    a new history otherwise."""
+    if not last_path.exists():
+        return History()
+    state = checkpoint.read(last_path, map_location=device)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    history = History(**state["history"])
+    if progress:
+        print(f"resuming from {last_path} after epoch {len(history.epochs)}")
+    return history
+
+
+def save_best(path: Path, model: nn.Module, epoch: int, score: float, extra_state: dict | None = None) -> None:
+    """The weights of the best epoch so far, with ``extra_state`` (what rebuilding the model needs)."""
+    torch.save({"model": model.state_dict(), "epoch": epoch, "score": score, **(extra_state or {})}, path)
+
+
+def save_last(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, history: History) -> None:
+    """Everything ``resume`` needs to go on after this epoch."""
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "history": asdict(history)}, path)
+
+
+def is_improvement(history: History, score: float, higher_is_better: bool = True) -> bool:
+    """Whether ``score`` beats the best so far (any score beats none)."""
+    sign = 1 if higher_is_better else -1
+    return math.isnan(history.best_score) or sign * (score - history.best_score) > 0
+
+
+def patience_exhausted(history: History, epochs_done: int, patience: int) -> bool:
+    """Early stopping: ``patience`` epochs have passed since the best one."""
+    return epochs_done - history.best_epoch >= patience
 
 
 def _detach(out: Any) -> Any:

@@ -61,7 +61,7 @@ def evaluate(model_path: Path, data: Path, part: str | None, split_seed: int) ->
     done = [r for r in rows if "probability" in r]
     y = np.array([r["present"] for r in done])
     p = np.array([r["probability"] for r in done])
-    out: dict = {"model": classifier.describe(), "threshold": classifier.threshold, "images": len(rows),
+    out: dict = {"model": classifier.info.to_json(), "threshold": classifier.threshold, "images": len(rows),
                  "refused_by_input_check": len(rows) - len(done), "data": str(data), "part": part}
     if any(r["category"] >= 0 for r in done) and 0 < y.sum() < len(y):  # labelled for this task (synthetic)
         out["binary"] = binary_summary(y, p, classifier.threshold)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ai import checkpoint
 from ai.geometry import Letterbox
 from ai.lungs import labels_on_source
 from ai.normalise import stretch_contrast
@@ -29,7 +30,7 @@ from ai.unet import UNet
 
 from .augment import AugmentConfig, augment_pair
 from .datasets import LungSample, load_gray, load_mask, read_lung_masks, stratified_split
-from .engine import FitConfig, fit, resolve_device, seed_everything, tensor_batches
+from .engine import FitConfig, History, fit, resolve_device, seed_everything, tensor_batches
 from .losses import batch_dice, dice_bce_loss, dice_iou
 
 MODEL_NAME = "lung-field-unet"
@@ -79,15 +80,15 @@ def test_report(model: UNet, samples: list[LungSample], size: int, device: torch
 
 
 def export_weights(model: UNet, path: Path, size: int, version: str, metrics: dict, split_seed: int) -> None:
-    """The shipped file: half-precision weights plus what is needed to rebuild and describe the model."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: (v.half() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
-    torch.save({"name": MODEL_NAME, "version": version, "architecture": "unet", "base_width": model.base_width,
-                "depth": model.depth, "input_size": size, "split_seed": split_seed, "test_metrics": metrics,
-                "state_dict": state}, path)
+    """The shipped file (``ai.checkpoint``): half-precision weights plus what is needed to rebuild and describe
+    the model."""
+    checkpoint.save(path, model.state_dict(), {
+        "name": MODEL_NAME, "version": version, "architecture": "unet", "base_width": model.base_width,
+        "depth": model.depth, "input_size": size, "split_seed": split_seed, "test_metrics": metrics,
+    }, required=checkpoint.SEGMENTER_FIELDS)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=None, help="cxr-lung-masks folder (default: shared data)")
     parser.add_argument("--out", type=Path, required=True, help="run folder: checkpoints, history, report")
@@ -105,25 +106,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--export", type=Path, help="write the shipped weights file here")
     parser.add_argument("--version", default="1.0.0")
     parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def prepare_split(data: Path | None, seed: int, limit: int, out: Path) -> dict[str, list[LungSample]]:
+    """The seeded train / validation / test split (``limit`` images per part at most), recorded in split.json."""
+    split = stratified_split(read_lung_masks(data), seed)
+    if limit:
+        split = {k: v[:limit] for k, v in split.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "split.json").write_text(json.dumps({k: [s.file for s in v] for k, v in split.items()}, indent=1))
+    return split
+
+
+def initial_model(base_width: int, init: Path | None) -> UNet:
+    """A new U-Net, or one starting from ``init``: a training run's best.pt / last.pt or a shipped model file."""
+    model = UNet(base_width=base_width)
+    if init:
+        state = checkpoint.read(init)
+        model.load_state_dict(checkpoint.to_float(state.get("state_dict") or state["model"]))
+    return model
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     generator = seed_everything(args.seed)
-    samples = read_lung_masks(args.data)
-    split = stratified_split(samples, args.seed)
-    if args.limit:
-        split = {k: v[:args.limit] for k, v in split.items()}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "split.json").write_text(json.dumps({k: [s.file for s in v] for k, v in split.items()}, indent=1))
+    split = prepare_split(args.data, args.seed, args.limit, args.out)
     train_x, train_y = _stack(split["train"], args.size)
     val_x, val_y = _stack(split["val"], args.size)
-
-    model = UNet(base_width=args.base_width)
-    if args.init:
-        state = torch.load(args.init, map_location="cpu", weights_only=False)
-        model.load_state_dict({k: v.float() if v.is_floating_point() else v
-                               for k, v in (state.get("state_dict") or state["model"]).items()})
+    model = initial_model(args.base_width, args.init)
     aug = AugmentConfig()
     cfg = FitConfig(epochs=args.epochs, lr=args.lr, patience=args.patience, device=args.device, seed=args.seed,
                     out_dir=args.out, progress=not args.no_progress)
@@ -138,20 +152,27 @@ def main(argv: list[str] | None = None) -> int:
         train_transform=lambda x, y: augment_pair(x, y, aug, generator if x.device.type == "cpu" else None),
         extra_state={"base_width": args.base_width, "input_size": args.size},
     )
-    report = {
-        "model": MODEL_NAME, "version": args.version, "input_size": args.size, "base_width": args.base_width,
-        "seed": args.seed, "split_sizes": {k: len(v) for k, v in split.items()},
-        "best_epoch": history.best_epoch, "val_dice": history.best_score, "epochs_run": len(history.epochs),
-        "train_seconds": round(time.perf_counter() - started, 1), "device": str(resolve_device(args.device)),
-        "augmentation": asdict(aug), "init": str(args.init) if args.init else None,
-        "test": test_report(model, split["test"], args.size, resolve_device(args.device)),
-    }
+    train_seconds = round(time.perf_counter() - started, 1)
+    report = run_report(model, args, split, history, aug, train_seconds)
     (args.out / "report.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report["test"], indent=2))
     if args.export:
         export_weights(model.cpu(), args.export, args.size, args.version, report["test"], args.seed)
         print(f"weights written to {args.export}")
     return 0
+
+
+def run_report(model: UNet, args: argparse.Namespace, split: dict[str, list[LungSample]], history: History,
+               aug: AugmentConfig, train_seconds: float) -> dict:
+    """report.json: the run's settings, its training outcome and the test split's Dice and IoU."""
+    return {
+        "model": MODEL_NAME, "version": args.version, "input_size": args.size, "base_width": args.base_width,
+        "seed": args.seed, "split_sizes": {k: len(v) for k, v in split.items()},
+        "best_epoch": history.best_epoch, "val_dice": history.best_score, "epochs_run": len(history.epochs),
+        "train_seconds": train_seconds, "device": str(resolve_device(args.device)),
+        "augmentation": asdict(aug), "init": str(args.init) if args.init else None,
+        "test": test_report(model, split["test"], args.size, resolve_device(args.device)),
+    }
 
 
 if __name__ == "__main__":

@@ -17,13 +17,14 @@ from __future__ import annotations
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.valuerep import PersonName
 
+from ai.model_info import ModelInfo
 from ai.safe_text import SafeMessage
 
 from .coerce import UTF8, Repair, coerce_header, strictly_valid
@@ -109,7 +110,7 @@ def build_results(source: Dataset, record: AnalysisRecord, node: NodeIdentity) -
 
 
 def build_not_analysed(source: Dataset, reason: str, explanation: str, node: NodeIdentity,
-                       models: Sequence[Mapping[str, str]]) -> list[ResultObject]:
+                       models: Sequence[ModelInfo]) -> list[ResultObject]:
     """[SR "not analysed"] for an instance that got no analysis: refused by the scope checks, or a job that
     failed for good (e.g. corrupted pixel data) where no record exists."""
     with _quiet("result objects"):
@@ -119,7 +120,7 @@ def build_not_analysed(source: Dataset, reason: str, explanation: str, node: Nod
 
 
 def _not_analysed_sr(header: Dataset, reason: str, explanation: str, node: NodeIdentity,
-                     models: Sequence[Mapping[str, str]]) -> Dataset:
+                     models: Sequence[ModelInfo]) -> Dataset:
     from .sr import build_not_analysed_sr
 
     with _encoding("not-analysed SR"):
@@ -156,7 +157,7 @@ def minimal_header(header: Dataset, keep_values: bool = True) -> Dataset:
 
 
 def build_last_resort_sr(source: Dataset, reason: str, explanation: str, node: NodeIdentity,
-                         models: Sequence[Mapping[str, str]]) -> list[ResultObject]:
+                         models: Sequence[ModelInfo]) -> list[ResultObject]:
     """[SR "not analysed"] when building the normal results, or the normal "not analysed" SR, failed for any
     reason. Tries the normal "not analysed" SR on the coerced header; then on a minimal header (UIDs, SOP class,
     Modality, the Type 2 patient and study attributes, each value only when it passes strict validation); then on

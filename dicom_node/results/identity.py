@@ -8,15 +8,16 @@ a viewer shows nothing but the header.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Any, Sequence
 
 from highdicom import ContributingEquipment
 from pydicom.dataset import Dataset
 
 import dicom_node
+from ai.model_info import ModelInfo
 
 from . import codes
-from .uids import model_versions
+from .uids import derive_device_uid, model_versions
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,14 @@ class NodeIdentity:
     model_name: str = "pneumo-cad-node"
     software_version: str = dicom_node.__version__
     institution_name: str = ""  # empty = copy the source's InstitutionName if any
+
+    @classmethod
+    def from_config(cls, config: Any) -> "NodeIdentity":
+        """The node as ``network.ae_title``, ``results.device_uid`` (derived from the AE title when empty) and
+        ``results.institution_name`` of a ``NodeConfig`` (or any mapping of those keys) describe it."""
+        ae_title = str(config["network.ae_title"])
+        return cls(ae_title=ae_title, device_uid=str(config["results.device_uid"] or derive_device_uid(ae_title)),
+                   institution_name=str(config["results.institution_name"]))
 
 
 def as_highdicom_knows(source: Dataset) -> Dataset:
@@ -51,21 +60,21 @@ def institution_name(node: NodeIdentity, source: Dataset) -> str | None:
     return node.institution_name or str(source.get("InstitutionName", "")) or None
 
 
-def notices(models: Sequence[Mapping[str, str]]) -> list[str]:
+def notices(models: Sequence[ModelInfo]) -> list[str]:
     """The models' notices (e.g. "DEMO model ... not for clinical use."), each once, in model order."""
     seen: list[str] = []
     for m in models:
-        text = str(m.get("notice", "")).strip()
+        text = m.notice.strip()
         if text and text not in seen:
             seen.append(text)
     return seen
 
 
-def is_demo(models: Sequence[Mapping[str, str]]) -> bool:
+def is_demo(models: Sequence[ModelInfo]) -> bool:
     return bool(notices(models))
 
 
-def contribution_description(models: Sequence[Mapping[str, str]]) -> str:
+def contribution_description(models: Sequence[ModelInfo]) -> str:
     """Short Text (1024 characters at most): which models made the object, and their notices verbatim."""
     text = f"Automated analysis by {model_versions(models)}."
     for notice in notices(models):
@@ -74,7 +83,7 @@ def contribution_description(models: Sequence[Mapping[str, str]]) -> str:
 
 
 def contributing_equipment(node: NodeIdentity, source: Dataset,
-                           models: Sequence[Mapping[str, str]]) -> list[ContributingEquipment]:
+                           models: Sequence[ModelInfo]) -> list[ContributingEquipment]:
     item = ContributingEquipment(
         manufacturer=node.manufacturer,
         purpose_of_reference=codes.PROCESSING_EQUIPMENT,
@@ -88,6 +97,18 @@ def contributing_equipment(node: NodeIdentity, source: Dataset,
     return [item]
 
 
-def series_description(base: str, models: Sequence[Mapping[str, str]]) -> str:
+def series_description(base: str, models: Sequence[ModelInfo]) -> str:
     """Series Description (LO, 64 characters): prefixed with DEMO when any model carries a notice."""
     return (f"DEMO {base}" if is_demo(models) else base)[:64]
+
+
+def is_own_result(source: Dataset, node: NodeIdentity) -> bool:
+    """Whether ``source`` is a result object of ``node`` (e.g. its heat-map SC routed back by a PACS rule): a
+    Contributing Equipment item with the node's Device UID, or with its manufacturer and model name. Such an object
+    must never get a "not analysed" SR, nor any other report about itself."""
+    for item in source.get("ContributingEquipmentSequence", []):
+        if item.get("DeviceUID") == node.device_uid or (
+                item.get("Manufacturer") == node.manufacturer
+                and item.get("ManufacturerModelName") == node.model_name):
+            return True
+    return False

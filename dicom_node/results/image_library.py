@@ -12,6 +12,8 @@ from highdicom.sr import (CodeContentItem, CodedConcept, ContainerContentItem, C
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as std_codes
 
+from ai import header_values
+
 ACQ = RelationshipTypeValues.HAS_ACQ_CONTEXT
 PIXELS = CodedConcept(value="{pixels}", scheme_designator="UCUM", meaning="Pixels")
 MM = CodedConcept(value="mm", scheme_designator="UCUM", meaning="mm")
@@ -38,15 +40,9 @@ def is_image(source: Dataset) -> bool:
 
 
 def _spacing(source: Dataset) -> tuple[float, float] | None:
-    for keyword in ("ImagerPixelSpacing", "PixelSpacing"):
-        value = source.get(keyword)
-        try:
-            row, column = float(value[0]), float(value[1])
-        except (TypeError, ValueError, IndexError):
-            continue
-        if row > 0 and column > 0:
-            return row, column
-    return None
+    """The spacing TID 1603 reports: Imager Pixel Spacing (at the detector), else Pixel Spacing; why this order,
+    and why the analysis prefers the other: ``ai.header_values.pixel_spacing``."""
+    return header_values.pixel_spacing(source, header_values.DETECTOR_SPACING)
 
 
 def descriptors(source: Dataset) -> list[Dataset]:

@@ -6,7 +6,7 @@ from without resampling, and lets the SR's lung areas point at the exact segment
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from highdicom import AlgorithmIdentificationSequence
@@ -17,6 +17,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as std_codes
 
 from ai.lungs import LEFT_LUNG, RIGHT_LUNG
+from ai.model_info import ModelInfo
 
 from . import codes
 from .identity import NodeIdentity, contributing_equipment, institution_name, notices, series_description
@@ -33,18 +34,17 @@ SEGMENTS = (  # segment number, label value in record.labels, label, laterality,
 )
 
 
-def segmenter_model(models: Sequence[Mapping[str, str]]) -> Mapping[str, str]:
-    """The lung segmenter's entry of record.models (the first model run; it is always the segmenter)."""
-    if not models:
-        raise ValueError("an analysed record names the lung segmenter in record.models")
-    return models[0]
+def segmenter_model(record: AnalysisRecord) -> ModelInfo:
+    """The lung segmenter that drew the record's fields (every analysed record names it)."""
+    if record.segmenter is None:
+        raise ValueError("an analysed record names the lung segmenter in record.segmenter")
+    return record.segmenter
 
 
-def segment_descriptions(models: Sequence[Mapping[str, str]]) -> list[SegmentDescription]:
-    model = segmenter_model(models)
-    parameters = {k: str(model[k]) for k in ("model_card", "trained_on") if model.get(k)}
+def segment_descriptions(model: ModelInfo) -> list[SegmentDescription]:
+    parameters = {k: v for k, v in (("model_card", model.card_id), ("trained_on", model.trained_on)) if v}
     algorithm = AlgorithmIdentificationSequence(
-        name=str(model["name"]), version=str(model["version"]), family=std_codes.cid7162.ArtificialIntelligence,
+        name=model.name, version=model.version, family=std_codes.cid7162.ArtificialIntelligence,
         source=None, parameters=parameters or None)
     descriptions = []
     for number, _value, label, laterality, colour in SEGMENTS:
@@ -85,7 +85,8 @@ def build_seg(source: Dataset, record: AnalysisRecord, node: NodeIdentity) -> Se
     mask = np.stack([labels == value for _n, value, *_ in SEGMENTS], axis=-1)[None]  # (1, rows, cols, 2)
     seg = Segmentation(
         source_images=[reference_header(source, record)], pixel_array=mask.astype(np.uint8),
-        segmentation_type=SegmentationTypeValues.BINARY, segment_descriptions=segment_descriptions(record.models),
+        segmentation_type=SegmentationTypeValues.BINARY,
+        segment_descriptions=segment_descriptions(segmenter_model(record)),
         series_instance_uid=result_series_uid(uid, "seg", versions), series_number=SERIES_NUMBER,
         sop_instance_uid=result_uid(uid, "seg", versions), instance_number=1,
         manufacturer=node.manufacturer, manufacturer_model_name=node.model_name,

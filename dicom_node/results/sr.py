@@ -7,7 +7,7 @@ still gets a report that says so and why, so that a missing result is never read
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from highdicom.sr import (AlgorithmIdentification, CodeContentItem, ComprehensiveSR, ContainerContentItem,
                           ContentSequence, DeviceObserverIdentifyingAttributes, FindingSite,
@@ -20,6 +20,8 @@ from highdicom.sr import (AlgorithmIdentification, CodeContentItem, Comprehensiv
 from highdicom.sr.templates import DEFAULT_LANGUAGE
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as std_codes
+
+from ai.model_info import ModelInfo
 
 from . import codes
 from .image_library import image_library, is_image
@@ -37,6 +39,8 @@ SERIES_DESCRIPTION = "AI pneumoconiosis report (SR)"
 NOT_ANALYSED_DESCRIPTION = "AI pneumoconiosis report: NOT ANALYSED (SR)"
 NO_CLASSIFIER_NOTE = ("No pneumoconiosis classifier is installed: only the lung fields were measured. This image "
                       "has NOT been assessed for pneumoconiosis.")
+UNNAMED_CLASSIFIER = ModelInfo(name="unnamed classifier", version="unknown")
+"""Named for a classification whose record does not say which model made it (a record built by hand)."""
 
 
 # --- pieces shared by both reports ------------------------------------------------------------------------------
@@ -55,12 +59,11 @@ def source_image_reference(source: Dataset, item_class=SourceImageForMeasurement
                       referenced_sop_instance_uid=str(source.SOPInstanceUID))
 
 
-def algorithm_identification(model: Mapping[str, str]) -> AlgorithmIdentification:
+def algorithm_identification(model: ModelInfo) -> AlgorithmIdentification:
     """TID 4019: name (DCM 111001), version (DCM 111003), and the model card / training data as parameters."""
-    parameters = [f"{label}: {model[key]}" for key, label in (("model_card", "model card"),
-                                                               ("trained_on", "trained on")) if model.get(key)]
-    return AlgorithmIdentification(name=str(model["name"]), version=str(model["version"]),
-                                   parameters=parameters or None)
+    parameters = [f"{label}: {value}" for label, value in (("model card", model.card_id),
+                                                           ("trained on", model.trained_on)) if value]
+    return AlgorithmIdentification(name=model.name, version=model.version, parameters=parameters or None)
 
 
 def text(name, value: str, relationship=RelationshipTypeValues.CONTAINS) -> TextContentItem:
@@ -75,12 +78,12 @@ def qualitative_evaluations(items: Sequence[Dataset]) -> ContainerContentItem:
     return container
 
 
-def notice_items(models: Sequence[Mapping[str, str]]) -> list[TextContentItem]:
+def notice_items(models: Sequence[ModelInfo]) -> list[TextContentItem]:
     return [text(codes.MODEL_NOTICE, notice) for notice in notices(models)]
 
 
 def _sr(source: Dataset, evidence: Sequence[Dataset], content: Dataset, node: NodeIdentity, kind: str,
-        models: Sequence[Mapping[str, str]], description: str) -> ComprehensiveSR:
+        models: Sequence[ModelInfo], description: str) -> ComprehensiveSR:
     versions = model_versions(models)
     uid = str(source.SOPInstanceUID)
     sr = ComprehensiveSR(
@@ -110,7 +113,7 @@ def _unitless(name, value: float, **kwargs) -> Measurement:
 
 
 def pneumoconiosis_group(source: Dataset, record: AnalysisRecord, c: Classification,
-                         model: Mapping[str, str]) -> MeasurementsAndQualitativeEvaluations:
+                         model: ModelInfo) -> MeasurementsAndQualitativeEvaluations:
     """TID 1501 on the whole radiograph: the decision, its probability and threshold, the ILO category with each
     category's probability, and the six zone scores with their finding sites."""
     measurements = [_unitless(codes.PROBABILITY, c.probability), _unitless(codes.THRESHOLD, c.threshold)]
@@ -165,7 +168,7 @@ def lung_area_group(source: Dataset, record: AnalysisRecord, seg: Dataset, segme
     return PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(source, model_versions(record.models), f"{side.capitalize()} lung field"),
         referenced_segment=reference, finding_type=codes.LUNG,
-        algorithm_id=algorithm_identification(segmenter_model(record.models)),
+        algorithm_id=algorithm_identification(segmenter_model(record)),
         finding_sites=[FindingSite(codes.LUNG, laterality=laterality)], measurements=[area])
 
 
@@ -174,10 +177,7 @@ def build_sr(source: Dataset, record: AnalysisRecord, node: NodeIdentity, seg: D
     statements: list[Dataset] = []
     c = record.classification
     if c is not None:
-        # The classifier runs after the segmenter and describes itself last in record.models.
-        classifier = record.models[-1] if len(record.models) > 1 else {"name": "unnamed classifier",
-                                                                       "version": "unknown"}
-        groups.append(pneumoconiosis_group(source, record, c, classifier))
+        groups.append(pneumoconiosis_group(source, record, c, record.classifier or UNNAMED_CLASSIFIER))
         summary = codes.ALL_SUCCEEDED_WITH_FINDINGS if c.present else codes.ALL_SUCCEEDED_WITHOUT_FINDINGS
         statements.append(CodeContentItem(name=codes.CAD_SUMMARY, value=summary,
                                           relationship_type=RelationshipTypeValues.CONTAINS))
@@ -198,7 +198,7 @@ def build_sr(source: Dataset, record: AnalysisRecord, node: NodeIdentity, seg: D
 # --- the "not analysed" report ----------------------------------------------------------------------------------
 
 def build_not_analysed_sr(source: Dataset, reason: str, explanation: str, node: NodeIdentity,
-                          models: Sequence[Mapping[str, str]]) -> ComprehensiveSR:
+                          models: Sequence[ModelInfo]) -> ComprehensiveSR:
     """TID 1500 without imaging measurements (allowed when a Qualitative Evaluations container is present): the
     image library names the source (when it is an image at all; the evidence sequence names it in any case), and
     the statements say that it was not analysed and why."""

@@ -7,16 +7,18 @@ pydicom's registered root (1.2.826.0.1.3680043.8.498.), hashed from their source
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Iterable
 
 from pydicom.uid import PYDICOM_ROOT_UID, generate_uid
+
+from ai.model_info import ModelInfo
 
 KINDS = ("seg", "sr", "sc", "sr-not-analysed")
 
 
-def model_versions(models: Iterable[Mapping[str, str]]) -> str:
+def model_versions(models: Iterable[ModelInfo]) -> str:
     """The models' names and versions as one string ("lung-field-unet 1.0.0; classifier 0.1.0"), in run order."""
-    return "; ".join(f"{m.get('name', '?')} {m.get('version', '?')}" for m in models) or "no models"
+    return "; ".join(f"{m.name} {m.version}" for m in models) or "no models"
 
 
 def _uid(*parts: str) -> str:

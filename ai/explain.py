@@ -1,0 +1,78 @@
+"""Where the classifier looked: Grad-CAM heat maps and their mean in the six ILO lung zones."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .lungs import LEFT_LUNG, RIGHT_LUNG
+from .resnet import PneumoconiosisNet
+
+ZONES = ("right_upper", "right_middle", "right_lower", "left_upper", "left_middle", "left_lower")
+
+
+def grad_cam(model: PneumoconiosisNet, x: torch.Tensor, head: str = "binary", target_class: int | None = None,
+             layer: nn.Module | None = None) -> np.ndarray:
+    """Grad-CAM (Selvaraju et al. 2017) of one input at the input's size, float32 in [0, 1].
+
+    layer4 is the last place with spatial resolution, so its gradient-weighted channels are the coarsest map that
+    still says where; the ReLU keeps only evidence for the output. For ``head="profusion"`` the map explains
+    ``target_class`` (default: the predicted category). The model runs in eval mode (batch-norm statistics of a
+    single image would be meaningless) and every module's mode is restored afterwards; the gradient is taken with
+    ``torch.autograd.grad`` so no parameter's ``.grad`` is touched and a training step in progress is unaffected.
+    """
+    if x.ndim != 4 or x.shape[0] != 1:
+        raise ValueError(f"expected one input of shape (1, C, S, S), got {tuple(x.shape)}")
+    if head not in ("binary", "profusion"):
+        raise ValueError(f"unknown head {head!r}")
+    layer = model.trunk.layer4 if layer is None else layer
+    modes = [(m, m.training) for m in model.modules()]
+    captured: list[torch.Tensor] = []
+    handle = layer.register_forward_hook(lambda _m, _i, output: captured.append(output))
+    try:
+        model.eval()
+        with torch.enable_grad():
+            out = model(x.detach().clone().requires_grad_(True))
+            if head == "binary":
+                score = out["binary"][0]
+            else:
+                logits = out["profusion"][0]
+                score = logits[int(logits.argmax()) if target_class is None else target_class]
+            activation = captured[-1]
+            (gradient,) = torch.autograd.grad(score, activation)
+        weights = gradient.mean(dim=(2, 3), keepdim=True)
+        cam = F.relu((weights * activation).sum(dim=1, keepdim=True)).detach()
+        cam = F.interpolate(cam, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)[0, 0]
+        peak = float(cam.max())
+        result = (cam / peak) if peak > 0 else torch.zeros_like(cam)
+        return result.float().cpu().numpy()
+    finally:
+        handle.remove()
+        for module, training in modes:
+            module.training = training
+
+
+def zone_scores(heat_native: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Mean heat in the six ILO zones: upper, middle and lower thirds of each lung's own height.
+
+    The ILO classification reads profusion per zone, and each lung is divided by its own extent because the two
+    fields rarely reach the same height (heart, diaphragm, scoliosis). An absent lung or zone scores 0.0.
+    """
+    if heat_native.shape != labels.shape:
+        raise ValueError(f"heat map {heat_native.shape} and labels {labels.shape} differ in shape")
+    scores: dict[str, float] = {}
+    row_index = np.arange(labels.shape[0])[:, None]
+    for side, value in (("right", RIGHT_LUNG), ("left", LEFT_LUNG)):
+        lung = labels == value
+        rows = np.flatnonzero(lung.any(axis=1))
+        if rows.size == 0:
+            scores.update({f"{side}_{z}": 0.0 for z in ("upper", "middle", "lower")})
+            continue
+        top, extent = rows[0], rows[-1] - rows[0] + 1
+        third = np.clip((row_index - top) * 3 // extent, 0, 2)  # 0 upper, 1 middle, 2 lower
+        for k, zone in enumerate(("upper", "middle", "lower")):
+            inside = lung & (third == k)
+            scores[f"{side}_{zone}"] = float(heat_native[inside].mean()) if inside.any() else 0.0
+    return {name: scores[name] for name in ZONES}
