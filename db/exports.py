@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, Select, and_, case, func, or_, select, update
+from sqlalchemy import Engine, Select, and_, case, func, or_, select
 from sqlalchemy.orm import Session
 
 from .engine import readonly
+from .leases import EXPORTS, RELEASED
 from .models import Event, Export, ExportState, Result, utcnow
 from .queue import ERROR_TEXT_LIMIT
 
@@ -78,10 +79,7 @@ def queue_exports(session: Session, result: Result, destinations: Sequence[dict[
 
 
 def _claimable(now: datetime):  # type: ignore[no-untyped-def]
-    return or_(
-        and_(Export.state == ExportState.PENDING, Export.next_attempt_at <= now),
-        and_(Export.state == ExportState.SENDING, Export.lease_expires_at < now),
-    )
+    return or_(and_(Export.state == ExportState.PENDING, Export.next_attempt_at <= now), EXPORTS.expired(now))
 
 
 def claim_statement(now: datetime, limit: int, destinations: Collection[str] | None = None) -> Select[Any]:
@@ -109,21 +107,10 @@ def claim_due(engine: Engine, owner: str, lease_seconds: float, limit: int,
     claimed: list[ClaimedExport] = []
     with Session(engine) as session, session.begin():
         for export, result in session.execute(claim_statement(now, limit, destinations)).all():
-            if export.state == ExportState.SENDING:
-                taken_from = export.lease_owner
-                if max_attempts is not None and export.attempts >= max_attempts:
-                    _set(export, state=ExportState.DEAD, lease_owner=None, lease_expires_at=None,
-                         last_error=f"exporter {taken_from} lost its lease on attempt {export.attempts}")
-                    session.add(Event(kind="export_dead", sop_instance_uid=result.sop_instance_uid,
-                                      detail=f"export {export.id} to {export.destination}: lease expired after "
-                                             f"{export.attempts} attempts"))
-                    continue
-                session.add(Event(kind="export_taken_back", sop_instance_uid=result.sop_instance_uid,
-                                  detail=f"export {export.id} to {export.destination}: lease of {taken_from} "
-                                         "expired"))
-            lease_expires_at = now + timedelta(seconds=lease_seconds)
-            _set(export, state=ExportState.SENDING, attempts=export.attempts + 1, lease_owner=owner,
-                 lease_expires_at=lease_expires_at)
+            if export.state == ExportState.SENDING and not _take_back(session, export, result, max_attempts):
+                continue
+            lease_expires_at = EXPORTS.take(export, owner, lease_seconds, now)
+            _set(export, attempts=export.attempts + 1)
             claimed.append(ClaimedExport(
                 export_id=export.id, result_id=result.id, destination=export.destination, kind=result.kind,
                 archive_path=result.archive_path, sop_class_uid=result.sop_class_uid,
@@ -133,6 +120,43 @@ def claim_due(engine: Engine, owner: str, lease_seconds: float, limit: int,
     return claimed
 
 
+def _take_back(session: Session, export: Export, result: Result, max_attempts: int | None) -> bool:
+    """An export whose lease expired while it was being sent (its exporter died): recorded as taken back, or
+    dead-lettered when that was its last attempt (``max_attempts``; None: never). Returns whether it may be sent
+    again."""
+    taken_from = export.lease_owner
+    if max_attempts is not None and export.attempts >= max_attempts:
+        _set(export, state=ExportState.DEAD, **RELEASED,
+             last_error=f"exporter {taken_from} lost its lease on attempt {export.attempts}")
+        session.add(Event(kind="export_dead", sop_instance_uid=result.sop_instance_uid,
+                          detail=f"export {export.id} to {export.destination}: lease expired after "
+                                 f"{export.attempts} attempts"))
+        return False
+    session.add(Event(kind="export_taken_back", sop_instance_uid=result.sop_instance_uid,
+                      detail=f"export {export.id} to {export.destination}: lease of {taken_from} expired"))
+    return True
+
+
+def reclaim_expired(engine: Engine, max_attempts: int) -> int:
+    """Exports whose exporter died while sending them (their lease expired: a live exporter renews its lease before
+    every step of a round, ``dicom_node.export``) back to pending, the lost attempt counted, due as they were; dead
+    when it was their last attempt. Returns how many were taken back.
+
+    ``claim_due`` takes such rows back by itself, but only for the destinations a running exporter serves; this sweep
+    (``serve``'s ``lease-reclaim`` job) covers every row and keeps ``dicom-node status`` from counting them as being
+    sent."""
+    now = utcnow()
+    with Session(engine) as session, session.begin():
+        rows = session.execute(
+            select(Export, Result).join(Result, Export.result_id == Result.id).where(EXPORTS.expired(now))
+            .with_for_update(skip_locked=True, of=Export)
+        ).all()
+        for export, result in rows:
+            if _take_back(session, export, result, max_attempts):
+                _set(export, state=ExportState.PENDING, **RELEASED)
+        return len(rows)
+
+
 def _set(export: Export, **values: Any) -> None:
     for key, value in values.items():
         setattr(export, key, value)
@@ -140,9 +164,10 @@ def _set(export: Export, **values: Any) -> None:
 
 
 def _fenced_row(session: Session, export_id: int, owner: str) -> tuple[Export, Result] | None:
+    """The export and its result, row-locked, if ``owner`` still holds its lease."""
     row = session.execute(
         select(Export, Result).join(Result, Export.result_id == Result.id)
-        .where(Export.id == export_id, Export.state == ExportState.SENDING, Export.lease_owner == owner)
+        .where(EXPORTS.held_by(owner, [export_id]))
         .with_for_update(of=Export)
     ).first()
     return (row[0], row[1]) if row is not None else None
@@ -155,8 +180,8 @@ def mark_sent(engine: Engine, export_id: int, owner: str, sent_to: str, status: 
         if row is None:
             return False
         export, result = row
-        _set(export, state=ExportState.SENT, lease_owner=None, lease_expires_at=None, last_status=status,
-             last_error=None, sent_to=sent_to[:128], sent_at=utcnow())
+        _set(export, state=ExportState.SENT, **RELEASED, last_status=status, last_error=None,
+             sent_to=sent_to[:128], sent_at=utcnow())
         status_text = f"0x{status:04X}" if status is not None else "-"
         session.add(Event(kind="export_sent", sop_instance_uid=result.sop_instance_uid,
                           detail=f"export {export.id} to {export.destination} ({sent_to}) on attempt "
@@ -181,12 +206,12 @@ def schedule_retry(engine: Engine, export_id: int, owner: str, status: int | Non
         final = not retryable or export.attempts >= max_attempts
         now = utcnow()
         if final:
-            _set(export, state=ExportState.DEAD, lease_owner=None, lease_expires_at=None, last_status=status,
+            _set(export, state=ExportState.DEAD, **RELEASED, last_status=status,
                  last_error=error[:ERROR_TEXT_LIMIT])
             detail = f"dead after {export.attempts} attempt(s): {error}"
         else:
             delay = backoff_seconds(export.attempts, initial, cap)
-            _set(export, state=ExportState.PENDING, lease_owner=None, lease_expires_at=None, last_status=status,
+            _set(export, state=ExportState.PENDING, **RELEASED, last_status=status,
                  last_error=error[:ERROR_TEXT_LIMIT], next_attempt_at=now + timedelta(seconds=delay))
             detail = f"attempt {export.attempts} failed, next in {delay:g} s: {error}"
         session.add(Event(kind="export_dead" if final else "export_retry", sop_instance_uid=result.sop_instance_uid,
@@ -206,32 +231,17 @@ def give_back(engine: Engine, export_ids: Iterable[int], owner: str, delay_secon
     now = utcnow()
     values: dict[str, Any] = {
         "state": ExportState.PENDING, "attempts": case((Export.attempts > 0, Export.attempts - 1), else_=0),
-        "lease_owner": None, "lease_expires_at": None,
-        "next_attempt_at": now + timedelta(seconds=max(delay_seconds, 0.0)), "updated_at": now,
+        **RELEASED, "next_attempt_at": now + timedelta(seconds=max(delay_seconds, 0.0)), "updated_at": now,
     }
     if note is not None:
         values["last_error"] = note[:ERROR_TEXT_LIMIT]
     with Session(engine) as session, session.begin():
-        result = session.execute(
-            update(Export)
-            .where(Export.id.in_(ids), Export.state == ExportState.SENDING, Export.lease_owner == owner)
-            .values(**values)
-        )
-        return int(result.rowcount)
+        return EXPORTS.fenced_update(session, ids, owner, **values)
 
 
 def extend_lease(engine: Engine, export_ids: Iterable[int], owner: str, lease_seconds: float) -> int:
     """Keep a long batch; returns how many of ``export_ids`` this owner still holds."""
-    ids = list(export_ids)
-    if not ids:
-        return 0
-    with Session(engine) as session, session.begin():
-        result = session.execute(
-            update(Export)
-            .where(Export.id.in_(ids), Export.state == ExportState.SENDING, Export.lease_owner == owner)
-            .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
-        )
-        return int(result.rowcount)
+    return EXPORTS.extend(engine, export_ids, owner, lease_seconds)
 
 
 def resend(engine: Engine, export_ids: Iterable[int] | None = None,

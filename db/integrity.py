@@ -9,12 +9,14 @@ the path's identity with it
 - before a new connection is opened (so that a removed file is never silently recreated empty, and a replaced
   one is never opened: two files sharing one ``-wal``/``-shm`` pair would corrupt both),
 - at the start of every transaction and again right before every COMMIT (``db.engine`` installs the hooks),
-- and every few seconds in a background thread (``start_watch``), so that an idle node notices it as well.
+- and every ``database.identity_check_seconds`` (``poll``, a job of ``dicom-node serve``'s scheduler,
+  ``dicom_node.scheduler``), so that an idle node notices it as well.
 
 A ``stat`` costs about a microsecond, so no result is cached: a commit is never let through on an old answer.
 Once a mismatch is seen the guard stays *tripped* for the life of the process: every later transaction raises
 ``DatabaseReplaced`` (an ``OperationalError``, so the intake answers 0xA701 and the workers back off) until the node
 is restarted; start-up then reconciles the archive with whatever database it opens (``dicom_node.reconcile``).
+Whoever must react at once (``serve`` stops its exporter and its database jobs) registers with ``on_trip``.
 
 PostgreSQL and in-memory SQLite have no file to watch: they get no guard.
 """
@@ -25,6 +27,7 @@ import logging
 import os
 import threading
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy import Engine
@@ -70,7 +73,7 @@ class DatabaseGuard:
         self.identity: Identity | None = file_identity(path)  # None until the file exists (first connection)
         self._lock = threading.Lock()
         self._reason: str | None = None
-        self._watch_stop: threading.Event | None = None
+        self._listeners: list[Callable[[], None]] = []
 
     @property
     def tripped(self) -> bool:
@@ -108,31 +111,35 @@ class DatabaseGuard:
         LOG.error("%s: every database commit now fails and C-STOREs are answered 0xA701 until the node is "
                   "restarted; stop the node and start it again: start-up reconciliation re-registers the archived "
                   "files in the database it then opens", self._reason)
+        with self._lock:
+            listeners, self._listeners = self._listeners, []
+        for listener in listeners:
+            self._notify(listener)
+
+    def on_trip(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` once when the guard trips (at once if it has already), in the thread that saw the
+        mismatch, which may be inside a transaction: a listener only hands work on (e.g. to a scheduler)."""
+        with self._lock:
+            if self._reason is None:
+                self._listeners.append(listener)
+                return
+        self._notify(listener)
+
+    @staticmethod
+    def _notify(listener: Callable[[], None]) -> None:
+        try:
+            listener()
+        except Exception:  # noqa: BLE001 - the guard's own error must still be raised to the transaction
+            LOG.exception("a listener of the database guard failed")  # the node's formatter withholds the text
 
     def poll(self) -> bool:
-        """One check without raising; True while the file is still the one opened."""
+        """One check without raising; True while the file is still the one opened (the scheduler's periodic
+        check)."""
         try:
             self.check()
         except DatabaseReplaced:
             return False
         return True
-
-    def start_watch(self, interval_seconds: float) -> None:
-        """Check every ``interval_seconds`` in a daemon thread until ``stop_watch``."""
-        if self._watch_stop is not None:
-            return
-        stop = self._watch_stop = threading.Event()
-
-        def watch() -> None:
-            while not stop.wait(interval_seconds) and self.poll():
-                pass
-
-        threading.Thread(target=watch, name="db-identity-watch", daemon=True).start()
-
-    def stop_watch(self) -> None:
-        if self._watch_stop is not None:
-            self._watch_stop.set()
-            self._watch_stop = None
 
 
 _GUARDS: "weakref.WeakKeyDictionary[Engine, DatabaseGuard]" = weakref.WeakKeyDictionary()

@@ -1,12 +1,17 @@
 """The analysis queue contract shared by the intake (producer) and the worker processes (consumers).
 
-A worker *claims* one job atomically and holds it under a lease; it then *completes* it, *fails* it (retried until
-``max_attempts``, then failed for good), or marks it *not analysed* with a reason. Every write after the claim is
+A worker *claims* one job atomically and holds it under a lease (``db.leases``); it then ends it with its results
+(``db.results.finish_job``: done, not analysed or failed, in the transaction that records the result objects) or
+*fails* an attempt (``fail``: retried until ``max_attempts``, then failed for good). Every write after the claim is
 fenced by the lease owner, so a worker whose lease was taken back cannot overwrite the new owner's result. A job
-whose lease expired (crashed worker) is claimable again, and is then processed alone so that a poison input
-cannot take its batch-mates down with it. A job whose lease expired after its last attempt is handed out once more
-*for its report only*: the worker writes its "not analysed" SR without touching the pixels again. Only if that
-attempt is lost as well does the job end failed with no result object, and an audit event says so.
+whose lease expired (crashed or hung worker) is taken back by the next ``claim`` and is then processed alone
+(``ClaimedJob.taken_back``), so that a poison input cannot take its batch-mates down with it. Nothing takes a job
+back earlier: a worker does not renew its lease while it analyses, so an expired lease of a worker that is merely
+slow is only lost to another worker that wants the job (there is no periodic sweep of job leases; ``serve``'s
+``lease-reclaim`` job sweeps the export leases, which live exporters renew). A job whose lease expired after its
+last attempt is handed out once more *for its report only*: the worker writes its "not analysed" SR without
+touching the pixels again. Only if that attempt is lost as well does the job end failed with no result object, and
+an audit event says so.
 
 On SQLite the claim runs inside BEGIN IMMEDIATE (see ``db.engine``), which serialises writers; on PostgreSQL the same
 statement renders ``FOR UPDATE SKIP LOCKED`` so that concurrent workers skip each other's rows instead of waiting.
@@ -15,12 +20,13 @@ statement renders ``FOR UPDATE SKIP LOCKED`` so that concurrent workers skip eac
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 
-from sqlalchemy import Engine, Select, and_, func, or_, select, update
+from sqlalchemy import Engine, Select, func, or_, select
 from sqlalchemy.orm import Session
 
 from .engine import readonly
+from .leases import JOBS, RELEASED
 from .models import Event, Instance, Job, JobState, utcnow
 
 ERROR_TEXT_LIMIT = 2000
@@ -46,10 +52,7 @@ NO_RESULT_EVENT = "job_without_result"
 
 
 def _claimable(now: datetime):  # type: ignore[no-untyped-def]
-    return or_(
-        Job.state == JobState.QUEUED,
-        and_(Job.state == JobState.RUNNING, Job.lease_expires_at < now),
-    )
+    return or_(Job.state == JobState.QUEUED, JOBS.expired(now))
 
 
 def claim_statement(now: datetime) -> Select[tuple[Job]]:
@@ -86,10 +89,8 @@ def claim(engine: Engine, worker_id: str, lease_seconds: float, max_attempts: in
                 session.add(Event(kind="job_taken_back", sop_instance_uid=job.instance.sop_instance_uid,
                                   detail=f"job {job.id}: lease of {job.lease_owner} expired"
                                          + ("; reporting only" if report_only else "")))
-            job.state = JobState.RUNNING
             job.attempts += 1
-            job.lease_owner = worker_id
-            job.lease_expires_at = now + timedelta(seconds=lease_seconds)
+            lease_expires_at = JOBS.take(job, worker_id, lease_seconds, now)
             instance = job.instance
             return ClaimedJob(
                 job_id=job.id,
@@ -98,56 +99,10 @@ def claim(engine: Engine, worker_id: str, lease_seconds: float, max_attempts: in
                 archive_path=instance.archive_path,
                 attempt=job.attempts,
                 lease_owner=worker_id,
-                lease_expires_at=job.lease_expires_at,
+                lease_expires_at=lease_expires_at,
                 taken_back=taken_back,
                 report_only=report_only,
             )
-
-
-def still_held(job: ClaimedJob):  # type: ignore[no-untyped-def]
-    """The fence of every write after the claim: the job is still running under this worker's lease."""
-    return and_(Job.id == job.job_id, Job.state == JobState.RUNNING, Job.lease_owner == job.lease_owner)
-
-
-def _fenced_update(engine: Engine, job: ClaimedJob, event_kind: str, detail: str, **values: object) -> bool:
-    """Apply ``values`` only if ``job`` is still running under this worker's lease; returns whether it was."""
-    with Session(engine) as session, session.begin():
-        result = session.execute(
-            update(Job)
-            .where(still_held(job))
-            .values(updated_at=utcnow(), **values)
-        )
-        if result.rowcount != 1:
-            return False
-        session.add(Event(kind=event_kind, sop_instance_uid=job.sop_instance_uid, detail=detail))
-        return True
-
-
-def extend_lease(engine: Engine, job: ClaimedJob, lease_seconds: float) -> bool:
-    """Keep a long-running job; False means the lease was lost and the worker must drop its result."""
-    with Session(engine) as session, session.begin():
-        result = session.execute(
-            update(Job)
-            .where(still_held(job))
-            .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
-        )
-        return result.rowcount == 1
-
-
-def complete(engine: Engine, job: ClaimedJob) -> bool:
-    return _fenced_update(
-        engine, job, "job_done", f"job {job.job_id} done on attempt {job.attempt}",
-        state=JobState.DONE, lease_owner=None, lease_expires_at=None, reason=None, last_error=None,
-    )
-
-
-def mark_not_analysed(engine: Engine, job: ClaimedJob, reason: str, detail: str = "") -> bool:
-    """The image was looked at and refused (e.g. ``no_lung_fields``): a final state, not an error."""
-    return _fenced_update(
-        engine, job, "job_not_analysed", f"job {job.job_id}: {reason}",
-        state=JobState.NOT_ANALYSED, lease_owner=None, lease_expires_at=None, reason=reason,
-        last_error=detail[:ERROR_TEXT_LIMIT] or None,
-    )
 
 
 def fail(engine: Engine, job: ClaimedJob, reason: str, error: str, max_attempts: int,
@@ -158,34 +113,13 @@ def fail(engine: Engine, job: ClaimedJob, reason: str, error: str, max_attempts:
     """
     final = not retryable or job.attempt >= max_attempts
     state = JobState.FAILED if final else JobState.QUEUED
-    ok = _fenced_update(
-        engine, job, "job_failed" if final else "job_retry",
-        f"job {job.job_id} attempt {job.attempt}: {reason}",
-        state=state, lease_owner=None, lease_expires_at=None, reason=reason,
-        last_error=error[:ERROR_TEXT_LIMIT],
-    )
-    return state if ok else None
-
-
-def reclaim_expired(engine: Engine, max_attempts: int) -> int:
-    """Put every job whose lease expired and that has attempts left back in the queue; returns the count.
-
-    Jobs out of attempts are left running-and-expired: ``claim`` hands them out for their report only.
-    """
-    now = utcnow()
     with Session(engine) as session, session.begin():
-        expired = session.scalars(
-            select(Job).where(Job.state == JobState.RUNNING, Job.lease_expires_at < now,
-                              Job.attempts < max_attempts)
-            .with_for_update(skip_locked=True)
-        ).all()
-        for job in expired:
-            session.add(Event(kind="job_taken_back", sop_instance_uid=job.instance.sop_instance_uid,
-                              detail=f"job {job.id}: lease of {job.lease_owner} expired"))
-            job.state = JobState.QUEUED
-            job.lease_owner = None
-            job.lease_expires_at = None
-        return len(expired)
+        if not JOBS.fenced_update(session, [job.job_id], job.lease_owner, state=state, reason=reason,
+                                  last_error=error[:ERROR_TEXT_LIMIT], updated_at=utcnow(), **RELEASED):
+            return None
+        session.add(Event(kind="job_failed" if final else "job_retry", sop_instance_uid=job.sop_instance_uid,
+                          detail=f"job {job.job_id} attempt {job.attempt}: {reason}"))
+    return state
 
 
 def counts_by_state(engine: Engine) -> dict[str, int]:

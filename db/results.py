@@ -11,13 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from sqlalchemy import Engine, func, or_, select, update
+from sqlalchemy import Engine, func, or_, select
 from sqlalchemy.orm import Session
 
 from .engine import readonly
 from .models import Event, Export, Job, JobState, Result, utcnow
 from .instances import NO_REPORT_REASONS
-from .queue import ERROR_TEXT_LIMIT, NO_RESULT_EVENT, ClaimedJob, still_held
+from .leases import JOBS, RELEASED
+from .queue import ERROR_TEXT_LIMIT, NO_RESULT_EVENT, ClaimedJob
 
 DELIBERATELY_SILENT = NO_REPORT_REASONS | {"own_result"}
 """Reasons for which a job ends with no result object by design: not an image, or the node's own result."""
@@ -49,13 +50,9 @@ def finish_job(engine: Engine, job: ClaimedJob, state: JobState, reason: str | N
     from .exports import queue_exports
 
     with Session(engine) as session, session.begin():
-        updated = session.execute(
-            update(Job)
-            .where(still_held(job))
-            .values(state=state, lease_owner=None, lease_expires_at=None, reason=reason,
-                    last_error=(detail or "")[:ERROR_TEXT_LIMIT] or None, updated_at=utcnow())
-        )
-        if updated.rowcount != 1:
+        if not JOBS.fenced_update(session, [job.job_id], job.lease_owner, state=state, reason=reason,
+                                  last_error=(detail or "")[:ERROR_TEXT_LIMIT] or None, updated_at=utcnow(),
+                                  **RELEASED):
             return False
         for item in results:
             row = session.scalars(select(Result).where(Result.sop_instance_uid == item.sop_instance_uid)).first()

@@ -1,7 +1,11 @@
-"""``dicom-node``: serve, status, jobs, check.
+"""``dicom-node``: serve, worker, status, check, jobs, resend, analyse, train.
 
-Every subcommand takes ``--config`` and ``--set section.key=value`` so that any configuration key can be changed
-from the command line; a bad value stops the command with exit status 2 and a message naming the key.
+``serve`` runs the node (Storage SCP, supervised worker processes, exporter, and the one scheduler of its periodic
+jobs, ``dicom_node.scheduler``); ``worker`` one analysis worker alone; ``status``, ``check``, ``jobs`` and ``resend``
+look at or repair the database and the archive; ``analyse`` runs the analysis on files offline; ``train`` hands over
+to ``python -m train.<model>``. Every subcommand but ``train`` takes ``--config`` and ``--set section.key=value`` so
+that any configuration key can be changed from the command line; a bad value stops the command with exit status 2
+and a message naming the key.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from ai.limits import ImageLimits
 from sqlalchemy.exc import SQLAlchemyError
 
 from db.engine import SchemaError, init_schema, make_engine
-from db.exports import export_counts, resend
+from db.exports import export_counts, reclaim_expired, resend
 from db.integrity import guard_of
 from db.models import ExportState, JobState
 from db.queue import NO_RESULT_EVENT, counts_by_state, list_jobs
@@ -32,6 +36,7 @@ from ai.safe_text import exception_summary
 from . import __version__
 from .archive import Archive
 from .log_safety import setup_logging
+from .netsetup import configure_pynetdicom
 from .config import ConfigError, NodeConfig, default_config_path, load_config, parse_set_options
 
 LOG = logging.getLogger("dicom_node")
@@ -73,17 +78,18 @@ def _stop_on_signals(what_happens: str) -> threading.Event:
 
 
 def _cmd_serve(rt: Runtime) -> int:
+    from .export import export_lease_seconds
     from .intake import Intake
+    from .scheduler import DATABASE_IDENTITY_JOB, LEASE_RECLAIM_JOB, NodeScheduler
     from .scp import StorageServer
 
     cfg = rt.config
+    configure_pynetdicom(rt.archive.tmp_dir)  # process-wide, once: received datasets stream into tmp/
     if not cfg["network.allowed_calling_aets"]:
         LOG.warning("network.allowed_calling_aets is empty: every calling AE title is accepted")
     if not _reconcile_at_start_up(rt):
         return 1
-    guard = guard_of(rt.engine)
-    if guard is not None:
-        guard.start_watch(cfg["database.identity_check_seconds"])
+    scheduler = NodeScheduler()  # every periodic task of this process is one of its jobs
     intake = Intake(rt.archive, rt.engine, cfg["storage.duplicate_policy"], cfg.image_limits)
     server = StorageServer(cfg, intake)
     server.start()
@@ -92,7 +98,7 @@ def _cmd_serve(rt: Runtime) -> int:
         from .supervisor import WorkerSupervisor
 
         supervisor = WorkerSupervisor(cfg["worker.processes"], rt.config_path, rt.overrides)
-        supervisor.start()
+        supervisor.start(scheduler)
     else:
         LOG.info("worker.processes = 0: no analysis here; run 'dicom-node worker' on a host sharing the database")
     exporter = None
@@ -100,31 +106,50 @@ def _cmd_serve(rt: Runtime) -> int:
         from .export import Exporter
 
         exporter = Exporter(cfg, rt.engine, rt.archive.root)
-        exporter.start()
+        exporter.start(scheduler)
         LOG.info("exporting results to %s", ", ".join(
             f"{d['name']} ({d['ae_title']}@{d['host']}:{d['port']})" for d in cfg["export.destinations"]))
     else:
         LOG.info("no export destinations configured: results stay under %s", rt.archive.root / "results")
+    scheduler.every(LEASE_RECLAIM_JOB, export_lease_seconds(cfg["export.deadline_seconds"]) / 4,
+                    _reclaim_expired_leases, args=(rt.engine, cfg["export.max_attempts"]))
+    guard = guard_of(rt.engine)
+    if guard is not None:
+        scheduler.every(DATABASE_IDENTITY_JOB, cfg["database.identity_check_seconds"], guard.poll)
+
+        def database_lost() -> None:  # called by the thread that saw it: hands nothing to the database
+            scheduler.remove(DATABASE_IDENTITY_JOB)
+            scheduler.remove(LEASE_RECLAIM_JOB)
+            if exporter is not None:
+                exporter.stop(wait=False)  # every round would fail on the replaced database until the restart
+                LOG.error("exporter stopped: the database file was removed or replaced; restart the node")
+
+        guard.on_trip(database_lost)
+    scheduler.start()
     LOG.info("dicom-node %s: AE %s listening on %s:%d; archive %s; database %s; free %.1f GiB (reserve %.0f MiB)",
              __version__, cfg["network.ae_title"], cfg["network.bind_address"], cfg["network.port"],
              rt.archive.archive_dir, rt.engine.url.render_as_string(hide_password=True),
              rt.archive.free_bytes() / 2**30, cfg["storage.free_disk_reserve_mb"])
 
     stop = _stop_on_signals("refusing new associations, finishing open ones")
-    while not stop.wait(0.5):
-        if exporter is not None and guard is not None and guard.tripped:
-            exporter.stop(wait=False)  # every round would fail on the replaced database until the restart
-            exporter = None
-            LOG.error("exporter stopped: the database file was removed or replaced; restart the node")
-    if guard is not None:
-        guard.stop_watch()
+    while not stop.wait(1.0):  # only waits for the signal (with a timeout, so that its handler runs promptly)
+        pass
     aborted = server.stop(grace_seconds=cfg["network.dimse_timeout"])
     if supervisor is not None:
         supervisor.stop(grace_seconds=cfg["network.dimse_timeout"])
     if exporter is not None:
         exporter.stop()
+    scheduler.shutdown()
     LOG.info("stopped (%d association(s) aborted after the grace period)", aborted)
     return 0
+
+
+def _reclaim_expired_leases(engine: Engine, max_attempts: int) -> None:
+    """The scheduler's ``lease-reclaim`` job: exports whose exporter died while sending them go back to pending
+    (analysis jobs are taken back by the next worker's claim: a slow worker does not renew its lease)."""
+    count = reclaim_expired(engine, max_attempts)
+    if count:
+        LOG.warning("%d export(s) whose exporter stopped while sending them (lease expired) taken back", count)
 
 
 def _reconcile_at_start_up(rt: Runtime) -> bool:
@@ -179,13 +204,15 @@ def _cmd_check(rt: Runtime) -> int:
 
 def _cmd_worker(rt: Runtime) -> int:
     """One analysis worker in the foreground until SIGTERM/SIGINT (it finishes the batch in hand)."""
-    from .worker import Worker
+    from ai import analyse_batch  # torch loads here: only a worker process needs it
 
     from .supervisor import stop_when_supervisor_exits
+    from .worker import Worker
 
+    configure_pynetdicom()  # process-wide, once (a worker sends nothing itself today)
     stop = _stop_on_signals("finishing the batch in hand")
     stop_when_supervisor_exits(stop)
-    Worker(rt.config, rt.engine, rt.archive).run(stop)
+    Worker(rt.config, rt.engine, rt.archive, analyse=analyse_batch).run(stop)
     return 0
 
 
@@ -255,7 +282,7 @@ def _cmd_jobs(rt: Runtime, state: str | None, limit: int) -> int:
 
 
 def _cmd_analyse(files: list[Path], as_json: bool, mask_out: Path | None, device: str | None,
-                 limits: ImageLimits) -> int:
+                 limits: ImageLimits, model_dir: Path | None = None) -> int:
     """Run the analysis on files without the network: one result per file, in input order, errors included."""
     import json
 
@@ -268,7 +295,7 @@ def _cmd_analyse(files: list[Path], as_json: bool, mask_out: Path | None, device
         mask_out.mkdir(parents=True, exist_ok=True)
     failures = 0
     for path in files:
-        record = analyse(path, device=device, limits=limits)
+        record = analyse(path, device=device, limits=limits, model_dir=model_dir)
         record_json = record.to_json()
         failures += record_json["error"] is not None
         if record.labels is not None and mask_out is not None:
@@ -333,11 +360,12 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging("WARNING")
         try:
             config_path = args.config if args.config is not None else default_config_path()
-            limits = load_config(config_path, parse_set_options(args.set)).image_limits
+            config = load_config(config_path, parse_set_options(args.set))
         except ConfigError as exc:
             print(f"dicom-node: configuration error: {exc}", file=sys.stderr)
             return EXIT_CONFIG
-        return _cmd_analyse(args.files, args.json, args.mask_out, args.device, limits)
+        return _cmd_analyse(args.files, args.json, args.mask_out, args.device or config["worker.device"],
+                            config.image_limits, config.models_directory)
     try:
         rt = _open_runtime(args)
     except ConfigError as exc:
@@ -352,8 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         try:
             return _cmd_serve(rt)
-        except OSError as exc:  # e.g. port already in use
-            LOG.error("cannot serve: %s", exc)
+        except OSError as exc:  # e.g. port already in use: the OS's own text, which quotes no dataset
+            LOG.error("cannot serve: %s", exception_summary(exc, message=exc.strerror or None))
             return 1
     if args.command == "worker":
         return _cmd_worker(rt)

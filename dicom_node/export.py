@@ -16,10 +16,12 @@ with backoff, and the batch's other exports, not tried, go back to pending witho
 (``db.exports.give_back``), due when the failed one is (the destination stalled) or at once (it dropped the
 association: the next round opens a new one).
 
-``Exporter.start()`` runs the rounds on APScheduler: one interval job per destination every ``export.poll_seconds``,
-on a pool with a thread per destination; ``wake()`` brings every destination's next round forward for a caller in
-the same process (workers run in their own processes, so their results wait at most ``export.poll_seconds``);
-``run_once()`` runs one round for every destination, concurrently, and returns when all of them are done. Log lines
+``Exporter.start(scheduler)`` registers the rounds on the process's one scheduler (``dicom_node.scheduler``, which
+``serve`` owns): one interval job ``export:NAME`` per destination every ``export.poll_seconds``, on an executor with a
+thread per destination; ``stop()`` removes them and waits for the rounds in progress. ``wake()`` brings every
+destination's next round forward for a caller in the same process (workers run in their own processes, so their
+results wait at most ``export.poll_seconds``); ``run_once()`` runs one round for every destination, concurrently,
+and returns when all of them are done. Log lines
 name exports by id and UIDs, never patients; peers' AE titles and hosts are escaped, exception texts withheld
 (``ai.safe_text``).
 """
@@ -33,7 +35,6 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -44,33 +45,26 @@ from db.exports import ClaimedExport, backoff_seconds, claim_due, extend_lease, 
 from db.models import ExportState
 
 from .config import NodeConfig
+from .scheduler import NodeScheduler
 from .store_scu import ABORT_GRACE_SECONDS, Peer, PeerUnreachable, StoreClient, StoreItem, StoreOutcome
 
 LOG = logging.getLogger("dicom_node.export")
-JOB_ID = "export"  # the APScheduler job of destination NAME is "export:NAME"
+JOB_ID = "export"  # the scheduler job of destination NAME is "export:NAME"
+EXECUTOR = "export"  # the scheduler's executor of the export rounds: one thread per destination
 DEFAULT_BATCH_SIZE = 16
 
 
-class _DropSkippedRuns(logging.Filter):
-    """A round longer than the poll interval makes APScheduler skip that destination's next tick with a warning:
-    expected here (``max_instances=1``), so not worth a log line every ``poll_seconds``."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "maximum number of running instances reached" not in record.getMessage()
+def export_step_seconds(deadline: float) -> float:
+    """The longest one step of a round takes: an association setup or one C-STORE (the watchdog's ``deadline``,
+    then the abort), or decoding one object for an uncompressed syntax (covered by the margin)."""
+    return deadline + 2 * ABORT_GRACE_SECONDS
 
 
-EXECUTOR = "dicom_node_export"
-_SCHEDULER_LOG = logging.getLogger("dicom_node.export.scheduler")
-_SCHEDULER_LOG.addFilter(_DropSkippedRuns())
-# APScheduler says "Running job ..." and "... executed successfully" at INFO on every poll: only its warnings here,
-# unless the operator set these (our own) loggers' levels.
-for _name in (_SCHEDULER_LOG.name, f"apscheduler.executors.{EXECUTOR}"):
-    if logging.getLogger(_name).level == logging.NOTSET:
-        logging.getLogger(_name).setLevel(logging.WARNING)
-
-
-def _utcnow_aware() -> datetime:
-    return datetime.now(timezone.utc)
+def export_lease_seconds(deadline: float) -> float:
+    """An exporter's lease on the exports it claimed: long enough for the association (primary, then alternate)
+    and the first C-STORE; a round renews the lease of the exports it still holds whenever less than two steps'
+    worth of it remains, so only a dead exporter's lease ever expires (``db.exports.reclaim_expired``)."""
+    return 3 * export_step_seconds(deadline) + 30
 
 
 @dataclass(eq=False)
@@ -116,25 +110,23 @@ class Exporter:
         self.client = StoreClient(config["network.ae_title"], self.timeout, self.deadline)
         self._lanes = {name: _Lane(name, dest) for name, dest in self.destinations.items()}
         self._stopping = threading.Event()
-        self._scheduler: Any = None
+        self._scheduler: NodeScheduler | None = None
+        self._rounds = threading.Condition()  # guards _running_jobs
+        self._running_jobs = 0  # scheduled jobs (lanes) in a round right now
 
     # -- scheduling ------------------------------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Run rounds in the background, every destination every ``export.poll_seconds``, the first ones now."""
-        from apscheduler.executors.pool import ThreadPoolExecutor
-        from apscheduler.schedulers.background import BackgroundScheduler
-
+    def start(self, scheduler: NodeScheduler) -> None:
+        """Register the rounds on ``scheduler``: every destination every ``export.poll_seconds``, the first ones
+        as soon as the scheduler runs."""
         if self._scheduler is not None:
             return
         self._stopping.clear()
-        scheduler = BackgroundScheduler(timezone=timezone.utc, logger=_SCHEDULER_LOG,
-                                        executors={EXECUTOR: ThreadPoolExecutor(max(1, len(self._lanes)))})
+        if not scheduler.has_executor(EXECUTOR):
+            scheduler.add_executor(EXECUTOR, len(self._lanes))
         for lane in self._lanes.values():
-            scheduler.add_job(self._job, "interval", args=[lane], seconds=self.poll_seconds, id=lane.job_id,
-                              name=lane.job_id, executor=EXECUTOR, max_instances=1, coalesce=True,
-                              misfire_grace_time=None, next_run_time=_utcnow_aware())
-        scheduler.start()
+            scheduler.every(lane.job_id, self.poll_seconds, self._job, args=(lane,), executor=EXECUTOR,
+                            run_now=True)
         self._scheduler = scheduler
         LOG.info("exporter %s: %d destination(s) (%s), each in its own thread, polling every %g s, C-STORE deadline "
                  "%g s", escape(self.owner), len(self.destinations),
@@ -145,9 +137,14 @@ class Exporter:
         """Stop polling; with ``wait``, let the rounds in progress finish the object each has in flight (at most
         about ``export.deadline_seconds``); their other claimed exports go back to pending, untried."""
         scheduler, self._scheduler = self._scheduler, None
-        if scheduler is not None:
-            self._stopping.set()
-            scheduler.shutdown(wait=wait)
+        if scheduler is None:
+            return
+        self._stopping.set()
+        for lane in self._lanes.values():
+            scheduler.remove(lane.job_id)
+        if wait:
+            with self._rounds:
+                self._rounds.wait_for(lambda: self._running_jobs == 0)
 
     def wake(self) -> None:
         """Start a round of every destination now instead of at the next poll (or right after its round in
@@ -160,15 +157,24 @@ class Exporter:
                     continue
             if scheduler is None:
                 continue
-            from apscheduler.jobstores.base import JobLookupError
-            from apscheduler.schedulers import SchedulerNotRunningError
-
-            try:
-                scheduler.modify_job(lane.job_id, next_run_time=_utcnow_aware())  # wakes the scheduler up
-            except (JobLookupError, SchedulerNotRunningError):
+            if not scheduler.run_now(lane.job_id):
                 return  # stopping
 
     def _job(self, lane: _Lane) -> None:
+        with self._rounds:
+            if self._stopping.is_set():  # a run the scheduler had already handed to a thread when stop() came
+                return
+            self._running_jobs += 1
+        try:
+            self._rounds_of(lane)
+        finally:
+            with self._rounds:
+                self._running_jobs -= 1
+                self._rounds.notify_all()
+
+    def _rounds_of(self, lane: _Lane) -> None:
+        """The scheduled job of ``lane``: rounds until no more are due (a round short of a full batch and no
+        wake() meanwhile) or the exporter stops."""
         with lane.state_lock:
             lane.running, lane.rerun = True, False
         try:
@@ -216,15 +222,11 @@ class Exporter:
 
     @property
     def step_seconds(self) -> float:
-        """The longest one step of a round takes: an association setup or one C-STORE (the watchdog's deadline,
-        then the abort), or decoding one object for an uncompressed syntax (covered by the margin)."""
-        return self.deadline + 2 * ABORT_GRACE_SECONDS
+        return export_step_seconds(self.deadline)
 
     @property
     def lease_seconds(self) -> float:
-        # Long enough for the association (primary, then alternate) and the first C-STORE; a round extends the
-        # lease of the exports it still holds whenever less than two steps' worth of it remains.
-        return 3 * self.step_seconds + 30
+        return export_lease_seconds(self.deadline)
 
     def _round(self, lane: _Lane, interruptible: bool = False) -> tuple[int, int]:
         """Claim and send one batch of ``lane``'s due exports; (claimed, sent). An ``interruptible`` round (the

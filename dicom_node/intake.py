@@ -2,7 +2,8 @@
 
 The order is the contract with the sender: header check -> durable placement in the archive -> instance row and
 job committed in one transaction -> Success. Every failure before that answers a failure status and leaves no
-file in the archive. No pixel data is decoded here: analysis belongs to the worker processes.
+file in the archive. No pixel data is decoded here: analysis belongs to the worker processes. The instance row is
+built by ``dicom_node.received.received_instance``, the builder reconciliation and the tests use as well.
 """
 
 from __future__ import annotations
@@ -12,10 +13,9 @@ import threading
 import time
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -29,11 +29,11 @@ from db.instances import (
     record_replacement,
 )
 
-from ai.header_scope import header_scope
 from ai.limits import DEFAULT_LIMITS, ImageLimits, ImageTooLarge, read_dataset_bounded
 from ai.safe_text import escape, exception_summary
 
-from .archive import Archive, InvalidUID, check_uid, fsync_path, sha256_of
+from .archive import Archive, InvalidUID, fsync_path, sha256_of
+from .received import checked_uids, pixel_data_shortfall, received_instance
 from .reception import ReceptionGuard
 
 LOG = logging.getLogger("dicom_node.intake")
@@ -56,42 +56,6 @@ class StoreOutcome:
     status: int
     comment: str = ""  # sent to the peer as Error Comment (64 characters at most)
     detail: str = ""  # for the log only: the cause, never dataset values
-
-
-def _short_error(exc: BaseException) -> str:
-    """Exception type and a fixed text: exception texts must not carry dataset values into the logs."""
-    return exception_summary(exc)
-
-
-NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2"}
-
-
-def pixel_data_shortfall(ds: Dataset, file_size: int) -> str | None:
-    """For a native (uncompressed) transfer syntax: a log-safe description if the Pixel Data holds fewer bytes than
-    Rows x Columns x Samples per Pixel x Bits Allocated x frames require (a truncated transfer or file), else None.
-
-    ``ds`` is read with deferred values, so the element's declared length and its offset in the file are known
-    without loading it; for a deflated dataset the inflated value is measured. Longer Pixel Data (trailing padding)
-    is accepted, as every decoder ignores the excess."""
-    syntax = str(getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID", ""))
-    if syntax not in NATIVE_SYNTAXES or "PixelData" not in ds:
-        return None
-    raw = ds.get_item("PixelData")
-    rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
-    samples, bits = int(ds.get("SamplesPerPixel") or 1), int(ds.get("BitsAllocated") or 0)
-    frames = int(ds.get("NumberOfFrames") or 1)
-    if min(rows, columns, bits) <= 0:
-        return "Rows, Columns or Bits Allocated missing or zero for native Pixel Data"
-    expected = (rows * columns * samples * frames * bits + 7) // 8
-    if syntax == "1.2.840.10008.1.2.1.99" or getattr(raw, "value_tell", None) is None:
-        value = ds.PixelData
-        available = len(value) if value is not None else 0
-    else:
-        declared = 0 if raw.length == 0xFFFFFFFF else int(raw.length)
-        available = min(declared, max(0, file_size - int(raw.value_tell)))
-    if available < expected:
-        return f"Pixel Data holds {available} of the {expected} bytes its image attributes require"
-    return None
 
 
 class Intake:
@@ -142,16 +106,13 @@ class Intake:
         try:
             ds = read_dataset_bounded(tmp_file, self.limits, defer_size=1024)
         except ImageTooLarge as exc:  # never inflated or decoded; a resend would be refused again
-            return StoreOutcome(IMAGE_TOO_LARGE, "image exceeds the node's size limits", str(exc))
+            return StoreOutcome(IMAGE_TOO_LARGE, "image exceeds the node's size limits", exception_summary(exc))
         except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OSError, zlib.error) as exc:
             return StoreOutcome(CANNOT_PARSE, f"dataset cannot be parsed ({type(exc).__name__})")
         try:
-            study_uid = check_uid(ds.get("StudyInstanceUID"), "Study Instance UID")
-            series_uid = check_uid(ds.get("SeriesInstanceUID"), "Series Instance UID")
-            sop_uid = check_uid(ds.get("SOPInstanceUID"), "SOP Instance UID")
-            sop_class = check_uid(ds.get("SOPClassUID"), "SOP Class UID")
+            uids = checked_uids(ds)
         except InvalidUID as exc:
-            return StoreOutcome(INVALID_UIDS, str(exc))
+            return StoreOutcome(INVALID_UIDS, str(exc))  # a fixed text naming the attribute
         except Exception as exc:  # a malformed element value surfaces only when read
             return StoreOutcome(CANNOT_PARSE, f"dataset cannot be parsed ({type(exc).__name__})")
         try:
@@ -160,41 +121,28 @@ class Intake:
             return StoreOutcome(CANNOT_PARSE, "image pixel attributes cannot be read", exception_summary(exc))
         if short is not None:
             return StoreOutcome(CANNOT_PARSE, "pixel data shorter than the image attributes say", short)
-        if sop_uid != request_sop_instance:
+        if uids.sop_instance != request_sop_instance:
             return StoreOutcome(SOP_INSTANCE_MISMATCH, "dataset SOP Instance UID differs from the request's")
-        if sop_class != request_sop_class:
+        if uids.sop_class != request_sop_class:
             return StoreOutcome(SOP_CLASS_MISMATCH, "dataset SOP Class UID differs from the request's")
 
         try:
-            verdict = header_scope(ds)
+            record = received_instance(ds, self.archive, uids=uids, calling_aet=calling_aet, size_bytes=size,
+                                       sha256="", transfer_syntax_uid=transfer_syntax)
         except Exception as exc:
             return StoreOutcome(CANNOT_PARSE, f"header cannot be read ({type(exc).__name__})")
-        record = ReceivedInstance(
-            sop_instance_uid=sop_uid,
-            sop_class_uid=sop_class,
-            study_instance_uid=study_uid,
-            series_instance_uid=series_uid,
-            accession_number=str(ds.get("AccessionNumber", "") or "")[:16] or None,
-            modality=str(ds.get("Modality", "") or "")[:16] or None,
-            calling_aet=calling_aet,
-            archive_path=self.archive.relative(self.archive.path_for(study_uid, series_uid, sop_uid)),
-            size_bytes=size,
-            sha256=sha256_of(tmp_file),
-            transfer_syntax_uid=transfer_syntax,
-            in_scope=verdict.in_scope,
-            scope_reason=verdict.reason,
-        )
+        record = replace(record, sha256=sha256_of(tmp_file))
         del ds
 
-        with self._lock_for(sop_uid):
+        with self._lock_for(record.sop_instance_uid):
             try:
-                existing = find_instance(self.engine, sop_uid)
+                existing = find_instance(self.engine, record.sop_instance_uid)
             except SQLAlchemyError as exc:
-                return StoreOutcome(DATABASE_UNAVAILABLE, "database unavailable", _short_error(exc))
+                return StoreOutcome(DATABASE_UNAVAILABLE, "database unavailable", exception_summary(exc))
             try:
                 synced.result()  # every path below moves the received file: its data must be on disk first
             except OSError as exc:
-                return StoreOutcome(OUT_OF_RESOURCES, "archive write failed", _short_error(exc))
+                return StoreOutcome(OUT_OF_RESOURCES, "archive write failed", exception_summary(exc))
             if existing is None:
                 return self._store_new(tmp_file, record)
             return self._store_duplicate(tmp_file, record, existing)
@@ -204,13 +152,13 @@ class Intake:
         try:
             self.archive.place(tmp_file, target)
         except OSError as exc:
-            return StoreOutcome(OUT_OF_RESOURCES, "archive write failed", _short_error(exc))
+            return StoreOutcome(OUT_OF_RESOURCES, "archive write failed", exception_summary(exc))
         try:
             job_id = record_new(self.engine, record)
         except SQLAlchemyError as exc:
             self.archive.remove(target)
             return StoreOutcome(DATABASE_UNAVAILABLE, "database commit failed",
-                                f"file removed from the archive; {_short_error(exc)}")
+                                f"file removed from the archive; {exception_summary(exc)}")
         return StoreOutcome(SUCCESS, f"stored, job {job_id}, {record.scope_reason}")
 
     def _store_duplicate(self, tmp_file: Path, record: ReceivedInstance, existing: StoredInstance) -> StoreOutcome:
@@ -232,7 +180,7 @@ class Intake:
             try:
                 aside = self.archive.set_aside(tmp_file, record.sop_instance_uid, record.sha256)
             except OSError as exc:
-                return StoreOutcome(OUT_OF_RESOURCES, "archive write failed", _short_error(exc))
+                return StoreOutcome(OUT_OF_RESOURCES, "archive write failed", exception_summary(exc))
             if not self._audit("duplicate_kept_aside", record, f"new content kept at {self.archive.relative(aside)}"):
                 aside.unlink(missing_ok=True)
                 return StoreOutcome(DATABASE_UNAVAILABLE, "database commit failed")
@@ -251,7 +199,7 @@ class Intake:
         except OSError as exc:
             if aside is not None:
                 self.archive.place(aside, old)
-            return StoreOutcome(OUT_OF_RESOURCES, "archive write failed", _short_error(exc))
+            return StoreOutcome(OUT_OF_RESOURCES, "archive write failed", exception_summary(exc))
         try:
             job_id = record_replacement(self.engine, record, self.archive.relative(aside) if aside else "-")
         except SQLAlchemyError as exc:
@@ -259,7 +207,7 @@ class Intake:
             if aside is not None:
                 self.archive.place(aside, old)
             return StoreOutcome(DATABASE_UNAVAILABLE, "database commit failed",
-                                f"replacement undone; {_short_error(exc)}")
+                                f"replacement undone; {exception_summary(exc)}")
         return StoreOutcome(SUCCESS, f"replaced archived copy, job {job_id}")
 
     def _audit(self, kind: str, record: ReceivedInstance, detail: str) -> bool:
@@ -267,5 +215,5 @@ class Intake:
             record_event(self.engine, kind, record.sop_instance_uid, record.calling_aet, detail)
             return True
         except SQLAlchemyError as exc:
-            LOG.error("audit event not recorded: %s", _short_error(exc))
+            LOG.error("audit event not recorded: %s", exception_summary(exc))
             return False

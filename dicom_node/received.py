@@ -1,13 +1,19 @@
-"""The database record of an archived file, read again from the file itself (start-up reconciliation).
+"""The database record of a received instance (``db.instances.ReceivedInstance``): built here, and only here.
 
-The fields are exactly those the intake records for a C-STORE (``db.instances.ReceivedInstance``), with the same
-UID checks, the same Pixel Data length check and the same scope verdict (``ai.header_scope.header_scope``); the
-intake still builds its own record from the received dataset, in the order its failure statuses need.
+``received_instance`` is the one builder: the intake calls it for every C-STORE, start-up reconciliation for every
+archived file the database does not know (``received_instance_from_file``), and the worker tests queue their
+instances with it, so what they store cannot drift from what the intake stores. It lives here rather than as a
+``ReceivedInstance`` classmethod in ``db.instances`` because it needs the node's UID check and archive layout
+(``dicom_node.archive``) and the scope verdict (``ai.header_scope``), which ``db`` must not import; the record
+itself stays a plain dataclass of values there.
+
+The checks a caller needs in its own order (the intake's failure statuses: UIDs, then the Pixel Data length, then
+the request's UIDs, then the header) are separate functions: ``checked_uids`` and ``pixel_data_shortfall``.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -19,30 +25,79 @@ from ai.safe_text import SafeMessage, exception_summary
 from db.instances import ReceivedInstance
 
 from .archive import Archive, InvalidUID, check_uid, sha256_of
-from .intake import pixel_data_shortfall
+
+NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2"}
 
 
 class NotRegistrable(SafeMessage, ValueError):
     """The file cannot become an instance row; the message is log-safe (no dataset values)."""
 
 
-def received_instance(ds: Dataset, *, calling_aet: str, archive_path: str, size_bytes: int, sha256: str,
-                      transfer_syntax_uid: str) -> ReceivedInstance:
-    """The intake's record of ``ds`` (read with deferred values); raises ``InvalidUID`` for a bad UID."""
-    study_uid = check_uid(ds.get("StudyInstanceUID"), "Study Instance UID")
-    series_uid = check_uid(ds.get("SeriesInstanceUID"), "Series Instance UID")
-    sop_uid = check_uid(ds.get("SOPInstanceUID"), "SOP Instance UID")
-    sop_class = check_uid(ds.get("SOPClassUID"), "SOP Class UID")
+@dataclass(frozen=True)
+class InstanceUIDs:
+    """The four UIDs of a dataset, each checked (``check_uid``: present, a valid UID, safe in a path)."""
+
+    study: str
+    series: str
+    sop_instance: str
+    sop_class: str
+
+
+def checked_uids(ds: Dataset) -> InstanceUIDs:
+    """Raises ``InvalidUID`` (log-safe message) for a missing or malformed one; a malformed element may raise
+    whatever pydicom raises when it is read."""
+    return InstanceUIDs(
+        study=check_uid(ds.get("StudyInstanceUID"), "Study Instance UID"),
+        series=check_uid(ds.get("SeriesInstanceUID"), "Series Instance UID"),
+        sop_instance=check_uid(ds.get("SOPInstanceUID"), "SOP Instance UID"),
+        sop_class=check_uid(ds.get("SOPClassUID"), "SOP Class UID"),
+    )
+
+
+def pixel_data_shortfall(ds: Dataset, file_size: int) -> str | None:
+    """For a native (uncompressed) transfer syntax: a log-safe description if the Pixel Data holds fewer bytes than
+    Rows x Columns x Samples per Pixel x Bits Allocated x frames require (a truncated transfer or file), else None.
+
+    ``ds`` is read with deferred values, so the element's declared length and its offset in the file are known
+    without loading it; for a deflated dataset the inflated value is measured. Longer Pixel Data (trailing padding)
+    is accepted, as every decoder ignores the excess."""
+    syntax = str(getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID", ""))
+    if syntax not in NATIVE_SYNTAXES or "PixelData" not in ds:
+        return None
+    raw = ds.get_item("PixelData")
+    rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    samples, bits = int(ds.get("SamplesPerPixel") or 1), int(ds.get("BitsAllocated") or 0)
+    frames = int(ds.get("NumberOfFrames") or 1)
+    if min(rows, columns, bits) <= 0:
+        return "Rows, Columns or Bits Allocated missing or zero for native Pixel Data"
+    expected = (rows * columns * samples * frames * bits + 7) // 8
+    if syntax == "1.2.840.10008.1.2.1.99" or getattr(raw, "value_tell", None) is None:
+        value = ds.PixelData
+        available = len(value) if value is not None else 0
+    else:
+        declared = 0 if raw.length == 0xFFFFFFFF else int(raw.length)
+        available = min(declared, max(0, file_size - int(raw.value_tell)))
+    if available < expected:
+        return f"Pixel Data holds {available} of the {expected} bytes its image attributes require"
+    return None
+
+
+def received_instance(ds: Dataset, archive: Archive, *, calling_aet: str, size_bytes: int, sha256: str,
+                      transfer_syntax_uid: str, uids: InstanceUIDs | None = None) -> ReceivedInstance:
+    """The intake's record of ``ds`` (read with deferred values): its UIDs (``uids`` when the caller has checked
+    them already, else ``checked_uids``), the archive path they give, the technical facts passed in and the scope
+    verdict. Raises ``InvalidUID`` for a bad UID, and whatever ``header_scope`` raises for an unreadable header."""
+    uids = uids if uids is not None else checked_uids(ds)
     verdict = header_scope(ds)
     return ReceivedInstance(
-        sop_instance_uid=sop_uid,
-        sop_class_uid=sop_class,
-        study_instance_uid=study_uid,
-        series_instance_uid=series_uid,
+        sop_instance_uid=uids.sop_instance,
+        sop_class_uid=uids.sop_class,
+        study_instance_uid=uids.study,
+        series_instance_uid=uids.series,
         accession_number=str(ds.get("AccessionNumber", "") or "")[:16] or None,
         modality=str(ds.get("Modality", "") or "")[:16] or None,
         calling_aet=calling_aet,
-        archive_path=archive_path,
+        archive_path=archive.relative(archive.path_for(uids.study, uids.series, uids.sop_instance)),
         size_bytes=size_bytes,
         sha256=sha256,
         transfer_syntax_uid=transfer_syntax_uid,
@@ -65,17 +120,15 @@ def received_instance_from_file(path: Path, archive: Archive, calling_aet: str,
         short = pixel_data_shortfall(ds, st.st_size)
         if short is not None:
             raise NotRegistrable(short)
-        record = received_instance(ds, calling_aet=calling_aet, archive_path=archive.relative(path),
-                                   size_bytes=st.st_size, sha256="", transfer_syntax_uid=syntax)
+        record = received_instance(ds, archive, calling_aet=calling_aet, size_bytes=st.st_size, sha256="",
+                                   transfer_syntax_uid=syntax)
     except (NotRegistrable, InvalidUID) as exc:
         raise NotRegistrable(str(exc)) from None
     except ImageTooLarge as exc:
         raise NotRegistrable(exception_summary(exc)) from None  # its own text: fixed, with the limits
     except Exception as exc:  # unreadable, not DICOM, a malformed value: never quote the library's text
         raise NotRegistrable(exception_summary(exc, message="the file cannot be parsed as DICOM")) from None
-    expected = archive.relative(archive.path_for(record.study_instance_uid, record.series_instance_uid,
-                                                 record.sop_instance_uid))
-    if expected != record.archive_path:
+    if record.archive_path != archive.relative(path):
         raise NotRegistrable("its path differs from the one its Study, Series and SOP Instance UIDs give")
     received_at = datetime.fromtimestamp(st.st_mtime, timezone.utc).replace(tzinfo=None)
     return replace(record, sha256=sha256_of(path)), received_at

@@ -31,6 +31,7 @@ from datetime import datetime
 from sqlalchemy import Engine
 
 from ai.limits import DEFAULT_LIMITS, ImageLimits
+from ai.safe_text import exception_summary
 from db.instances import ReceivedInstance
 from db.reconciliation import (
     REGISTERED_MEANWHILE,
@@ -151,7 +152,7 @@ def reconcile(archive: Archive, engine: Engine, *, settle_seconds: float = 0.0, 
         except NotRegistrable as exc:
             report.unregistered.append(UnregisteredFile(path, str(exc)))
         except OSError as exc:
-            report.unregistered.append(UnregisteredFile(path, f"cannot be read ({type(exc).__name__})"))
+            report.unregistered.append(UnregisteredFile(path, exception_summary(exc, message="cannot be read")))
         if len(pending) >= BATCH:
             register_pending()
     if pending:

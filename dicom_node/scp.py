@@ -1,7 +1,9 @@
 """The Storage SCP: association policy and two small handlers (C-ECHO, C-STORE) around ``Intake``.
 
 Received datasets are streamed by pynetdicom straight into a temporary file (``STORE_RECV_CHUNKED_DATASET``)
-under the archive's ``tmp/`` directory, so the C-STORE handler never holds, decodes or re-encodes the dataset.
+under the archive's ``tmp/`` directory, so the C-STORE handler never holds, decodes or re-encodes the dataset. Both
+are process-wide settings, made once at start-up by ``dicom_node.netsetup.configure_pynetdicom``; ``start`` refuses
+to listen without them.
 
 Connections reach pynetdicom only through the admission gate of ``dicom_node.admission`` (``AdmissionServer``,
 passed to ``AE.make_server`` as its server class): pynetdicom's own server lets half-open connections take the
@@ -12,13 +14,12 @@ The called AE title must be ours (``network.ae_title``) unless ``network.accept_
 from __future__ import annotations
 
 import logging
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
@@ -27,6 +28,7 @@ from ai.safe_text import escape
 from .admission import AdmissionPolicy, AdmissionServer, force_close
 from .config import NodeConfig
 from .intake import Intake
+from .netsetup import require_configured
 
 LOG = logging.getLogger("dicom_node.scp")
 
@@ -102,9 +104,8 @@ class StorageServer:
         self._server: AdmissionServer | None = None
 
     def start(self) -> None:
-        # Stream datasets to files in the archive's tmp/ (same file system, so placing them is a rename).
-        _config.STORE_RECV_CHUNKED_DATASET = True
-        tempfile.tempdir = str(self.intake.archive.tmp_dir)
+        # Datasets stream to files in the archive's tmp/ (same file system, so placing them is a rename).
+        require_configured(self.intake.archive.tmp_dir)
         handlers = [
             (evt.EVT_C_ECHO, _handle_echo),
             (evt.EVT_C_STORE, _handle_store, [self.intake]),
@@ -118,10 +119,6 @@ class StorageServer:
         threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True).start()
         self.ae._servers.append(server)  # AssociationServer.shutdown removes it from there
         self._server = server
-
-    @property
-    def active_associations(self) -> int:
-        return len(self._server.active_associations) if self._server else 0
 
     @property
     def pending_connections(self) -> int:

@@ -13,7 +13,9 @@ response received), runs under a watchdog (``Watchdog``, a ``threading.Timer``):
 the association (A-ABORT), wakes the waiting caller and shuts the socket down, so that the step ends within the
 deadline plus ``ABORT_GRACE_SECONDS`` whatever the peer does.
 
-Nothing here knows about the database or the retry policy: see ``dicom_node.export``.
+Streaming a file as it is needs pynetdicom's process-wide ``STORE_SEND_CHUNKED_DATASET``, set once at start-up
+(``dicom_node.netsetup.configure_pynetdicom``; ``StoreClient`` refuses to work without it). Nothing here knows about
+the database or the retry policy: see ``dicom_node.export``.
 """
 
 from __future__ import annotations
@@ -29,12 +31,14 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ASSOCIATE, A_P_ABORT
 from pynetdicom.presentation import PresentationContext, build_context
 
 from ai.safe_text import escape, exception_summary
+
+from .netsetup import require_configured
 
 LOG = logging.getLogger("dicom_node.store_scu")
 
@@ -120,8 +124,8 @@ def cut(assoc: Association) -> None:
     if raw is not None:
         try:
             raw.shutdown(socket.SHUT_RDWR)  # the DUL thread's blocked recv returns b"", its send fails: Evt17
-        except OSError:
-            pass  # already closed
+        except OSError as exc:
+            LOG.debug("socket already closed (%s)", exception_summary(exc))
     deadline = time.monotonic() + ABORT_GRACE_SECONDS
     while time.monotonic() < deadline and assoc.dul.is_alive() and assoc.dul.state_machine.current_state != "Sta1":
         time.sleep(0.01)
@@ -202,10 +206,11 @@ class StoreClient:
     one association setup, one C-STORE."""
 
     def __init__(self, calling_ae_title: str, timeout: float, deadline: float | None = None) -> None:
+        # Files go as they are on disk (no decode, no re-encode) whenever the peer accepts their own syntax: a
+        # process-wide pynetdicom setting, made at start-up.
+        require_configured()
         self.timeout = timeout
         self.deadline = timeout if deadline is None else deadline
-        # Send files as they are on disk (no decode, no re-encode) whenever the peer accepts their own syntax.
-        _config.STORE_SEND_CHUNKED_DATASET = True
         self.ae = AE(ae_title=calling_ae_title)
         self.ae.connection_timeout = timeout
         self.ae.acse_timeout = timeout

@@ -2,7 +2,9 @@
 
 Each worker is a ``dicom-node worker`` child process with the same configuration (file, environment and ``--set``
 overrides), so what runs under ``serve`` is exactly what an admin can run alone on another host. A worker that
-dies is restarted (after a growing pause if it keeps dying); its job comes back when its lease expires.
+dies is restarted (after a growing pause if it keeps dying); its job comes back when its lease expires. The
+supervisor does not poll by itself: ``start`` registers ``check`` as the ``workers`` job of ``serve``'s scheduler
+(``dicom_node.scheduler``), every ``CHECK_SECONDS``.
 """
 
 from __future__ import annotations
@@ -13,14 +15,17 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+from .scheduler import WORKERS_JOB, NodeScheduler
 
 LOG = logging.getLogger("dicom_node.supervisor")
 
 SUPERVISOR_PID_ENV = "PNEUMO_SUPERVISOR_PID"
 RESTART_PAUSE_S = (1.0, 60.0)  # first pause after a crash, cap (doubles while crashes follow each other)
 STABLE_AFTER_S = 60.0  # a worker that ran this long resets the pause
+CHECK_SECONDS = 0.5  # how often the scheduler looks for a worker that exited
 
 
 @dataclass
@@ -30,7 +35,6 @@ class _Slot:
     started_at: float = 0.0
     pause: float = RESTART_PAUSE_S[0]
     restart_at: float = 0.0
-    restarts: int = field(default=0)
 
 
 class WorkerSupervisor:
@@ -43,15 +47,15 @@ class WorkerSupervisor:
             self.command += ["--set", item]
         self.slots = [_Slot(i) for i in range(count)]
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
+        self._lock = threading.Lock()  # one check at a time, and none while stop() terminates the workers
+        self._scheduler: NodeScheduler | None = None
 
-    def start(self) -> None:
+    def start(self, scheduler: NodeScheduler) -> None:
+        """Start every worker, and watch them from ``scheduler``'s ``workers`` job."""
         for slot in self.slots:
             self._spawn(slot)
-        self._thread.start()
-
-    def pids(self) -> list[int]:
-        return [s.process.pid for s in self.slots if s.process is not None and s.process.poll() is None]
+        scheduler.every(WORKERS_JOB, CHECK_SECONDS, self.check)
+        self._scheduler = scheduler
 
     def _spawn(self, slot: _Slot) -> None:
         # The worker stops by itself when this process disappears (even by SIGKILL): no orphaned workers.
@@ -60,8 +64,12 @@ class WorkerSupervisor:
         slot.started_at = time.monotonic()
         LOG.info("worker %d started (pid %d)", slot.index, slot.process.pid)
 
-    def _watch(self) -> None:
-        while not self._stop.wait(0.5):
+    def check(self) -> None:
+        """Note the workers that exited and restart each once its pause is over (the scheduler's ``workers``
+        job)."""
+        with self._lock:
+            if self._stop.is_set():
+                return
             now = time.monotonic()
             for slot in self.slots:
                 proc = slot.process
@@ -73,15 +81,16 @@ class WorkerSupervisor:
                     LOG.error("worker %d (pid %d) exited with status %s after %.0f s; restarting in %.0f s",
                               slot.index, proc.pid, proc.returncode, ran, slot.pause)
                     slot.process = None
-                if slot.process is None and now >= slot.restart_at and not self._stop.is_set():
-                    slot.restarts += 1
+                if slot.process is None and now >= slot.restart_at:
                     self._spawn(slot)
 
     def stop(self, grace_seconds: float) -> None:
         """SIGTERM every worker (each finishes its batch in hand), SIGKILL what is still running after the grace."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
+        if self._scheduler is not None:
+            self._scheduler.remove(WORKERS_JOB)
+            self._scheduler = None
+        with self._lock:  # a check in progress finishes first; none restarts a worker after this
+            self._stop.set()
         running = [s.process for s in self.slots if s.process is not None and s.process.poll() is None]
         for proc in running:
             proc.terminate()

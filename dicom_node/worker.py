@@ -1,4 +1,12 @@
-"""The analysis worker: claim jobs, analyse, write SR/SEG/SC under the storage root, record them, queue export.
+"""The analysis worker: it orchestrates; what an analysis does and what the result objects hold belong to ``ai``
+and ``dicom_node.results``.
+
+Each batch goes through named steps: *claim* up to ``worker.batch_size`` jobs (``db.queue.claim``), *read* each
+archived source (``_read``), *analyse* the readable ones in one call of the injected analysis function (``analyse``,
+``ai.analyse_batch`` in production), *build* the result objects (``ResultBuilders``: ``dicom_node.results``),
+*write* them under the storage root (``ResultStore``) and *record* them with the job's final state and their exports
+in one fenced transaction (``db.results.finish_job``). Whether a source is one of the node's own results is
+``dicom_node.results.identity.is_own_result``; the node's identity comes from ``NodeIdentity.from_config``.
 
 One worker is one process (the models load once per process). ``dicom-node serve`` supervises
 ``worker.processes`` of them; ``dicom-node worker`` runs one alone, e.g. on a GPU host that shares the database
@@ -29,7 +37,7 @@ import time
 import uuid
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 from pydicom.dataset import Dataset
 from sqlalchemy import Engine
@@ -37,6 +45,7 @@ from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 
 from db.models import JobState
 from ai.limits import ImageTooLarge, read_dataset_bounded
+from ai.model_info import ModelInfo
 from ai.safe_text import escape, exception_summary
 from db.instances import instance_uids
 from db.queue import ClaimedJob, claim, fail
@@ -46,21 +55,29 @@ from .archive import Archive
 from .config import NodeConfig
 from .log_safety import format_exception_safely
 from .result_store import ResultStore
+from .results import (NodeIdentity, ResultObject, build_last_resort_sr, build_not_analysed, build_results,
+                      coerce_header)
+from .results.identity import is_own_result
 
 LOG = logging.getLogger("dicom_node.worker")
 
 AnalyseBatch = Callable[..., list[Any]]
 """``ai.analyse_batch``'s signature: (datasets, device=...) -> one AnalysisRecord per dataset, in order."""
 
+BuildObjects = Callable[..., list[ResultObject]]
+
+
+@dataclass(frozen=True)
+class ResultBuilders:
+    """How the worker turns an outcome into result objects (``dicom_node.results``'s builders, by default)."""
+
+    analysed: BuildObjects = build_results  # (coerced header, record, identity)
+    not_analysed: BuildObjects = build_not_analysed  # (coerced header, reason, explanation, identity, models=)
+    last_resort: BuildObjects = build_last_resort_sr  # (header, reason, explanation, identity, models)
+
 
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
-def _default_analyse(sources: Sequence[Dataset], device: str | None = None) -> list[Any]:
-    from ai import analyse_batch  # torch loads here, not when the module is imported
-
-    return analyse_batch(sources, device=device)
 
 
 def _log_traceback(job_id: int) -> None:
@@ -94,20 +111,20 @@ class _Task:
 
 
 class Worker:
-    def __init__(self, config: NodeConfig, engine: Engine, archive: Archive, owner: str | None = None,
-                 analyse: AnalyseBatch | None = None) -> None:
-        from .results import NodeIdentity, derive_device_uid
+    """``analyse`` is the analysis function (``ai.analyse_batch`` in production; the command line passes it in, so
+    torch loads only where a worker runs); ``builders`` the result object builders."""
 
+    def __init__(self, config: NodeConfig, engine: Engine, archive: Archive, owner: str | None = None, *,
+                 analyse: AnalyseBatch, builders: ResultBuilders = ResultBuilders()) -> None:
         self.config = config
         self.engine = engine
         self.archive = archive
         self.owner = owner or worker_id()
         self.store = ResultStore(archive)
-        self.analyse = analyse or _default_analyse
+        self.analyse = analyse
+        self.builders = builders
         self.limits = config.image_limits
-        ae = config["network.ae_title"]
-        self.identity = NodeIdentity(ae_title=ae, device_uid=config["results.device_uid"] or derive_device_uid(ae),
-                                     institution_name=config["results.institution_name"])
+        self.identity = NodeIdentity.from_config(config)
         device = config["worker.device"]
         self.device = None if device == "auto" else device
         self.destinations = config["export.destinations"]
@@ -140,12 +157,7 @@ class Worker:
 
         A job taken back from a worker that died (or hung) is processed alone, after the others: if it kills this
         worker too, it takes no batch-mate with it."""
-        jobs: list[ClaimedJob] = []
-        for _ in range(self.config["worker.batch_size"]):
-            job = claim(self.engine, self.owner, self.config["queue.lease_seconds"], self.config["queue.max_attempts"])
-            if job is None:
-                break
-            jobs.append(job)
+        jobs = self._claim()
         fresh = [j for j in jobs if not j.taken_back]
         if fresh:
             self.process(fresh)
@@ -154,44 +166,54 @@ class Worker:
                 self.process([job])
         return len(jobs)
 
+    def _claim(self) -> list[ClaimedJob]:
+        """Claim step: up to ``worker.batch_size`` waiting jobs, each under this worker's lease."""
+        jobs: list[ClaimedJob] = []
+        for _ in range(self.config["worker.batch_size"]):
+            job = claim(self.engine, self.owner, self.config["queue.lease_seconds"], self.config["queue.max_attempts"])
+            if job is None:
+                break
+            jobs.append(job)
+        return jobs
+
     # -- one batch ----------------------------------------------------------------------------------------------
     def process(self, jobs: list[ClaimedJob]) -> None:
-        tasks: list[_Task] = []
-        for job in jobs:
-            if job.report_only:
-                self._report_lost_job(job)
-                continue
-            task = self._read(job)
-            if task.source is not None and self._is_own_result(task.source):
-                finish_job(self.engine, task.job, JobState.NOT_ANALYSED, "own_result",
-                           "a result object of this node (routed back by PACS?): never reported on", [], [])
-                LOG.info("job %d not_analysed: own_result, no report", task.job.job_id)
-                continue
-            if task.source is None:
-                self._failed(task, task.reason, task.error or "the archived file cannot be read", task.retryable)
-                continue
-            tasks.append(task)
+        """Read each job's source, analyse the readable ones together, then build, write and record each job's
+        result objects."""
+        tasks = [task for task in map(self._source_of, jobs) if task is not None]
         if not tasks:
             return
         started = time.perf_counter()
         records = self._analyse(tasks)
-        elapsed = time.perf_counter() - started
+        seconds = (time.perf_counter() - started) / len(tasks)
         for task, record in zip(tasks, records):
-            if record is None:
-                self._failed(task, "analysis_error", task.error or "the analysis raised an error", task.retryable)
-            elif record.error is not None:
-                self._failed(task, record.reason, record.error, getattr(record, "retryable", True))
-            else:
-                self._finish(task, record, elapsed / len(tasks))
+            self._conclude(task, record, seconds)
 
-    def _is_own_result(self, source: Dataset) -> bool:
-        """Our heat-map SC sent back to us (a PACS routing rule) must not get a "not analysed" SR, and so on."""
-        for item in source.get("ContributingEquipmentSequence", []):
-            if item.get("DeviceUID") == self.identity.device_uid or (
-                    item.get("Manufacturer") == self.identity.manufacturer
-                    and item.get("ManufacturerModelName") == self.identity.model_name):
-                return True
-        return False
+    def _source_of(self, job: ClaimedJob) -> _Task | None:
+        """Read step: the task to analyse, or None when the job ended here (lost its worker on every attempt,
+        its archived file cannot be read, or it is a result object of this node)."""
+        if job.report_only:
+            self._report_lost_job(job)
+            return None
+        task = self._read(job)
+        if task.source is None:
+            self._failed(task, task.reason, task.error or "the archived file cannot be read", task.retryable)
+            return None
+        if is_own_result(task.source, self.identity):  # our SC routed back by a PACS: never reported on
+            finish_job(self.engine, task.job, JobState.NOT_ANALYSED, "own_result",
+                       "a result object of this node (routed back by PACS?): never reported on", [], [])
+            LOG.info("job %d not_analysed: own_result, no report", task.job.job_id)
+            return None
+        return task
+
+    def _conclude(self, task: _Task, record: Any, seconds: float) -> None:
+        """After the analysis: a failed attempt, or build, write and record the job's result objects."""
+        if record is None:
+            self._failed(task, "analysis_error", task.error or "the analysis raised an error", task.retryable)
+        elif record.error is not None:
+            self._failed(task, record.reason, record.error, getattr(record, "retryable", True))
+        else:
+            self._finish(task, record, seconds)
 
     def _analyse(self, tasks: list[_Task]) -> list[Any]:
         """One model call for the batch; if it raises, one call per job, so one bad input fails only itself."""
@@ -221,8 +243,6 @@ class Worker:
 
     def _coerced(self, source: Dataset) -> tuple[Dataset, list[tuple[str, str]]]:
         """The source's header as it may enter a result object, and the repairs as audit notes (keywords only)."""
-        from .results import coerce_header
-
         header, repairs = coerce_header(source)
         if not repairs:
             return header, []
@@ -230,24 +250,40 @@ class Worker:
         return header, [("header_coerced", f"{len(repairs)} header repair(s): {listed}"[:2000])]
 
     def _finish(self, task: _Task, record: Any, seconds: float) -> None:
-        from .results import build_results
+        built = self._build(task, record)
+        if built is None:
+            return
+        objects, notes = built
+        files = self._write(task, record, objects)
+        if files is not None:
+            self._record(task, record, files, notes, seconds)
 
+    def _build(self, task: _Task, record: Any) -> tuple[list[ResultObject], list[tuple[str, str]]] | None:
+        """Build step: the result objects and the header repairs' audit notes; None when they could not be encoded
+        (the job then got its last-resort report)."""
         assert task.source is not None
         try:
             header, notes = self._coerced(task.source)
-            objects = build_results(header, record, self.identity)
+            return self.builders.analysed(header, record, self.identity), notes
         except Exception as exc:  # the analysis is done; only its encoding failed: a last-resort report, no retry
             LOG.warning("job %d: result encoding failed (%s)", task.job.job_id, exception_summary(exc))
             _log_traceback(task.job.job_id)
             task.error = exception_summary(exc, message="the result objects could not be encoded")
             self._last_resort(task, "result_encoding_error",
                               "the analysis finished but its result objects could not be encoded")
-            return
+            return None
+
+    def _write(self, task: _Task, record: Any, objects: list[ResultObject]) -> list[ResultFile] | None:
+        """Write step: each object durably under the storage root; None when that failed (a retried attempt)."""
         try:
-            files = [self.store.write(o.kind, o.dataset, record.in_scope, record.reason) for o in objects]
+            return [self.store.write(o.kind, o.dataset, record.in_scope, record.reason) for o in objects]
         except Exception as exc:  # disk full, I/O error: transient
             self._failed(task, "result_write_error", exception_summary(exc, message="writing a result failed"), True)
-            return
+            return None
+
+    def _record(self, task: _Task, record: Any, files: list[ResultFile], notes: list[tuple[str, str]],
+                seconds: float) -> None:
+        """Record step: the job's final state, its result objects and their exports, in one fenced commit."""
         state = JobState.DONE if record.in_scope else JobState.NOT_ANALYSED
         reason = None if record.in_scope else record.reason
         if not finish_job(self.engine, task.job, state, reason, None if record.in_scope else record.explanation,
@@ -284,24 +320,22 @@ class Worker:
     def _last_resort(self, task: _Task, reason: str, explanation: str) -> None:
         """End the job failed with a "not analysed" SR: the normal one, else the last-resort one; only if both fail,
         with no object (``finish_job`` then records the audit event that ``dicom-node status`` counts)."""
-        from .results import build_last_resort_sr, build_not_analysed
-
         source = task.source if task.source is not None else self._header_only(task.job)
-        models = _model_descriptions()
+        models = _model_descriptions(self.device, self.config.models_directory)
         files: list[ResultFile] = []
         notes: list[tuple[str, str]] = []
         if source is not None:
             header = None
             try:
                 header, notes = self._coerced(source)
-                objects = build_not_analysed(header, reason, explanation[:1000], self.identity, models=models)
+                objects = self.builders.not_analysed(header, reason, explanation[:1000], self.identity, models=models)
             except Exception as exc:
                 LOG.warning("job %d: the 'not analysed' SR failed (%s); writing the last-resort SR", task.job.job_id,
                             exception_summary(exc))
                 _log_traceback(task.job.job_id)
                 try:
-                    objects = build_last_resort_sr(header if header is not None else source, reason,
-                                                   explanation[:1000], self.identity, models)
+                    objects = self.builders.last_resort(header if header is not None else source, reason,
+                                                        explanation[:1000], self.identity, models)
                 except Exception as exc2:
                     LOG.error("job %d: even the last-resort SR failed (%s)", task.job.job_id, exception_summary(exc2))
                     _log_traceback(task.job.job_id)
@@ -322,12 +356,14 @@ class Worker:
         try:
             header = read_dataset_bounded(self.archive.absolute(job.archive_path), self.limits,
                                           stop_before_pixels=True, force=True)
+        except Exception as exc:  # missing, unreadable, over the limits: the recorded UIDs below
+            problem = exception_summary(exc, message="the archived file cannot be read")
+        else:
             if "SOPInstanceUID" in header and "StudyInstanceUID" in header:
                 return header
-        except Exception:
-            pass
-        LOG.warning("job %d: its archived file cannot be read even for its header; reporting from the UIDs "
-                    "recorded at intake", job.job_id)
+            problem = "its header lacks the Study or SOP Instance UID"
+        LOG.warning("job %d: its archived file cannot be read even for its header (%s); reporting from the UIDs "
+                    "recorded at intake", job.job_id, problem)
         uids = instance_uids(self.engine, job.instance_id)
         if uids is None:
             return None
@@ -343,17 +379,17 @@ def modality_of(sop_class_uid: str) -> str:
             "1.2.840.10008.5.1.4.1.1.1.1.1": "DX"}.get(sop_class_uid, "OT")
 
 
-def _model_descriptions() -> list[dict[str, str]]:
-    """The installed models as an analysis would list them (for SRs of jobs that never reached the models)."""
+def _model_descriptions(device: str | None = None, model_dir: os.PathLike[str] | None = None) -> list[ModelInfo]:
+    """The installed models as an analysis would name them (for SRs of jobs that never reached the models): those
+    of ``model_dir`` (``models.directory``) where it has them, else the bundled ones, loaded on ``device``."""
     from ai.models import lung_segmenter, pneumoconiosis_classifier
 
     models = []
     try:
-        segmenter = lung_segmenter()
-        models.append(segmenter.describe())
-        classifier = pneumoconiosis_classifier()
+        models.append(lung_segmenter(device, model_dir).info)
+        classifier = pneumoconiosis_classifier(device, model_dir)
         if classifier is not None:
-            models.append(classifier.describe())
+            models.append(classifier.info)
     except Exception as exc:  # a broken model file is one reason jobs fail; the SR is still written without it
         LOG.warning("the installed models cannot be described (%s); the SR names none", exception_summary(exc))
     return models

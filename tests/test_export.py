@@ -3,6 +3,7 @@ SCP answering chosen statuses), real files, a real SQLite database; no mocks."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import socket
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -26,9 +28,11 @@ from sqlalchemy.orm import Session
 
 from db import exports as xq
 from db.engine import init_schema, make_engine
-from db.models import Export, ExportState, Instance, Job, JobState, Result, utcnow
+from db.models import Event, Export, ExportState, Instance, Job, JobState, Result, utcnow
 from dicom_node.config import load_config
 from dicom_node.export import Exporter
+from dicom_node.netsetup import configure_pynetdicom
+from dicom_node.scheduler import NodeScheduler
 
 from .conftest import CONFIG, PEER_ENV, REPO, SAMPLES, free_port, require_tool
 
@@ -229,6 +233,26 @@ class Site:
                             .values(next_attempt_at=utcnow() - timedelta(seconds=1)))
 
 
+@pytest.fixture(autouse=True)
+def pynetdicom_configured() -> None:
+    """What ``serve`` does once at start-up: the exporter's StoreClient refuses to send without it."""
+    configure_pynetdicom()
+
+
+@contextlib.contextmanager
+def scheduled(exporter: Exporter) -> Iterator[NodeScheduler]:
+    """The exporter's rounds on a scheduler of their own, as ``serve`` runs them on its one scheduler; on exit the
+    exporter stops (waiting for its rounds in progress), then the scheduler."""
+    scheduler = NodeScheduler()
+    exporter.start(scheduler)
+    scheduler.start()
+    try:
+        yield scheduler
+    finally:
+        exporter.stop()
+        scheduler.shutdown()
+
+
 @pytest.fixture
 def site(tmp_path) -> Site:
     root = tmp_path / "var"
@@ -309,6 +333,33 @@ def test_backoff_doubles_to_the_cap_then_dead_and_fencing(site):
     assert not xq.mark_sent(site.engine, claim.export_id, "ex1", "X@h:1", 0)
     assert xq.mark_sent(site.engine, claim.export_id, "ex2", "X@h:1", 0)
     assert xq.backoff_seconds(3, 30, 3600) == 120 and xq.backoff_seconds(9, 30, 3600) == 3600
+
+
+def test_the_lease_reclaim_sweep_takes_back_only_dead_exporters_rows(site):
+    """``serve``'s ``lease-reclaim`` job: a row whose exporter died while sending it goes back to pending (its
+    attempt counted), or dead when that was its last attempt; rows of a live exporter, whose lease runs, stay."""
+    dests = [closed_destination()]
+    for sample, kind in ((SR, "sr"), (SEG, "seg"), (J2KR, "sc")):
+        site.add_result(sample, kind, dests)
+    first, last, live = xq.claim_due(site.engine, "dead-exporter", lease_seconds=60, limit=3)
+    with Session(site.engine) as session, session.begin():
+        session.execute(update(Export).where(Export.id == last.export_id).values(attempts=3))
+        session.execute(update(Export).where(Export.id.in_([first.export_id, last.export_id]))
+                        .values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+    assert xq.reclaim_expired(site.engine, max_attempts=3) == 2
+    rows = {r.id: r for r in site.exports()}
+    assert (rows[first.export_id].state, rows[first.export_id].attempts, rows[first.export_id].lease_owner) == (
+        ExportState.PENDING, 1, None)
+    assert (rows[last.export_id].state, rows[last.export_id].lease_owner) == (ExportState.DEAD, None)
+    assert "lost its lease on attempt 3" in rows[last.export_id].last_error
+    assert (rows[live.export_id].state, rows[live.export_id].lease_owner) == (ExportState.SENDING, "dead-exporter")
+    assert xq.reclaim_expired(site.engine, max_attempts=3) == 0
+    assert not xq.mark_sent(site.engine, first.export_id, "dead-exporter", "X@h:1", 0)  # fenced off
+    (again,) = xq.claim_due(site.engine, "ex2", 60, 10, max_attempts=3)
+    assert (again.export_id, again.attempt) == (first.export_id, 2)
+    with Session(site.engine) as session:
+        kinds = [e.kind for e in session.scalars(select(Event).order_by(Event.id))]
+    assert kinds.count("export_taken_back") == 1 and kinds.count("export_dead") == 1
     # PostgreSQL: concurrent exporters skip each other's rows instead of waiting.
     claim_sql = str(xq.claim_statement(utcnow(), 5, ["pacs"]).compile(dialect=postgresql.dialect()))
     assert "FOR UPDATE OF exports SKIP LOCKED" in claim_sql
@@ -476,14 +527,12 @@ def test_scheduler_delivers_without_run_once_and_wake_brings_the_next_round_forw
     dests = [pacs.destination()]
     site.add_result(SR, "sr", dests)
     exporter = site.exporter(dests, export__poll_seconds=3600)  # only the start and wake() can run a round
-    exporter.start()
-    try:
+    with scheduled(exporter) as scheduler:
+        assert scheduler.job_ids() == ["export:pacs"]  # a job of the process's one scheduler, none of its own
         wait_for(lambda: xq.export_counts(site.engine)["sent"] == 1)
         site.add_result(SEG, "seg", dests)
         exporter.wake()
         wait_for(lambda: xq.export_counts(site.engine)["sent"] == 2)
-    finally:
-        exporter.stop()
     pacs.stop()
     assert len(pacs.files()) == 2
 
@@ -494,15 +543,12 @@ def test_wake_during_a_round_runs_another_round_right_after_it(site, status_scp)
     site.add_result(SR, "sr", dests)
     exporter = site.exporter(dests, export__poll_seconds=3600)
     peer.release.clear()
-    exporter.start()
-    try:
+    with scheduled(exporter):
         assert peer.in_store.wait(10)  # the first round is in the middle of its C-STORE
         site.add_result(SEG, "seg", dests)
         exporter.wake()
         peer.release.set()
         wait_for(lambda: xq.export_counts(site.engine)["sent"] == 2)
-    finally:
-        exporter.stop()
     assert len(peer.received) == 2
 
 
@@ -692,7 +738,9 @@ def test_a_hung_destination_delays_only_itself(site, scp_factory, hung_peers):
     hung.in_store.clear()
     exporter = site.exporter(dests, export__deadline_seconds=DEADLINE, export__timeout_seconds=PER_READ_TIMEOUT,
                              export__retry_initial_seconds=30, export__poll_seconds=3600)
-    exporter.start()
+    scheduler = NodeScheduler()
+    exporter.start(scheduler)
+    scheduler.start()
     try:
         assert hung.in_store.wait(DEADLINE)
         stalled_since = time.monotonic()
@@ -703,6 +751,7 @@ def test_a_hung_destination_delays_only_itself(site, scp_factory, hung_peers):
     finally:
         stopping = time.monotonic()
         exporter.stop()
+        scheduler.shutdown()
     assert time.monotonic() - stopping < DEADLINE + SLACK
     assert {(r.state, r.lease_owner) for r in site.exports() if r.destination == "hung"} == {
         (ExportState.PENDING, None)}

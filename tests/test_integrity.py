@@ -4,6 +4,7 @@ archive with the database."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -18,7 +19,7 @@ from sqlalchemy.orm import Session, selectinload
 from db.models import Event, Instance, JobState
 from dicom_node.archive import sha256_of
 
-from .conftest import open_db, storescu
+from .conftest import free_port, open_db, storescu
 from .dicomgen import clone_instances, synthetic_dx
 
 GUARD_ERROR = re.compile(r" ERROR db\.integrity: the database file .* was (removed|replaced by another file) while "
@@ -126,6 +127,52 @@ def test_database_removed_or_replaced_under_a_running_node_refuses_with_a701(nod
     assert storescu(node.port, [files[1]]).statuses == [(str(files[1]), "Success")]
     with Session(open_db(node)) as session:
         assert sorted(session.scalars(select(Instance.sop_instance_uid))) == sorted(map(_sop_uid, files[:2]))
+    assert node.stop() == 0
+
+
+def test_a_tripped_guard_tells_its_listeners_once(tmp_path):
+    """``serve`` reacts to a trip at once (``on_trip``), whichever thread's transaction saw it."""
+    from db.engine import init_schema, make_engine
+    from db.integrity import DatabaseReplaced, guard_of
+
+    path = tmp_path / "node.sqlite"
+    engine = make_engine(f"sqlite:///{path}")
+    init_schema(engine)
+    guard = guard_of(engine)
+    calls: list[str] = []
+    guard.on_trip(lambda: calls.append("before"))
+    guard.on_trip(lambda: 1 / 0)  # a broken listener neither stops the others nor hides the guard's own error
+    guard.on_trip(lambda: calls.append("before, too"))
+    assert guard.poll() and calls == []
+    path.unlink()
+    with pytest.raises(DatabaseReplaced):
+        with engine.begin() as conn:
+            conn.execute(select(Event.id))
+    assert not guard.poll() and calls == ["before", "before, too"]
+    guard.on_trip(lambda: calls.append("after"))  # already tripped: at once
+    assert calls == ["before", "before, too", "after"]
+
+
+def test_a_replaced_database_stops_the_export_rounds_and_the_database_jobs(node_factory):
+    """The scheduler's identity check notices it on an idle node; the exporter and the database jobs then stop
+    instead of failing every poll until the restart, and the node still stops cleanly."""
+    destination = {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": free_port()}
+    node = node_factory(database__identity_check_seconds="0.5",
+                        export__destinations=json.dumps([destination])).start()
+    scheduled = re.search(r"INFO dicom_node\.scheduler: scheduler: (.*)", node.log())
+    assert scheduled and "database-identity every 0.5 s" in scheduled.group(1), node.log()[-3000:]
+    db = node.storage_root / "node.sqlite"
+    empty = db.with_name("empty.sqlite")
+    empty.write_bytes(b"")
+    os.replace(empty, db)
+    assert _wait_for(lambda: "exporter stopped: the database file was removed or replaced" in node.log(), 5), \
+        node.log()[-3000:]
+    time.sleep(1.0)  # a round that was in progress at the trip has ended by now
+    settled = len(node.log())
+    time.sleep(2.0)  # four export polls and identity checks later
+    later = node.log()[settled:]
+    assert "export round" not in later and "scheduled job" not in later, later[-3000:]
+    assert len(GUARD_ERROR.findall(node.log())) == 1
     assert node.stop() == 0
 
 

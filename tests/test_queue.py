@@ -1,4 +1,6 @@
-"""The queue contract on a real SQLite file: atomic claims across processes, leases, retries, fencing."""
+"""The queue contract on a real SQLite file: atomic claims across processes, leases, retries, fencing.
+
+A job is ended the way the worker ends it: ``db.results.finish_job`` with its result objects (``_finish``)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,9 @@ from sqlalchemy.orm import Session
 from db import queue
 from db.engine import SchemaError, init_schema, make_engine
 from db.instances import ReceivedInstance, record_new
+from db.leases import JOBS
 from db.models import Event, Job, JobState, SchemaInfo, utcnow
+from db.results import ResultFile, finish_job
 
 MAX_ATTEMPTS = 3
 
@@ -27,6 +31,14 @@ def _record(i: int, in_scope: bool = True, reason: str = "sop_class_not_radiogra
         transfer_syntax_uid="1.2.840.10008.1.2.1", in_scope=in_scope,
         scope_reason="in_scope" if in_scope else reason,
     )
+
+
+def _finish(engine, job: queue.ClaimedJob) -> bool:
+    """End ``job`` done with one result object, as the worker does; False when its lease was lost."""
+    sr = ResultFile(kind="sr", sop_instance_uid=f"2.25.{job.job_id}", sop_class_uid="1.2.840.10008.5.1.4.1.1.88.33",
+                    series_instance_uid="2.25.0", transfer_syntax_uid="1.2.840.10008.1.2.1",
+                    archive_path=f"results/2.25.{job.job_id}.dcm", size_bytes=1, analysed=True, reason="analysed")
+    return finish_job(engine, job, JobState.DONE, None, None, [sr], [])
 
 
 @pytest.fixture
@@ -53,7 +65,7 @@ def test_claim_complete_and_empty_queue(engine):
     job = queue.claim(engine, "w1", lease_seconds=60, max_attempts=MAX_ATTEMPTS)
     assert job is not None and job.sop_instance_uid == "1.2.3.1" and job.attempt == 1
     assert queue.claim(engine, "w2", 60, MAX_ATTEMPTS) is None
-    assert queue.complete(engine, job)
+    assert _finish(engine, job)
     assert queue.counts_by_state(engine) == {"queued": 0, "running": 0, "done": 1, "failed": 0,
                                              "not_analysed": 1}
 
@@ -84,9 +96,11 @@ def test_expired_lease_is_taken_back_and_the_old_owner_is_fenced_off(engine):
     expire_leases(engine)
     taken = queue.claim(engine, "w2", 60, MAX_ATTEMPTS)
     assert taken is not None and taken.job_id == crashed.job_id and taken.attempt == 2
-    assert not queue.complete(engine, crashed), "a worker that lost its lease must not write a result"
-    assert not queue.extend_lease(engine, crashed, 60)
-    assert queue.complete(engine, taken)
+    assert not _finish(engine, crashed), "a worker that lost its lease must not write a result"
+    assert JOBS.extend(engine, [crashed.job_id], crashed.lease_owner, 60) == 0
+    assert queue.fail(engine, crashed, "decode_error", "x", MAX_ATTEMPTS) is None
+    assert JOBS.extend(engine, [taken.job_id], taken.lease_owner, 60) == 1
+    assert _finish(engine, taken)
     with Session(engine) as session:
         kinds = [e.kind for e in session.scalars(select(Event).order_by(Event.id))]
     assert "job_taken_back" in kinds and kinds[-1] == "job_done"
@@ -114,22 +128,28 @@ def test_a_fresh_claim_is_neither_taken_back_nor_report_only(engine):
     assert not job.taken_back and not job.report_only
 
 
-def test_reclaim_expired_sweeps(engine):
+def test_expired_leases_are_taken_back_by_the_next_claims(engine):
+    """No sweep re-queues a job whose worker died (a slow worker does not renew its lease): the next claim takes
+    each back, to be processed alone."""
     for i in range(3):
         record_new(engine, _record(i))
     for _ in range(3):
         queue.claim(engine, "dying", 60, MAX_ATTEMPTS)
     expire_leases(engine)
-    assert queue.reclaim_expired(engine, MAX_ATTEMPTS) == 3
-    assert queue.counts_by_state(engine)["queued"] == 3
+    taken = [queue.claim(engine, "w", 60, MAX_ATTEMPTS) for _ in range(3)]
+    assert [(j.taken_back, j.report_only, j.attempt) for j in taken] == [(True, False, 2)] * 3
+    assert sorted(j.job_id for j in taken) == [1, 2, 3]
+    assert queue.counts_by_state(engine)["running"] == 3
+    with Session(engine) as session:
+        kinds = [e.kind for e in session.scalars(select(Event).order_by(Event.id))]
+    assert kinds.count("job_taken_back") == 3
 
 
-def test_reclaim_leaves_jobs_out_of_attempts_for_their_report(engine):
+def test_a_job_out_of_attempts_is_handed_out_for_its_report(engine):
     record_new(engine, _record(1))
     for _ in range(MAX_ATTEMPTS):
         queue.claim(engine, "dying", 60, MAX_ATTEMPTS)
         expire_leases(engine)
-    assert queue.reclaim_expired(engine, MAX_ATTEMPTS) == 0
     reporting = queue.claim(engine, "w", 60, MAX_ATTEMPTS)
     assert reporting is not None and reporting.report_only
 
@@ -139,7 +159,7 @@ def _drain(url: str, worker_id: str, out: "mp.Queue[list[int]]") -> None:
     claimed = []
     while (job := queue.claim(engine, worker_id, 60, MAX_ATTEMPTS)) is not None:
         claimed.append(job.job_id)
-        assert queue.complete(engine, job)
+        assert _finish(engine, job)
     out.put(claimed)
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import signal
 import subprocess
 import time
 
-from .conftest import PEER_ENV, parse_storescu
+from .conftest import PEER_ENV, free_port, parse_storescu
 from .dicomgen import clone_instances, synthetic_dx
 
 
@@ -31,3 +34,31 @@ def test_sigterm_finishes_in_flight_stores_and_refuses_new_associations(node, tm
     assert node.proc.wait(60) == 0
     assert "SIGTERM received" in node.log() and "stopped" in node.log()
     assert len(list((node.storage_root / "archive").rglob("*.dcm"))) == len(files)
+
+
+def test_serve_runs_every_periodic_job_on_one_scheduler(node_factory):
+    """The identity check, the lease reclaim, the worker supervision and each destination's export round are jobs
+    of serve's one scheduler (dicom_node.scheduler), named in its start-up line."""
+    destination = {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": free_port()}
+    node = node_factory(export__destinations=json.dumps([destination])).start()
+    line = re.search(r"INFO dicom_node\.scheduler: scheduler: (.*)", node.log())
+    assert line, node.log()[-3000:]
+    jobs = dict(item.split(" every ") for item in line.group(1).split(", "))
+    assert jobs == {"export:pacs": "0.5 s", "lease-reclaim": "98.25 s", "database-identity": "2 s"}, line.group(1)
+    assert node.stop() == 0
+    assert "stopped (0 association(s) aborted" in node.log()
+
+
+def test_a_worker_process_that_dies_is_restarted_by_the_schedulers_workers_job(node_factory):
+    node = node_factory(worker__processes="1").start()
+    assert re.search(r"scheduler: .*workers every 0\.5 s", node.log()), node.log()[-3000:]
+    started = re.findall(r"worker 0 started \(pid (\d+)\)", node.log())
+    assert len(started) == 1, node.log()[-3000:]
+    os.kill(int(started[0]), signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while len(re.findall(r"worker 0 started", node.log())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    log = node.log()
+    assert f"worker 0 (pid {started[0]}) exited with status -9" in log, log[-3000:]
+    assert len(re.findall(r"worker 0 started", log)) == 2, log[-3000:]
+    assert node.stop() == 0
