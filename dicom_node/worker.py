@@ -127,6 +127,9 @@ class Worker:
         self.identity = NodeIdentity.from_config(config)
         device = config["worker.device"]
         self.device = None if device == "auto" else device
+        self.model_dir = config.models_directory
+        # what the analysis needs besides the images: the site's models (models.directory) and the image limits
+        self.analysis_options: dict[str, Any] = {"model_dir": self.model_dir, "limits": self.limits}
         self.destinations = config["export.destinations"]
 
     # -- loop -------------------------------------------------------------------------------------------------
@@ -134,8 +137,8 @@ class Worker:
         """Process jobs until ``stop`` is set; finishes the batch in hand before returning."""
         from ai.models import lung_segmenter, pneumoconiosis_classifier
 
-        lung_segmenter(self.device)  # load the models before the first job, not inside its time
-        pneumoconiosis_classifier(self.device)
+        lung_segmenter(self.device, self.model_dir)  # load the models before the first job, not inside its time
+        pneumoconiosis_classifier(self.device, self.model_dir)
         LOG.info("worker %s ready (device %s, batch %d)", escape(self.owner), self.device or "auto",
                  self.config["worker.batch_size"])
         backoff = DatabaseBackoff()
@@ -218,14 +221,14 @@ class Worker:
     def _analyse(self, tasks: list[_Task]) -> list[Any]:
         """One model call for the batch; if it raises, one call per job, so one bad input fails only itself."""
         try:
-            return self.analyse([t.source for t in tasks], device=self.device)
+            return self.analyse([t.source for t in tasks], device=self.device, **self.analysis_options)
         except Exception as exc:
             LOG.warning("batch of %d failed (%s); analysing its jobs one by one", len(tasks), exception_summary(exc))
             _log_traceback(tasks[0].job.job_id)
         records: list[Any] = []
         for t in tasks:
             try:
-                records.extend(self.analyse([t.source], device=self.device))
+                records.extend(self.analyse([t.source], device=self.device, **self.analysis_options))
             except Exception as exc:
                 records.append(None)
                 t.error = exception_summary(exc, message="the analysis raised an error")
@@ -321,7 +324,7 @@ class Worker:
         """End the job failed with a "not analysed" SR: the normal one, else the last-resort one; only if both fail,
         with no object (``finish_job`` then records the audit event that ``dicom-node status`` counts)."""
         source = task.source if task.source is not None else self._header_only(task.job)
-        models = _model_descriptions(self.device, self.config.models_directory)
+        models = _model_descriptions(self.device, self.model_dir)
         files: list[ResultFile] = []
         notes: list[tuple[str, str]] = []
         if source is not None:

@@ -20,7 +20,6 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 from pynetdicom import AE, evt
-from pynetdicom.dsutils import split_dataset
 from pynetdicom.presentation import StoragePresentationContexts
 from sqlalchemy import select, update
 from sqlalchemy.dialects import postgresql
@@ -35,6 +34,7 @@ from dicom_node.netsetup import configure_pynetdicom
 from dicom_node.scheduler import NodeScheduler
 
 from .conftest import CONFIG, PEER_ENV, REPO, SAMPLES, free_port, require_tool
+from .support.dicom_files import dataset_bytes
 
 SR = SAMPLES / "reference-outputs" / "sr_document.dcm"
 SEG = SAMPLES / "reference-outputs" / "seg_image_cr_binary.dcm"
@@ -260,11 +260,6 @@ def site(tmp_path) -> Site:
     engine = make_engine(f"sqlite:///{root / 'node.sqlite'}")  # where the CLI finds it from storage_root
     init_schema(engine)
     return Site(root, engine)
-
-
-def dataset_bytes(path: Path) -> bytes:
-    _, offset = split_dataset(path)
-    return path.read_bytes()[offset:]
 
 
 def received_by_uid(peer: StoreSCP) -> dict[str, Path]:

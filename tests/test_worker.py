@@ -35,6 +35,7 @@ from .dicomgen import clone_instances
 from .support.data import CONFIG, HAND
 from .support.data import CHEST_UNCOMPRESSED as CHEST  # uncompressed: the cheapest chest to decode
 from .support.result_checks import assert_not_analysed_sr
+from .support.sr_tree import sr_text
 
 SOP_CLASS = {"seg": "1.2.840.10008.5.1.4.1.1.66.4", "sr": "1.2.840.10008.5.1.4.1.1.88.33",
              "sc": "1.2.840.10008.5.1.4.1.1.7"}
@@ -115,12 +116,12 @@ class CountingAnalyseBatch:
         self.raise_for = raise_for
         self.calls: list[list[str]] = []
 
-    def __call__(self, sources, device=None):
+    def __call__(self, sources, device=None, **options):
         uids = [str(s.SOPInstanceUID) for s in sources]
         self.calls.append(uids)
         if self.raise_for in uids:
             raise RuntimeError("model exploded on this input")
-        return self.real(sources, device=device)
+        return self.real(sources, device=device, **options)
 
 
 # --- 1. one chest: SEG + SR + SC, durable, recorded, exported per destination ---------------------------------------
@@ -317,3 +318,26 @@ def test_one_input_that_breaks_the_analysis_does_not_fail_its_batch_mates(tmp_pa
     [row] = env.results(job_id=bad_job)
     assert_not_analysed_sr(env.root / row.archive_path, sources[1], "analysis_error", row=row)
     assert_no_tmp_leftovers(env)
+
+
+def test_the_site_models_of_models_directory_make_the_results(tmp_path):
+    """A site's own classifier in ``models.directory`` (here: the bundled weights saved with another notice) is the
+    one the worker analyses with, and its notice is the one every result carries."""
+    from ai import checkpoint
+    from ai.models import BUNDLED_DIR, CLASSIFIER
+
+    bundled = checkpoint.load(BUNDLED_DIR / CLASSIFIER)
+    site = tmp_path / "site-models"
+    checkpoint.save(site / CLASSIFIER, bundled.state_dict,
+                    {**bundled.fields, "version": "site-test-1", "model_card": "site-classifier.md",
+                     "notice": "SITE TEST model, not validated for clinical use."})
+    env = make_env(tmp_path / "var", models__directory=str(site))
+    [source] = chest_copies(tmp_path / "in", 1)
+    job_id, _ = env.receive(source)
+    assert env.worker().run_once() == 1
+    assert env.job(job_id).state == JobState.DONE
+    [sr_row] = env.results(job_id=job_id, kind="sr")
+    sr = dcmread(env.root / sr_row.archive_path)
+    notices = sr_text(sr, "NOTICE")
+    assert "SITE TEST model, not validated for clinical use." in notices
+    assert not any("synthetic" in n for n in notices), "the bundled demo classifier's notice is not there"

@@ -67,13 +67,13 @@ class CachedAnalysis:
             digest.update(f"{keyword}={ds[keyword].value!r};".encode() if keyword in ds else b"-")
         return digest.hexdigest()
 
-    def __call__(self, sources, device=None):  # type: ignore[no-untyped-def]
+    def __call__(self, sources, device=None, **options):  # type: ignore[no-untyped-def]
         self.calls += 1
         records = []
         for source in sources:
             key = self.key(source)
             if key not in self.cache:
-                self.cache[key] = ai.analyse_batch([source], device=device)[0]
+                self.cache[key] = ai.analyse_batch([source], device=device, **options)[0]
             record = copy.copy(self.cache[key])
             record.source = record.sop_instance_uid = str(source.SOPInstanceUID)
             records.append(record)
@@ -202,7 +202,7 @@ def test_a_job_whose_worker_died_on_every_attempt_gets_its_sr_without_being_anal
         _expire(env, job_id)
 
     calls = []
-    worker = env.worker(analyse=lambda sources, device=None: calls.append(sources) or [])
+    worker = env.worker(analyse=lambda sources, device=None, **_: calls.append(sources) or [])
     assert worker.run_once() == 1
     assert calls == [], "the pixels that killed two workers are not touched again"
     job = env.job(job_id)
@@ -221,7 +221,7 @@ def test_a_job_taken_back_is_processed_alone_after_the_fresh_ones(tmp_path):
     assert claim(env.engine, "dead-worker", 60, 3).job_id == first
     _expire(env, first)
     batches = []
-    worker = env.worker(analyse=lambda sources, device=None: batches.append(len(sources))
+    worker = env.worker(analyse=lambda sources, device=None, **_: batches.append(len(sources))
                         or ai.analyse_batch(sources, device=device))
     assert worker.run_once() == 3
     assert batches == [2, 1], "the fresh jobs together, the taken-back one alone and last"
