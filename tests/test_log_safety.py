@@ -3,7 +3,6 @@ tracebacks keep frames but not exception texts."""
 
 from __future__ import annotations
 
-import io
 import logging
 import warnings
 from pathlib import Path
@@ -14,7 +13,9 @@ from ai.safe_text import SafeMessage, escape, exception_summary
 from db.engine import init_schema, make_engine
 from dicom_node.archive import Archive
 from dicom_node.intake import CANNOT_PARSE, Intake
-from dicom_node.log_safety import SafeFormatter, setup_logging
+from dicom_node.log_safety import SafeFormatter
+
+from .support.logs import node_log_output
 
 PLANTED = "1950-12-31"
 
@@ -25,16 +26,9 @@ class _Own(SafeMessage, ValueError):
 
 @pytest.fixture
 def captured():
-    """The root logger as ``dicom-node`` sets it up, writing into a buffer."""
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level
-    setup_logging("DEBUG")
-    buffer = io.StringIO()
-    root.handlers[0].stream = buffer
-    yield buffer
-    logging.captureWarnings(False)
-    root.handlers[:] = saved[0]
-    root.setLevel(saved[1])
+    """The root logger as ``dicom-node`` sets it up, at DEBUG, writing into a buffer."""
+    with node_log_output() as buffer:
+        yield buffer
 
 
 def test_escape_keeps_one_line_and_bounds_length():

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import io
 import logging
 import sqlite3
 import subprocess
@@ -33,13 +32,13 @@ import ai
 from db.models import Event, Job, JobState, utcnow
 from db.queue import NO_RESULT_EVENT, claim
 from db.results import count_without_result
-from dicom_node.log_safety import setup_logging
 from dicom_node.worker import ResultBuilders
 
 from .conftest import CONFIG, REPO, SAMPLES
 from .dicomgen import UID_ROOT, aborting_j2k, clone_instances
 from .header_variants import variant
 from .test_coerce import FULL
+from .support.logs import node_log_output
 from .support.dicom_tools import dciodvfy_errors
 from .support.sr_tree import sr_text
 from .test_worker import Env, assert_no_tmp_leftovers, make_env
@@ -82,17 +81,9 @@ class CachedAnalysis:
 
 @pytest.fixture
 def node_log():
-    """The root logger exactly as ``dicom-node`` sets it up (safe formatter, warnings captured), at DEBUG, into a
-    buffer: what an operator's log file would hold."""
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level
-    setup_logging("DEBUG")
-    buffer = io.StringIO()
-    root.handlers[0].stream = buffer
-    yield buffer
-    logging.captureWarnings(False)
-    root.handlers[:] = saved[0]
-    root.setLevel(saved[1])
+    """The root logger as ``dicom-node`` sets it up, at DEBUG, writing into a buffer."""
+    with node_log_output() as buffer:
+        yield buffer
 
 
 def database_text(env: Env) -> str:
