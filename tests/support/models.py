@@ -3,11 +3,10 @@
 Tests that depend on the classifier say which installation they need (the ``with_classifier`` and
 ``without_classifier`` fixtures in ``tests/conftest.py``) instead of adapting to whatever is installed.
 
-A node finds a site's models through the config key ``models.directory`` where the code declares it, else through
-$PNEUMO_MODEL_DIR; each file there takes precedence over the bundled one in ``ai/models/``, and a file missing
+A node finds a site's models through the config key ``models.directory``; each file there takes precedence over the bundled one in ``ai/models/``, and a file missing
 there is taken from the bundled folder. ``install_models`` therefore also points this process's bundled folder at
 the directory: in this process the installation is exact (a directory without a classifier means no classifier).
-A node or CLI subprocess gets the directory through the config key or the environment, but still falls back to
+A node or CLI subprocess gets the directory through the config key's environment variable, but still falls back to
 the bundled classifier: only ``with_classifier`` describes a subprocess exactly.
 """
 
@@ -23,7 +22,6 @@ from .data import REPO
 BUNDLED_MODELS = REPO / "ai" / "models"
 SEGMENTER_FILES = ("lung_unet.pt", "lung_unet.md")
 CLASSIFIER_FILES = ("classifier.pt", "classifier.md")
-MODEL_DIR_ENV = "PNEUMO_MODEL_DIR"
 MODEL_DIR_KEY = "models.directory"
 
 
@@ -49,24 +47,14 @@ def model_dir(root: Path, classifier: bool) -> Path:
     return root
 
 
-def config_declares_model_dir() -> bool:
-    from dicom_node.config import SCHEMA
-
-    return MODEL_DIR_KEY in SCHEMA
-
-
 def install_models(monkeypatch: pytest.MonkeyPatch, directory: Path) -> dict[str, str]:
     """Make ``directory`` the installed models for the rest of the test; returns the node ``--set`` values that
-    select it (empty where the environment variable is what the code reads)."""
+    select it."""
     import ai.models
+    from dicom_node.config import ENV_PREFIX
 
-    overrides: dict[str, str] = {}
-    if config_declares_model_dir():
-        from dicom_node.config import ENV_PREFIX
-
-        overrides[MODEL_DIR_KEY] = str(directory)
-        monkeypatch.setenv(ENV_PREFIX + MODEL_DIR_KEY.replace(".", "_").upper(), str(directory))
-    monkeypatch.setenv(MODEL_DIR_ENV, str(directory))  # where the code still reads it (harmless elsewhere)
+    overrides = {MODEL_DIR_KEY: str(directory)}
+    monkeypatch.setenv(ENV_PREFIX + MODEL_DIR_KEY.replace(".", "_").upper(), str(directory))
     # A file missing from a site's model directory falls back to the bundled one, and the in-process analyses of a
     # test name no directory at all: the bundled folder of this process is ``directory`` too.
     monkeypatch.setattr(ai.models, "BUNDLED_DIR", directory)
