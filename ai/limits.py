@@ -22,6 +22,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_preamble
 
+from . import header_values
 from .safe_text import SafeMessage
 
 DEFLATED = "1.2.840.10008.1.2.1.99"
@@ -50,11 +51,8 @@ DEFAULT_LIMITS = ImageLimits()
 
 
 def _int(ds: Dataset, keyword: str, default: int) -> int:
-    try:
-        value = ds.get(keyword)
-        return int(value) if value not in (None, "") else default
-    except (TypeError, ValueError):
-        return default
+    value = header_values.integer(ds, keyword)
+    return default if value is None else value
 
 
 def declared_pixel_bytes(ds: Dataset) -> int:
@@ -94,17 +92,17 @@ def _inflate_bounded(raw: io.BufferedReader, limit: int) -> bytes:
     """Inflate a raw deflate stream, refusing as soon as the output passes ``limit`` bytes."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     out = bytearray()
-    while chunk := raw.read(CHUNK):
-        out += inflater.decompress(chunk, max(1, limit + 1 - len(out)))
+
+    def take(data: bytes) -> None:
+        out.extend(data)
         if len(out) > limit:
             raise ImageTooLarge(f"the deflated dataset inflates to more than {limit / 2**20:.0f} MiB")
+
+    while chunk := raw.read(CHUNK):
+        take(inflater.decompress(chunk, limit + 1 - len(out)))  # at most one byte past the limit: then refused
         while inflater.unconsumed_tail:
-            out += inflater.decompress(inflater.unconsumed_tail, max(1, limit + 1 - len(out)))
-            if len(out) > limit:
-                raise ImageTooLarge(f"the deflated dataset inflates to more than {limit / 2**20:.0f} MiB")
-    out += inflater.flush()
-    if len(out) > limit:
-        raise ImageTooLarge(f"the deflated dataset inflates to more than {limit / 2**20:.0f} MiB")
+            take(inflater.decompress(inflater.unconsumed_tail, limit + 1 - len(out)))
+    take(inflater.flush())
     return bytes(out)
 
 

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 
 from . import header_values

@@ -13,7 +13,7 @@ import threading
 import time
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom.errors import InvalidDicomError
@@ -128,10 +128,11 @@ class Intake:
 
         try:
             record = received_instance(ds, self.archive, uids=uids, calling_aet=calling_aet, size_bytes=size,
-                                       sha256="", transfer_syntax_uid=transfer_syntax)
+                                       sha256=sha256_of(tmp_file), transfer_syntax_uid=transfer_syntax)
+        except OSError as exc:
+            return StoreOutcome(OUT_OF_RESOURCES, "received file cannot be read", exception_summary(exc))
         except Exception as exc:
             return StoreOutcome(CANNOT_PARSE, f"header cannot be read ({type(exc).__name__})")
-        record = replace(record, sha256=sha256_of(tmp_file))
         del ds
 
         with self._lock_for(record.sop_instance_uid):

@@ -20,7 +20,8 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 
 from ai.header_scope import header_scope
-from ai.limits import DEFAULT_LIMITS, ImageLimits, ImageTooLarge, read_dataset_bounded
+from ai import header_values
+from ai.limits import DEFAULT_LIMITS, ImageLimits, ImageTooLarge, declared_pixel_bytes, read_dataset_bounded
 from ai.safe_text import SafeMessage, exception_summary
 from db.instances import ReceivedInstance
 
@@ -65,12 +66,9 @@ def pixel_data_shortfall(ds: Dataset, file_size: int) -> str | None:
     if syntax not in NATIVE_SYNTAXES or "PixelData" not in ds:
         return None
     raw = ds.get_item("PixelData")
-    rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
-    samples, bits = int(ds.get("SamplesPerPixel") or 1), int(ds.get("BitsAllocated") or 0)
-    frames = int(ds.get("NumberOfFrames") or 1)
-    if min(rows, columns, bits) <= 0:
+    if min(header_values.integer(ds, k) or 0 for k in ("Rows", "Columns", "BitsAllocated")) <= 0:
         return "Rows, Columns or Bits Allocated missing or zero for native Pixel Data"
-    expected = (rows * columns * samples * frames * bits + 7) // 8
+    expected = declared_pixel_bytes(ds)
     if syntax == "1.2.840.10008.1.2.1.99" or getattr(raw, "value_tell", None) is None:
         value = ds.PixelData
         available = len(value) if value is not None else 0

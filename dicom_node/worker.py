@@ -55,8 +55,7 @@ from .archive import Archive
 from .config import NodeConfig
 from .log_safety import format_exception_safely
 from .result_store import ResultStore
-from .results import (NodeIdentity, ResultObject, build_last_resort_sr, build_not_analysed, build_results,
-                      coerce_header)
+from .results import NodeIdentity, ResultObject, build_last_resort_sr, build_results, coerce_header
 from .results.identity import is_own_result
 
 LOG = logging.getLogger("dicom_node.worker")
@@ -72,7 +71,6 @@ class ResultBuilders:
     """How the worker turns an outcome into result objects (``dicom_node.results``'s builders, by default)."""
 
     analysed: BuildObjects = build_results  # (coerced header, record, identity)
-    not_analysed: BuildObjects = build_not_analysed  # (coerced header, reason, explanation, identity, models=)
     last_resort: BuildObjects = build_last_resort_sr  # (header, reason, explanation, identity, models)
 
 
@@ -321,28 +319,25 @@ class Worker:
                           f"the analysis was interrupted {attempts} time(s): the worker process died or hung")
 
     def _last_resort(self, task: _Task, reason: str, explanation: str) -> None:
-        """End the job failed with a "not analysed" SR: the normal one, else the last-resort one; only if both fail,
-        with no object (``finish_job`` then records the audit event that ``dicom-node status`` counts)."""
+        """End the job failed with a "not analysed" SR (``build_last_resort_sr``: the normal one on the coerced
+        header, else on a minimal one); only if that fails, with no object (``finish_job`` then records the audit
+        event that ``dicom-node status`` counts)."""
         source = task.source if task.source is not None else self._header_only(task.job)
         models = _model_descriptions(self.device, self.model_dir)
         files: list[ResultFile] = []
         notes: list[tuple[str, str]] = []
         if source is not None:
-            header = None
+            header = source
             try:
                 header, notes = self._coerced(source)
-                objects = self.builders.not_analysed(header, reason, explanation[:1000], self.identity, models=models)
+            except Exception as exc:  # the last-resort builder falls back to the source's UIDs by itself
+                LOG.warning("job %d: its header cannot be coerced (%s)", task.job.job_id, exception_summary(exc))
+            try:
+                objects = self.builders.last_resort(header, reason, explanation[:1000], self.identity, models)
             except Exception as exc:
-                LOG.warning("job %d: the 'not analysed' SR failed (%s); writing the last-resort SR", task.job.job_id,
-                            exception_summary(exc))
+                LOG.error("job %d: even the last-resort SR failed (%s)", task.job.job_id, exception_summary(exc))
                 _log_traceback(task.job.job_id)
-                try:
-                    objects = self.builders.last_resort(header if header is not None else source, reason,
-                                                        explanation[:1000], self.identity, models)
-                except Exception as exc2:
-                    LOG.error("job %d: even the last-resort SR failed (%s)", task.job.job_id, exception_summary(exc2))
-                    _log_traceback(task.job.job_id)
-                    objects = []
+                objects = []
             try:
                 files = [self.store.write(o.kind, o.dataset, False, reason) for o in objects]
             except Exception as exc:

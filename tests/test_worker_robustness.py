@@ -225,7 +225,7 @@ def test_a_job_with_no_result_object_is_counted_and_audited(tmp_path):
 
     env = make_env(tmp_path / "var")
     job_id, rec = env.receive(SAMPLES / "not-chest" / "Kodak_CR500_hand_J2KR.dcm")
-    no_builder_works = ResultBuilders(analysed=broken, not_analysed=broken, last_resort=broken)
+    no_builder_works = ResultBuilders(analysed=broken, last_resort=broken)
     assert env.worker(builders=no_builder_works).run_once() == 1
     assert env.job(job_id).state == JobState.FAILED and env.results(job_id=job_id) == []
     assert count_without_result(env.engine) == 1
