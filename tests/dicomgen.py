@@ -130,3 +130,24 @@ def aborting_j2k(path: Path, keep: int = ABORTING_J2K_KEEP, seed: int = 0) -> Da
     ds.SOPInstanceUID = generate_uid(UID_ROOT)
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     return ds
+
+
+def write_pixel_source(template: Path, pixels: np.ndarray, bits_stored: int, path: Path,
+                       study: str | None = None, series: str | None = None) -> Path:
+    """``template`` with ``pixels`` (8- or 16-bit allocated, 8-bit ones as MONOCHROME2) and a fresh SOP Instance
+    UID, as explicit VR little endian; ``study``/``series`` replace the template's when given."""
+    ds = dcmread(template)
+    ds.Rows, ds.Columns = pixels.shape
+    ds.BitsAllocated = 8 if pixels.dtype == np.uint8 else 16
+    ds.BitsStored, ds.HighBit = bits_stored, bits_stored - 1
+    if ds.BitsAllocated == 8:
+        ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = pixels.tobytes()
+    ds["PixelData"].VR = "OB" if ds.BitsAllocated == 8 else "OW"
+    if study is not None:
+        ds.StudyInstanceUID = study
+    if series is not None:
+        ds.SeriesInstanceUID = series
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(UID_ROOT)
+    ds.save_as(path, enforce_file_format=True)
+    return path

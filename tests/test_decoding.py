@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.pixels import pixel_array
-from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian, JPEGLSLossless, RLELossless, generate_uid
+from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian, JPEGLSLossless, RLELossless
 
 from ai import decoding
 from ai.analysis import FAILURE_REASONS, analyse_batch
@@ -28,6 +28,7 @@ from ai.decoding import (GDCM_READER, NATIVE, PLUGIN_ORDER, DecoderCrashed, Deco
 from ai.normalise import decode_pixels
 
 from .dicomgen import aborting_j2k as _aborting_j2k
+from .dicomgen import write_pixel_source
 from .support.data import REPO, SAMPLES
 from .support.data import CHEST_J2K_LOSSLESS as J2K_LOSSLESS
 from .support.data import CHEST_J2K_LOSSY as J2K_LOSSY  # the smaller Philips J2K: 0.15 s to decode
@@ -237,18 +238,7 @@ def crops(tmp_path_factory):
     pixels = np.ascontiguousarray(full.pixel_array[900:1028, 900:1028])
 
     def source(values: np.ndarray, bits: int, name: str):
-        ds = dcmread(UNCOMPRESSED)
-        ds.Rows, ds.Columns = values.shape
-        ds.BitsAllocated = 8 if values.dtype == np.uint8 else 16
-        ds.BitsStored, ds.HighBit = bits, bits - 1
-        if ds.BitsAllocated == 8:
-            ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.PixelData = values.tobytes()
-        ds["PixelData"].VR = "OB" if ds.BitsAllocated == 8 else "OW"
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        path = work / f"{name}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        return path, values
+        return write_pixel_source(UNCOMPRESSED, values, bits, work / f"{name}.dcm"), values
 
     src16 = source(pixels, 15, "src16")
     src12 = source(pixels >> 3, 12, "src12")

@@ -578,26 +578,16 @@ PER_READ_TIMEOUT = 30.0
 SLACK = 2.0  # the watchdog's abort (at most 2 x store_scu.ABORT_GRACE_SECONDS) and a loaded machine
 
 
-class HungSCP:
-    """A pynetdicom Storage SCP that accepts every association and never answers a C-STORE until the test ends:
+class HungSCP(StatusSCP):
+    """A Storage SCP that accepts every association and never answers a C-STORE until the test ends:
     ``mode="silent"`` just waits; ``mode="trickle"`` first writes a P-DATA-TF header announcing 100 kB, then one
     byte every 0.2 s, which keeps the connection busy and holds the caller's pynetdicom DUL thread in ``recv``."""
 
     def __init__(self, mode: str = "silent", aet: str = "HUNG") -> None:
         self.mode = mode
         self.stores = 0
-        self.in_store = threading.Event()
         self.done = threading.Event()
-        self.port = free_port()
-        ae = AE(ae_title=aet)
-        ae.supported_contexts = StoragePresentationContexts
-        self.associations = 0
-        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
-                                      evt_handlers=[(evt.EVT_C_STORE, self._on_store),
-                                                    (evt.EVT_ESTABLISHED, self._on_established)])
-
-    def _on_established(self, _event: evt.Event) -> None:
-        self.associations += 1
+        super().__init__(aet=aet)
 
     def _on_store(self, event: evt.Event) -> int:
         self.stores += 1
@@ -613,12 +603,12 @@ class HungSCP:
         self.done.wait(120)
         return 0x0000
 
-    def destination(self, name: str = "hung", **extra: object) -> dict:
+    def destination(self, name: str = "hung", **extra: object) -> dict:  # type: ignore[override]
         return {"name": name, "ae_title": "HUNG", "host": "127.0.0.1", "port": self.port, **extra}
 
     def stop(self) -> None:
         self.done.set()
-        self.server.shutdown()
+        super().stop()
 
 
 class TricklingAcceptor:

@@ -27,7 +27,7 @@ from pydicom.uid import generate_uid
 from ai.normalise import decode_pixels
 from dicom_node.scp import TRANSFER_SYNTAXES
 
-from .dicomgen import UID_ROOT
+from .dicomgen import UID_ROOT, write_pixel_source
 from .support.data import CHEST_DIR as CHEST
 from .support.data import CHEST_UNCOMPRESSED as UNCOMPRESSED
 from .support.dicom_files import dataset_bytes
@@ -127,22 +127,6 @@ class Prepared:
     reference: np.ndarray  # uncompressed pixels of the source it was made from
 
 
-def _write_source(template, pixels: np.ndarray, bits_stored: int, path: Path, study: str, series: str) -> Path:
-    """``template`` with ``pixels`` (8- or 16-bit allocated) and fresh UIDs, as explicit VR little endian."""
-    ds = dcmread(template)
-    ds.Rows, ds.Columns = pixels.shape
-    ds.BitsAllocated = 8 if pixels.dtype == np.uint8 else 16
-    ds.BitsStored, ds.HighBit = bits_stored, bits_stored - 1
-    if ds.BitsAllocated == 8:
-        ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.PixelData = pixels.tobytes()
-    ds["PixelData"].VR = "OB" if ds.BitsAllocated == 8 else "OW"
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(UID_ROOT)
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> dict[str, Prepared]:
     for tool in ("storescu", "dcmconv", "dcmcjpeg", "dcmcjpls", "dcmcrle"):
@@ -165,7 +149,7 @@ def prepared(tmp_path_factory) -> dict[str, Prepared]:
             continue
         pixels, bits = sources[source]
         # A fresh SOP Instance UID per case: all go to the same node, whose duplicate policy is "reject".
-        src = _write_source(UNCOMPRESSED, pixels, bits, work / f"{case_id}-source.dcm", study, series)
+        src = write_pixel_source(UNCOMPRESSED, pixels, bits, work / f"{case_id}-source.dcm", study, series)
         sent = src
         if command:
             sent = work / f"{case_id}.dcm"
