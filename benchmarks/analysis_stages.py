@@ -52,7 +52,7 @@ def main() -> int:
     from ai.models import lung_segmenter, pneumoconiosis_classifier
     from dicom_node.config import load_config
 
-    model_dir = load_config(REPO / "config.toml").models_directory  # a site's models, as the node would use them
+    model_dir = load_config(REPO / "config.toml").models.directory  # a site's models, as the node would use them
     segmenter = lung_segmenter("cpu", model_dir)
     classifier = pneumoconiosis_classifier("cpu", model_dir)
     samples: dict[str, list[float]] = {stage: [] for stage in STAGES}

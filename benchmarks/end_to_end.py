@@ -47,7 +47,7 @@ def expected_sr_uids(files: list[Path]) -> dict[Path, str]:
     from dicom_node.config import load_config
     from dicom_node.results import model_versions, result_uid
 
-    model_dir = load_config(REPO / "config.toml").models_directory  # the node below is started with this config
+    model_dir = load_config(REPO / "config.toml").models.directory  # the node below is started with this config
     models = [lung_segmenter("cpu", model_dir).info]
     classifier = pneumoconiosis_classifier("cpu", model_dir)
     if classifier is not None:

@@ -15,7 +15,7 @@ On SQLite the claim runs inside BEGIN IMMEDIATE (see ``db.engine``); on PostgreS
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -28,7 +28,6 @@ from .leases import EXPORTS, RELEASED
 from .models import Event, Export, ExportState, Result, utcnow
 from .queue import ERROR_TEXT_LIMIT
 
-RESULT_KINDS = ("sr", "seg", "sc")
 MAX_BACKOFF_EXPONENT = 60  # 2**60 times any initial delay is far beyond every sensible cap
 
 
@@ -49,15 +48,13 @@ class ClaimedExport:
     lease_expires_at: datetime
 
 
-def destination_kinds(destination: dict[str, Any]) -> tuple[str, ...]:
-    return tuple(destination.get("types") or RESULT_KINDS)
+def queue_exports(session: Session, result: Result, routes: Mapping[str, Collection[str]]) -> list[Export]:
+    """Add one pending export of ``result`` per destination whose result kinds (``routes``: destination name ->
+    kinds it takes) include ``result.kind``, inside the caller's transaction; returns the rows added.
 
-
-def queue_exports(session: Session, result: Result, destinations: Sequence[dict[str, Any]]) -> list[Export]:
-    """Add one pending export of ``result`` per destination whose types include ``result.kind``, inside the
-    caller's transaction; returns the rows added. Idempotent: a (result, destination) pair that already has an
-    export, whatever its state, is left alone (``uq_exports_result_destination`` backs this up)."""
-    wanted = [d["name"] for d in destinations if result.kind in destination_kinds(d)]
+    Idempotent: a (result, destination) pair that already has an export, whatever its state, is left alone
+    (``uq_exports_result_destination`` backs this up)."""
+    wanted = [name for name, kinds in routes.items() if result.kind in kinds]
     if not wanted:
         return []
     if result.id is None:

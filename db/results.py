@@ -9,7 +9,8 @@ once whatever happens to the workers.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
 
 from sqlalchemy import Engine, func, or_, select
 from sqlalchemy.orm import Session
@@ -40,9 +41,10 @@ class ResultFile:
 
 
 def finish_job(engine: Engine, job: ClaimedJob, state: JobState, reason: str | None, detail: str | None,
-               results: Sequence[ResultFile], destinations: Sequence[dict[str, Any]],
+               results: Sequence[ResultFile], routes: Mapping[str, Collection[str]],
                notes: Sequence[tuple[str, str]] = ()) -> bool:
-    """End ``job`` in ``state`` and record ``results`` with one export per matching destination, and ``notes``
+    """End ``job`` in ``state`` and record ``results`` with one export per destination of ``routes`` (name ->
+    result kinds) that takes its kind, and ``notes``
     (event kind, detail: e.g. the header repairs, by attribute keyword) as audit events of the job.
 
     Returns False (and records nothing) when this worker no longer holds the job's lease.
@@ -66,7 +68,7 @@ def finish_job(engine: Engine, job: ClaimedJob, state: JobState, reason: str | N
                 session.flush()
             else:  # the same input analysed again with the same models: same object, same row
                 row.job_id, row.size_bytes = job.job_id, item.size_bytes
-            queue_exports(session, row, list(destinations))
+            queue_exports(session, row, routes)
         for kind, note in notes:
             session.add(Event(kind=kind, sop_instance_uid=job.sop_instance_uid, detail=f"job {job.job_id}: {note}"))
         kinds = ",".join(r.kind for r in results) or "none"

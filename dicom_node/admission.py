@@ -66,6 +66,8 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 
 from ai.safe_text import escape
 
+from .config import NetworkSettings
+
 LOG = logging.getLogger("dicom_node.admission")
 
 A_ASSOCIATE_RQ = 0x01
@@ -94,14 +96,14 @@ class AdmissionPolicy:
     network_timeout: float = 60.0
 
     @classmethod
-    def from_config(cls, config: Any) -> "AdmissionPolicy":
+    def from_settings(cls, network: NetworkSettings) -> "AdmissionPolicy":
         return cls(
-            request_deadline=config["network.association_request_deadline"],
-            max_request_size=config["network.max_association_request_size"],
-            max_pending=config["network.max_pending_connections"],
-            max_per_address=config["network.max_connections_per_address"],
-            max_pdu_size=config["network.max_pdu_size"],
-            network_timeout=config["network.network_timeout"],
+            request_deadline=network.association_request_deadline,
+            max_request_size=network.max_association_request_size,
+            max_pending=network.max_pending_connections,
+            max_per_address=network.max_connections_per_address,
+            max_pdu_size=network.max_pdu_size,
+            network_timeout=network.network_timeout,
         )
 
     def pdu_limit(self, pdu_type: int) -> int | None:

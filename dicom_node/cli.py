@@ -56,10 +56,10 @@ class Runtime:
 def _open_runtime(args: argparse.Namespace) -> Runtime:
     config_path = args.config if args.config is not None else default_config_path()
     config = load_config(config_path, parse_set_options(args.set))
-    setup_logging(config["logging.level"])
-    archive = Archive(config.storage_root, int(config["storage.free_disk_reserve_mb"] * 1024 * 1024))
+    setup_logging(config.logging.level)
+    archive = Archive(config.storage.storage_root, config.storage.free_disk_reserve_bytes)
     archive.prepare() if args.command == "serve" else archive.root.mkdir(parents=True, exist_ok=True)
-    engine = make_engine(config.database_url)
+    engine = make_engine(config.database.url)
     init_schema(engine)
     return Runtime(config, archive, engine, config_path, list(args.set or []))
 
@@ -85,37 +85,37 @@ def _cmd_serve(rt: Runtime) -> int:
 
     cfg = rt.config
     configure_pynetdicom(rt.archive.tmp_dir)  # process-wide, once: received datasets stream into tmp/
-    if not cfg["network.allowed_calling_aets"]:
+    if not cfg.network.allowed_calling_aets:
         LOG.warning("network.allowed_calling_aets is empty: every calling AE title is accepted")
     if not _reconcile_at_start_up(rt):
         return 1
     scheduler = NodeScheduler()  # every periodic task of this process is one of its jobs
-    intake = Intake(rt.archive, rt.engine, cfg["storage.duplicate_policy"], cfg.image_limits)
+    intake = Intake(rt.archive, rt.engine, cfg.storage.duplicate_policy, cfg.limits)
     server = StorageServer(cfg, intake)
     server.start()
     supervisor = None
-    if cfg["worker.processes"] > 0:
+    if cfg.worker.processes > 0:
         from .supervisor import WorkerSupervisor
 
-        supervisor = WorkerSupervisor(cfg["worker.processes"], rt.config_path, rt.overrides)
+        supervisor = WorkerSupervisor(cfg.worker.processes, rt.config_path, rt.overrides)
         supervisor.start(scheduler)
     else:
         LOG.info("worker.processes = 0: no analysis here; run 'dicom-node worker' on a host sharing the database")
     exporter = None
-    if cfg["export.destinations"]:
+    if cfg.export.destinations:
         from .export import Exporter
 
         exporter = Exporter(cfg, rt.engine, rt.archive.root)
         exporter.start(scheduler)
         LOG.info("exporting results to %s", ", ".join(
-            f"{d['name']} ({d['ae_title']}@{d['host']}:{d['port']})" for d in cfg["export.destinations"]))
+            f"{d.name} ({d.peer})" for d in cfg.export.destinations))
     else:
         LOG.info("no export destinations configured: results stay under %s", rt.archive.root / "results")
-    scheduler.every(LEASE_RECLAIM_JOB, export_lease_seconds(cfg["export.deadline_seconds"]) / 4,
-                    _reclaim_expired_leases, args=(rt.engine, cfg["export.max_attempts"]))
+    scheduler.every(LEASE_RECLAIM_JOB, export_lease_seconds(cfg.export.deadline_seconds) / 4,
+                    _reclaim_expired_leases, args=(rt.engine, cfg.export.max_attempts))
     guard = guard_of(rt.engine)
     if guard is not None:
-        scheduler.every(DATABASE_IDENTITY_JOB, cfg["database.identity_check_seconds"], guard.poll)
+        scheduler.every(DATABASE_IDENTITY_JOB, cfg.database.identity_check_seconds, guard.poll)
 
         def database_lost() -> None:  # called by the thread that saw it: hands nothing to the database
             scheduler.remove(DATABASE_IDENTITY_JOB)
@@ -127,16 +127,16 @@ def _cmd_serve(rt: Runtime) -> int:
         guard.on_trip(database_lost)
     scheduler.start()
     LOG.info("dicom-node %s: AE %s listening on %s:%d; archive %s; database %s; free %.1f GiB (reserve %.0f MiB)",
-             __version__, cfg["network.ae_title"], cfg["network.bind_address"], cfg["network.port"],
+             __version__, cfg.network.ae_title, cfg.network.bind_address, cfg.network.port,
              rt.archive.archive_dir, rt.engine.url.render_as_string(hide_password=True),
-             rt.archive.free_bytes() / 2**30, cfg["storage.free_disk_reserve_mb"])
+             rt.archive.free_bytes() / 2**30, cfg.storage.free_disk_reserve_mb)
 
     stop = _stop_on_signals("refusing new associations, finishing open ones")
     while not stop.wait(1.0):  # only waits for the signal (with a timeout, so that its handler runs promptly)
         pass
-    aborted = server.stop(grace_seconds=cfg["network.dimse_timeout"])
+    aborted = server.stop(grace_seconds=cfg.network.dimse_timeout)
     if supervisor is not None:
-        supervisor.stop(grace_seconds=cfg["network.dimse_timeout"])
+        supervisor.stop(grace_seconds=cfg.network.dimse_timeout)
     if exporter is not None:
         exporter.stop()
     scheduler.shutdown()
@@ -157,7 +157,7 @@ def _reconcile_at_start_up(rt: Runtime) -> bool:
     from .reconcile import reconcile
 
     try:
-        report = reconcile(rt.archive, rt.engine, trigger="serve", limits=rt.config.image_limits)
+        report = reconcile(rt.archive, rt.engine, trigger="serve", limits=rt.config.limits)
     except (SQLAlchemyError, OSError) as exc:
         LOG.error("start-up reconciliation of the archive with the database failed (%s); not listening",
                   exception_summary(exc))
@@ -176,7 +176,7 @@ def _cmd_check(rt: Runtime) -> int:
     from .reconcile import SETTLE_SECONDS_WHILE_SERVING, reconcile
 
     report = reconcile(rt.archive, rt.engine, settle_seconds=SETTLE_SECONDS_WHILE_SERVING, trigger="check",
-                       limits=rt.config.image_limits)
+                       limits=rt.config.limits)
     print(f"storage root : {rt.archive.root}")
     print(f"database     : {rt.engine.url.render_as_string(hide_password=True)}")
     print(f"archived files        {report.files:>8}")
@@ -219,7 +219,7 @@ def _cmd_worker(rt: Runtime) -> int:
 def _cmd_status(rt: Runtime) -> int:
     counts = counts_by_state(rt.engine)
     free = rt.archive.free_bytes()
-    reserve = rt.config["storage.free_disk_reserve_mb"] * 1024 * 1024
+    reserve = rt.config.storage.free_disk_reserve_bytes
     print(f"storage root : {rt.archive.root}")
     print(f"database     : {rt.engine.url.render_as_string(hide_password=True)}")
     print(f"disk free    : {free / 2**30:.2f} GiB (reserve {reserve / 2**20:.0f} MiB"
@@ -245,7 +245,7 @@ def _cmd_status(rt: Runtime) -> int:
         print(f"WARNING: {silent} image(s) have no result object (not even a 'not analysed' SR); "
               f"see the '{NO_RESULT_EVENT}' audit events")
     exports = export_counts(rt.engine)
-    destinations = ", ".join(d["name"] for d in rt.config["export.destinations"]) or "none configured"
+    destinations = ", ".join(d.name for d in rt.config.export.destinations) or "none configured"
     print(f"exports ({destinations}):")
     for state in ExportState:
         print(f"  {state.value:<13}{exports.get(state.value, 0):>8}")
@@ -257,7 +257,7 @@ def _cmd_resend(rt: Runtime, all_failed: bool, ids: list[int] | None) -> int:
     """Dead exports (with --all-failed also those waiting for a retry) back to pending, due now."""
     states = (ExportState.DEAD, ExportState.PENDING) if all_failed else (ExportState.DEAD,)
     count = resend(rt.engine, export_ids=ids, states=states)
-    print(f"{count} export(s) queued again" + ("" if rt.config["export.destinations"] else
+    print(f"{count} export(s) queued again" + ("" if rt.config.export.destinations else
                                                " (no export destinations configured: nothing will send them)"))
     return 0
 
@@ -364,8 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"dicom-node: configuration error: {exc}", file=sys.stderr)
             return EXIT_CONFIG
-        return _cmd_analyse(args.files, args.json, args.mask_out, args.device or config["worker.device"],
-                            config.image_limits, config.models_directory)
+        return _cmd_analyse(args.files, args.json, args.mask_out, args.device or config.worker.device,
+                            config.limits, config.models.directory)
     try:
         rt = _open_runtime(args)
     except ConfigError as exc:

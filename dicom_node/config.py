@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+from ai.safe_text import escape
 
 if TYPE_CHECKING:
     from ai.limits import ImageLimits
@@ -229,42 +232,190 @@ def _flatten(table: Mapping[str, Any], source: str) -> dict[str, Any]:
     return flat
 
 
-@dataclass
-class NodeConfig:
-    """Validated configuration. ``values`` holds every key of ``SCHEMA``; ``base_dir`` anchors relative paths."""
+@dataclass(frozen=True)
+class Peer:
+    """A DICOM application entity on the network: what a C-STORE association is opened to."""
 
-    values: dict[str, Any]
-    base_dir: Path
-    sources: dict[str, str] = field(default_factory=dict)
+    ae_title: str
+    host: str
+    port: int
 
-    def __getitem__(self, key: str) -> Any:
-        return self.values[key]
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
 
     @property
-    def image_limits(self) -> "ImageLimits":
+    def safe(self) -> str:
+        """``str(self)`` for a log line or an error text: escaped, bounded."""
+        return escape(str(self))
+
+
+@dataclass(frozen=True)
+class Destination:
+    """One ``[[export.destinations]]`` table: where the result kinds in ``types`` are sent, the ``alternate``
+    taking over within the same attempt when ``peer`` cannot be reached."""
+
+    name: str
+    peer: Peer
+    types: tuple[str, ...] = RESULT_KINDS
+    alternate: Peer | None = None
+
+    @property
+    def peers(self) -> tuple[Peer, ...]:
+        return (self.peer,) if self.alternate is None else (self.peer, self.alternate)
+
+
+@dataclass(frozen=True)
+class NetworkSettings:
+    ae_title: str
+    bind_address: str
+    port: int
+    allowed_calling_aets: tuple[str, ...]
+    max_associations: int
+    network_timeout: float
+    acse_timeout: float
+    dimse_timeout: float
+    max_pdu_size: int
+    accept_any_called_aet: bool
+    association_request_deadline: float
+    max_association_request_size: int
+    max_pending_connections: int
+    max_connections_per_address: int
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    storage_root: Path  # resolved: a relative value is taken against the config file's folder
+    free_disk_reserve_mb: float
+    duplicate_policy: str
+
+    @property
+    def free_disk_reserve_bytes(self) -> int:
+        return int(self.free_disk_reserve_mb * 1024 * 1024)
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    url: str  # resolved: empty in the configuration means the SQLite file under the storage root
+    identity_check_seconds: float
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    lease_seconds: float
+    max_attempts: int
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    processes: int
+    batch_size: int
+    poll_seconds: float
+    device: str
+
+
+@dataclass(frozen=True)
+class ModelsSettings:
+    directory: Path | None  # None: the bundled models only
+
+
+@dataclass(frozen=True)
+class ResultsSettings:
+    device_uid: str  # empty: derived from the AE title
+    institution_name: str
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    destinations: tuple[Destination, ...]
+    retry_initial_seconds: float
+    retry_max_seconds: float
+    max_attempts: int
+    poll_seconds: float
+    timeout_seconds: float
+    deadline_seconds: float
+
+    @property
+    def routes(self) -> dict[str, tuple[str, ...]]:
+        """Destination name -> the result kinds it takes: what ``db`` needs to queue exports."""
+        return {d.name: d.types for d in self.destinations}
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    level: str
+
+
+def _peer(table: Mapping[str, Any]) -> Peer:
+    return Peer(str(table["ae_title"]), str(table["host"]), int(table["port"]))
+
+
+def _destination(table: Mapping[str, Any]) -> Destination:
+    alternate = table.get("alternate")
+    return Destination(name=str(table["name"]), peer=_peer(table),
+                       types=tuple(table.get("types") or RESULT_KINDS),
+                       alternate=_peer(alternate) if alternate else None)
+
+
+def _resolve_path(value: str, base_dir: Path) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else (base_dir / path).resolve()
+
+
+def _section_values(values: Mapping[str, Any], section: str) -> dict[str, Any]:
+    """The keys of ``section`` without their prefix, lists turned into tuples (the sections are frozen)."""
+    prefix = section + "."
+    return {key[len(prefix):]: tuple(value) if isinstance(value, list) else value
+            for key, value in values.items() if key.startswith(prefix)}
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Validated configuration, one frozen object per ``[section]``: ``cfg.worker.batch_size``,
+    ``cfg.export.destinations``. ``values`` keeps every key of ``SCHEMA`` as given (for display), ``sources``
+    where each value came from, ``base_dir`` the folder relative paths were resolved against."""
+
+    network: NetworkSettings
+    storage: StorageSettings
+    database: DatabaseSettings
+    queue: QueueSettings
+    worker: WorkerSettings
+    models: ModelsSettings
+    results: ResultsSettings
+    export: ExportSettings
+    limits: "ImageLimits"
+    logging: LoggingSettings
+    base_dir: Path
+    values: Mapping[str, Any]
+    sources: Mapping[str, str]
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any], base_dir: Path,
+                    sources: Mapping[str, str] | None = None) -> "NodeConfig":
+        """Sections from validated ``values`` (every key of ``SCHEMA``)."""
         from ai.limits import ImageLimits
 
-        return ImageLimits(self.values["limits.max_rows"], self.values["limits.max_columns"],
-                           self.values["limits.max_frames"], self.values["limits.max_uncompressed_mb"])
-
-    @property
-    def storage_root(self) -> Path:
-        root = Path(self.values["storage.storage_root"]).expanduser()
-        return root if root.is_absolute() else (self.base_dir / root).resolve()
-
-    @property
-    def models_directory(self) -> Path | None:
-        """models.directory as a path (relative ones against the config file's folder); None: bundled models only."""
-        value = self.values["models.directory"].strip()
-        if not value:
-            return None
-        path = Path(value).expanduser()
-        return path if path.is_absolute() else (self.base_dir / path).resolve()
-
-    @property
-    def database_url(self) -> str:
-        url = self.values["database.url"]
-        return url or f"sqlite:///{self.storage_root / 'node.sqlite'}"
+        storage = _section_values(values, "storage")
+        storage["storage_root"] = _resolve_path(storage["storage_root"], base_dir)
+        database = _section_values(values, "database")
+        database["url"] = database["url"] or f"sqlite:///{storage['storage_root'] / 'node.sqlite'}"
+        directory = str(values["models.directory"]).strip()
+        export = _section_values(values, "export")
+        export["destinations"] = tuple(_destination(d) for d in values["export.destinations"])
+        return cls(
+            network=NetworkSettings(**_section_values(values, "network")),
+            storage=StorageSettings(**storage),
+            database=DatabaseSettings(**database),
+            queue=QueueSettings(**_section_values(values, "queue")),
+            worker=WorkerSettings(**_section_values(values, "worker")),
+            models=ModelsSettings(directory=_resolve_path(directory, base_dir) if directory else None),
+            results=ResultsSettings(**_section_values(values, "results")),
+            export=ExportSettings(**export),
+            limits=ImageLimits(**_section_values(values, "limits")),
+            logging=LoggingSettings(**_section_values(values, "logging")),
+            base_dir=base_dir,
+            values=MappingProxyType(dict(values)),
+            sources=MappingProxyType(dict(sources or {})),
+        )
 
 
 def default_config_path() -> Path | None:
@@ -319,7 +470,7 @@ def load_config(
         problem = check(value) if check else None
         if problem:
             raise ConfigError(f"{key}: {problem} (got {value!r} from {sources[key]})")
-    return NodeConfig(values=values, base_dir=base_dir, sources=sources)
+    return NodeConfig.from_values(values, base_dir, sources)
 
 
 def parse_set_options(items: list[str] | None) -> dict[str, str]:

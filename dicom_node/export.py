@@ -36,7 +36,6 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy import Engine
 
@@ -44,9 +43,9 @@ from ai.safe_text import escape
 from db.exports import ClaimedExport, backoff_seconds, claim_due, extend_lease, give_back, mark_sent, schedule_retry
 from db.models import ExportState
 
-from .config import NodeConfig
+from .config import Destination, NodeConfig, Peer
 from .scheduler import NodeScheduler
-from .store_scu import ABORT_GRACE_SECONDS, Peer, PeerUnreachable, StoreClient, StoreItem, StoreOutcome
+from .store_scu import ABORT_GRACE_SECONDS, PeerUnreachable, StoreClient, StoreItem, StoreOutcome
 
 LOG = logging.getLogger("dicom_node.export")
 JOB_ID = "export"  # the scheduler job of destination NAME is "export:NAME"
@@ -72,7 +71,7 @@ class _Lane:
     """One destination: its peers, its round lock and its scheduling state."""
 
     name: str
-    destination: dict[str, Any]
+    destination: Destination
     round_lock: threading.Lock = field(default_factory=threading.Lock)
     state_lock: threading.Lock = field(default_factory=threading.Lock)
     running: bool = False  # its scheduled job is in a round (or between two)
@@ -84,10 +83,7 @@ class _Lane:
 
     @property
     def peers(self) -> list[Peer]:
-        peers = [Peer.from_config(self.destination)]
-        if self.destination.get("alternate"):
-            peers.append(Peer.from_config(self.destination["alternate"]))
-        return peers
+        return list(self.destination.peers)
 
 
 class Exporter:
@@ -98,16 +94,17 @@ class Exporter:
                  batch_size: int = DEFAULT_BATCH_SIZE) -> None:
         self.engine = engine
         self.storage_root = Path(storage_root)
-        self.destinations: dict[str, dict[str, Any]] = {d["name"]: d for d in config["export.destinations"]}
-        self.initial = float(config["export.retry_initial_seconds"])
-        self.cap = float(config["export.retry_max_seconds"])
-        self.max_attempts = int(config["export.max_attempts"])
-        self.poll_seconds = float(config["export.poll_seconds"])
-        self.timeout = float(config["export.timeout_seconds"])
-        self.deadline = float(config["export.deadline_seconds"])
+        settings = config.export
+        self.destinations: dict[str, Destination] = {d.name: d for d in settings.destinations}
+        self.initial = settings.retry_initial_seconds
+        self.cap = settings.retry_max_seconds
+        self.max_attempts = settings.max_attempts
+        self.poll_seconds = settings.poll_seconds
+        self.timeout = settings.timeout_seconds
+        self.deadline = settings.deadline_seconds
         self.batch_size = batch_size
         self.owner = owner or f"exporter-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.client = StoreClient(config["network.ae_title"], self.timeout, self.deadline)
+        self.client = StoreClient(config.network.ae_title, self.timeout, self.deadline)
         self._lanes = {name: _Lane(name, dest) for name, dest in self.destinations.items()}
         self._stopping = threading.Event()
         self._scheduler: NodeScheduler | None = None

@@ -78,19 +78,19 @@ def _log_rejection(event: evt.Event) -> None:
 
 def build_ae(config: NodeConfig) -> AE:
     """An AE configured from ``config``: contexts, allow-lists, association limit, timeouts, PDU size."""
-    ae = AE(ae_title=config["network.ae_title"])
+    ae = AE(ae_title=config.network.ae_title)
     ae.add_supported_context(Verification)
     for context in AllStoragePresentationContexts:
         ae.add_supported_context(context.abstract_syntax, list(TRANSFER_SYNTAXES))
-    allowed = config["network.allowed_calling_aets"]
+    allowed = config.network.allowed_calling_aets
     if allowed:
         ae.require_calling_aet = list(allowed)
-    ae.require_called_aet = not config["network.accept_any_called_aet"]
-    ae.maximum_associations = config["network.max_associations"]
-    ae.network_timeout = config["network.network_timeout"]
-    ae.acse_timeout = config["network.acse_timeout"]
-    ae.dimse_timeout = config["network.dimse_timeout"]
-    ae.maximum_pdu_size = config["network.max_pdu_size"]
+    ae.require_called_aet = not config.network.accept_any_called_aet
+    ae.maximum_associations = config.network.max_associations
+    ae.network_timeout = config.network.network_timeout
+    ae.acse_timeout = config.network.acse_timeout
+    ae.dimse_timeout = config.network.dimse_timeout
+    ae.maximum_pdu_size = config.network.max_pdu_size
     return ae
 
 
@@ -112,10 +112,10 @@ class StorageServer:
             (evt.EVT_REJECTED, _log_rejection),
             *self.intake.reception.handlers(),  # partial receptions removed at once, reserve checked mid-transfer
         ]
-        address = (self.config["network.bind_address"], self.config["network.port"])
+        address = (self.config.network.bind_address, self.config.network.port)
         # What AE.start_server(block=False) does, with the admission gate as the server class.
         server = self.ae.make_server(address, evt_handlers=handlers, server_class=AdmissionServer,
-                                     policy=AdmissionPolicy.from_config(self.config))
+                                     policy=AdmissionPolicy.from_settings(self.config.network))
         threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True).start()
         self.ae._servers.append(server)  # AssociationServer.shutdown removes it from there
         self._server = server

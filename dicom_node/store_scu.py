@@ -24,7 +24,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from pynetdicom.presentation import PresentationContext, build_context
 
 from ai.safe_text import escape, exception_summary
 
+from .config import Peer
 from .netsetup import require_configured
 
 LOG = logging.getLogger("dicom_node.store_scu")
@@ -52,25 +53,6 @@ ABORT_GRACE_SECONDS = 0.5
 
 def is_stored(status: int | None) -> bool:
     return status == 0x0000 or status in WARNING_STATUSES
-
-
-@dataclass(frozen=True)
-class Peer:
-    ae_title: str
-    host: str
-    port: int
-
-    @classmethod
-    def from_config(cls, table: Mapping[str, Any]) -> "Peer":
-        return cls(str(table["ae_title"]), str(table["host"]), int(table["port"]))
-
-    def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
-
-    @property
-    def safe(self) -> str:
-        """``str(self)`` for a log line or an error text: escaped, bounded."""
-        return escape(str(self))
 
 
 @dataclass(frozen=True)

@@ -121,14 +121,14 @@ class Worker:
         self.store = ResultStore(archive)
         self.analyse = analyse
         self.builders = builders
-        self.limits = config.image_limits
+        self.limits = config.limits
         self.identity = NodeIdentity.from_config(config)
-        device = config["worker.device"]
+        device = config.worker.device
         self.device = None if device == "auto" else device
-        self.model_dir = config.models_directory
+        self.model_dir = config.models.directory
         # what the analysis needs besides the images: the site's models (models.directory) and the image limits
         self.analysis_options: dict[str, Any] = {"model_dir": self.model_dir, "limits": self.limits}
-        self.destinations = config["export.destinations"]
+        self.export_routes = config.export.routes  # destination -> result kinds
 
     # -- loop -------------------------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -138,7 +138,7 @@ class Worker:
         lung_segmenter(self.device, self.model_dir)  # load the models before the first job, not inside its time
         pneumoconiosis_classifier(self.device, self.model_dir)
         LOG.info("worker %s ready (device %s, batch %d)", escape(self.owner), self.device or "auto",
-                 self.config["worker.batch_size"])
+                 self.config.worker.batch_size)
         backoff = DatabaseBackoff()
         while not stop.is_set():
             try:
@@ -151,7 +151,7 @@ class Worker:
                 continue
             backoff.reset()
             if claimed == 0:
-                stop.wait(self.config["worker.poll_seconds"])
+                stop.wait(self.config.worker.poll_seconds)
 
     def run_once(self) -> int:
         """Claim up to ``worker.batch_size`` waiting jobs and process them; returns how many were claimed.
@@ -170,8 +170,8 @@ class Worker:
     def _claim(self) -> list[ClaimedJob]:
         """Claim step: up to ``worker.batch_size`` waiting jobs, each under this worker's lease."""
         jobs: list[ClaimedJob] = []
-        for _ in range(self.config["worker.batch_size"]):
-            job = claim(self.engine, self.owner, self.config["queue.lease_seconds"], self.config["queue.max_attempts"])
+        for _ in range(self.config.worker.batch_size):
+            job = claim(self.engine, self.owner, self.config.queue.lease_seconds, self.config.queue.max_attempts)
             if job is None:
                 break
             jobs.append(job)
@@ -288,7 +288,7 @@ class Worker:
         state = JobState.DONE if record.in_scope else JobState.NOT_ANALYSED
         reason = None if record.in_scope else record.reason
         if not finish_job(self.engine, task.job, state, reason, None if record.in_scope else record.explanation,
-                          files, self.destinations, notes):
+                          files, self.export_routes, notes):
             LOG.warning("job %d: lease lost before recording; the job's new owner records it", task.job.job_id)
             return
         c = record.classification
@@ -300,7 +300,7 @@ class Worker:
     def _failed(self, task: _Task, reason: str, error: str, retryable: bool) -> None:
         """A failed attempt: retried while attempts remain and the error is transient; otherwise the job ends failed
         with a "not analysed" SR that says why."""
-        max_attempts = self.config["queue.max_attempts"]
+        max_attempts = self.config.queue.max_attempts
         if retryable and task.job.attempt < max_attempts:
             state = fail(self.engine, task.job, reason, error, max_attempts)
             LOG.warning("job %d attempt %d/%d failed (%s): %s; %s", task.job.job_id, task.job.attempt, max_attempts,
@@ -344,7 +344,7 @@ class Worker:
                 LOG.error("job %d: writing its 'not analysed' SR failed (%s)", task.job.job_id, exception_summary(exc))
                 files = []
         if finish_job(self.engine, task.job, JobState.FAILED, reason, task.error or explanation, files,
-                      self.destinations, notes):
+                      self.export_routes, notes):
             LOG.error("job %d failed after %d attempt(s): %s; %s", task.job.job_id, task.job.attempt, reason,
                       "not-analysed SR written" if files else "NO RESULT OBJECT (audit event recorded)")
 

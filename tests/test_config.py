@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import subprocess
 import sys
 import tomllib
 
 import pytest
 
-from dicom_node.config import SCHEMA, ConfigError, load_config
+from dicom_node.config import RESULT_KINDS, SCHEMA, ConfigError, Destination, Peer, load_config
 
 from .support.data import CONFIG, REPO
 
@@ -28,9 +30,31 @@ def test_config_toml_documents_every_key_with_the_built_in_default():
 
 def test_defaults_and_storage_root_relative_to_the_config_file(tmp_path):
     cfg = load_config(CONFIG, environ={})
-    assert cfg["network.port"] == 11112 and cfg["network.ae_title"] == "PNEUMOCAD"
-    assert cfg.storage_root == (REPO / "var").resolve()
-    assert cfg.database_url == f"sqlite:///{REPO / 'var' / 'node.sqlite'}"
+    assert cfg.network.port == 11112 and cfg.network.ae_title == "PNEUMOCAD"
+    assert cfg.storage.storage_root == (REPO / "var").resolve()
+    assert cfg.database.url == f"sqlite:///{REPO / 'var' / 'node.sqlite'}"
+
+
+def test_every_key_is_one_field_of_a_frozen_section():
+    cfg = load_config(CONFIG, environ={})
+    fields = {f"{section}.{f.name}" for section in {key.split(".")[0] for key in SCHEMA}
+              for f in dataclasses.fields(getattr(cfg, section))}
+    assert fields == set(SCHEMA)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.worker.batch_size = 8  # type: ignore[misc]
+    assert cfg.models.directory is None and cfg.worker.device == "auto" and cfg.limits.max_rows == 6144
+
+
+def test_destinations_are_typed_with_their_kinds_and_alternate():
+    dests = [{"name": "pacs", "ae_title": "PACS", "host": "h", "port": 104,
+              "alternate": {"ae_title": "PACS2", "host": "h2", "port": 105}},
+             {"name": "sr-only", "ae_title": "RIS", "host": "r", "port": 11112, "types": ["sr"]}]
+    cfg = load_config(CONFIG, {"export.destinations": json.dumps(dests)}, environ={})
+    assert cfg.export.destinations == (
+        Destination("pacs", Peer("PACS", "h", 104), RESULT_KINDS, Peer("PACS2", "h2", 105)),
+        Destination("sr-only", Peer("RIS", "r", 11112), ("sr",), None))
+    assert [str(p) for p in cfg.export.destinations[0].peers] == ["PACS@h:104", "PACS2@h2:105"]
+    assert cfg.export.routes == {"pacs": RESULT_KINDS, "sr-only": ("sr",)}
 
 
 def test_precedence_file_then_environment_then_command_line(tmp_path):
@@ -38,10 +62,10 @@ def test_precedence_file_then_environment_then_command_line(tmp_path):
     path.write_text('[network]\nport = 2000\nae_title = "FROMFILE"\n')
     env = {"DICOM_NODE_NETWORK_PORT": "3000", "DICOM_NODE_NETWORK_ALLOWED_CALLING_AETS": "A, B"}
     cfg = load_config(path, {"network.port": "4000"}, environ=env)
-    assert cfg["network.port"] == 4000 and cfg.sources["network.port"] == "command line"
-    assert cfg["network.ae_title"] == "FROMFILE"
-    assert cfg["network.allowed_calling_aets"] == ["A", "B"]
-    assert load_config(path, environ=env)["network.port"] == 3000
+    assert cfg.network.port == 4000 and cfg.sources["network.port"] == "command line"
+    assert cfg.network.ae_title == "FROMFILE"
+    assert cfg.network.allowed_calling_aets == ("A", "B")
+    assert load_config(path, environ=env).network.port == 3000
 
 
 @pytest.mark.parametrize(

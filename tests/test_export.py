@@ -219,7 +219,7 @@ class Site:
             session.flush()
             result.job_id, result.instance_id = job.id, inst.id
             session.add(result)
-            xq.queue_exports(session, result, destinations)
+            xq.queue_exports(session, result, self.config(destinations).export.routes)
             return result.id
 
     def exports(self) -> list[Export]:
@@ -280,8 +280,8 @@ def test_queue_exports_follows_types_and_is_idempotent(site):
     with Session(site.engine) as session, session.begin():
         session.execute(update(Export).where(Export.destination == "all").values(state=ExportState.SENT))
         result = session.get(Result, sr_id)
-        assert xq.queue_exports(session, result, dests) == []
-        assert xq.queue_exports(session, result, []) == []
+        assert xq.queue_exports(session, result, site.config(dests).export.routes) == []
+        assert xq.queue_exports(session, result, {}) == []
     assert xq.export_counts(site.engine) == {"pending": 1, "sending": 0, "sent": 2, "dead": 0}
     assert [r.destination for r in xq.list_exports(site.engine, ExportState.PENDING)] == ["sr-only"]
 

@@ -38,7 +38,7 @@ def _finish(engine, job: queue.ClaimedJob) -> bool:
     sr = ResultFile(kind="sr", sop_instance_uid=f"2.25.{job.job_id}", sop_class_uid="1.2.840.10008.5.1.4.1.1.88.33",
                     series_instance_uid="2.25.0", transfer_syntax_uid="1.2.840.10008.1.2.1",
                     archive_path=f"results/2.25.{job.job_id}.dcm", size_bytes=1, analysed=True, reason="analysed")
-    return finish_job(engine, job, JobState.DONE, None, None, [sr], [])
+    return finish_job(engine, job, JobState.DONE, None, None, [sr], {})
 
 
 @pytest.fixture

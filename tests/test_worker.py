@@ -269,7 +269,7 @@ def test_an_own_result_sent_back_is_never_reported_on(analysed, tmp_path):
     env, _, _, _ = analysed
     [sc_row] = [r for r in env.results() if r.kind == "sc"]
     sc = dcmread(env.root / sc_row.archive_path, stop_before_pixels=True)
-    assert derive_device_uid(env.config["network.ae_title"]) in [
+    assert derive_device_uid(env.config.network.ae_title) in [
         item.get("DeviceUID") for item in sc.ContributingEquipmentSequence]
     before = len(env.results()), len(env.exports())
     job_id, rec = env.receive(env.root / sc_row.archive_path, calling_aet="PACS")

@@ -8,7 +8,7 @@ a viewer shows nothing but the header.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from highdicom import ContributingEquipment
 from pydicom.dataset import Dataset
@@ -18,6 +18,9 @@ from ai.model_info import ModelInfo
 
 from . import codes
 from .uids import derive_device_uid, model_versions
+
+if TYPE_CHECKING:
+    from ..config import NodeConfig
 
 
 @dataclass(frozen=True)
@@ -32,12 +35,12 @@ class NodeIdentity:
     institution_name: str = ""  # empty = copy the source's InstitutionName if any
 
     @classmethod
-    def from_config(cls, config: Any) -> "NodeIdentity":
+    def from_config(cls, config: NodeConfig) -> "NodeIdentity":
         """The node as ``network.ae_title``, ``results.device_uid`` (derived from the AE title when empty) and
-        ``results.institution_name`` of a ``NodeConfig`` (or any mapping of those keys) describe it."""
-        ae_title = str(config["network.ae_title"])
-        return cls(ae_title=ae_title, device_uid=str(config["results.device_uid"] or derive_device_uid(ae_title)),
-                   institution_name=str(config["results.institution_name"]))
+        ``results.institution_name`` describe it."""
+        ae_title = config.network.ae_title
+        return cls(ae_title=ae_title, device_uid=config.results.device_uid or derive_device_uid(ae_title),
+                   institution_name=config.results.institution_name)
 
 
 def as_highdicom_knows(source: Dataset) -> Dataset:
