@@ -12,8 +12,9 @@ begins and right before it commits, the file at the path must still be the one f
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
@@ -22,8 +23,9 @@ from .models import SCHEMA_VERSION, Base, SchemaInfo
 
 SQLITE_BUSY_TIMEOUT_S = 30
 READ_ONLY_OPTION = "pneumo_read_only"
-ADDITIVE_UPGRADES_FROM = {1}
-"""Schema versions that the current one extends with new tables only (1 -> 2 added results and exports)."""
+UPGRADES_FROM = {1, 2}
+"""Schema versions this one upgrades in place: 1 -> 2 added results and exports; 2 -> 3 added the retraining tables
+and ``instances.patient_key`` (filled from the archived files by ``dicom_node.patient_key`` at start-up)."""
 
 
 class SchemaError(RuntimeError):
@@ -49,7 +51,7 @@ def make_engine(url: str) -> Engine:
         _install_guard(engine, guard)
 
     @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection, _record):  # type: ignore[no-untyped-def]
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         if guard is not None and guard.identity is not None:
             guard.check()  # before the first statement on the new connection touches the file
         # Let SQLAlchemy's "begin" hook below issue BEGIN itself instead of pysqlite's deferred BEGIN.
@@ -64,7 +66,7 @@ def make_engine(url: str) -> Engine:
             guard.opened()  # the first connection records the file's identity, later ones must match it
 
     @event.listens_for(engine, "begin")
-    def _on_begin(connection):  # type: ignore[no-untyped-def]
+    def _on_begin(connection: Connection) -> None:
         if guard is not None:
             guard.check()  # before BEGIN: nothing is read from, or written to, a file that was replaced
         # Readers (see ``readonly``) take no write lock; every other transaction reserves it up front.
@@ -81,13 +83,13 @@ def _install_guard(engine: Engine, guard: DatabaseGuard) -> None:
     attach_guard(engine, guard)
 
     @event.listens_for(engine, "do_connect")
-    def _before_connect(_dialect, _record, _cargs, _cparams):  # type: ignore[no-untyped-def]
+    def _before_connect(_dialect: Any, _record: Any, _cargs: Any, _cparams: Any) -> None:
         # Before sqlite3.connect: opening a removed path would create an empty file there.
         guard.check()
         return None  # let the dialect connect as usual
 
     @event.listens_for(engine, "commit")
-    def _before_commit(_connection):  # type: ignore[no-untyped-def]
+    def _before_commit(_connection: Connection) -> None:
         # Raising here skips the COMMIT; the transaction stays open and is rolled back by its context manager
         # (or by the pool when the connection is returned).
         guard.check()
@@ -102,13 +104,14 @@ def readonly(engine: Engine) -> Engine:
 def init_schema(engine: Engine) -> int:
     """Create missing tables and check the schema version; returns the version. Raises SchemaError on mismatch."""
     Base.metadata.create_all(engine)
+    _add_missing_columns(engine)
     with Session(engine) as session, session.begin():
         info = session.scalars(select(SchemaInfo).order_by(SchemaInfo.id).limit(1)).first()
         if info is None:
             session.add(SchemaInfo(version=SCHEMA_VERSION))
             return SCHEMA_VERSION
-        if info.version in ADDITIVE_UPGRADES_FROM and info.version < SCHEMA_VERSION:
-            # The newer schema only added tables (created above by create_all): record the upgrade.
+        if info.version in UPGRADES_FROM and info.version < SCHEMA_VERSION:
+            # New tables were created by create_all and new columns added above: record the upgrade.
             info.version = SCHEMA_VERSION
             return SCHEMA_VERSION
         if info.version != SCHEMA_VERSION:
@@ -117,3 +120,24 @@ def init_schema(engine: Engine) -> int:
                 "migrate or point database.url at a new database"
             )
         return info.version
+
+
+ADDED_COLUMNS = {"instances": ("patient_key",)}
+"""Columns added to existing tables since version 1 (nullable, so ALTER TABLE ADD COLUMN is enough)."""
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    existing = inspect(engine)
+    for table_name, columns in ADDED_COLUMNS.items():
+        present = {c["name"] for c in existing.get_columns(table_name)}
+        table = Base.metadata.tables[table_name]
+        for name in columns:
+            if name in present:
+                continue
+            column = table.c[name]
+            with engine.begin() as conn:
+                kind = column.type.compile(dialect=engine.dialect)
+                conn.exec_driver_sql(f"ALTER TABLE {table_name} ADD COLUMN {name} {kind}")
+                for index in table.indexes:
+                    if [c.name for c in index.columns] == [name]:
+                        index.create(conn, checkfirst=True)

@@ -1,19 +1,23 @@
-"""SQLAlchemy 2 models: received instances, their analysis jobs, and an audit trail of events.
+"""SQLAlchemy 2 models: received instances, their analysis jobs, results and exports, an audit trail of events, and
+the retraining loop (labels, the frozen hold-out, training runs, the model registry).
 
 Patient names and IDs are deliberately not stored here: the archive file holds them, the database holds
-only what the queue, the CLI and the audit need (UIDs, accession number, technical facts).
+only what the queue, the CLI and the audit need (UIDs, accession number, technical facts) and a pseudonymous
+patient key (a keyed hash, see ``dicom_node.patient_key``) that groups a patient's images for training.
 """
 
 from __future__ import annotations
 
 import enum
-from datetime import datetime, timezone
+from datetime import UTC, date, datetime
 
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    Date,
     DateTime,
     Enum,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -23,15 +27,17 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-SCHEMA_VERSION = 2
-"""Bump when the tables change; start-up refuses a database written with another version."""
+SCHEMA_VERSION = 3
+"""Bump when the tables change; start-up upgrades the versions ``db.engine`` knows and refuses any other."""
+
+PATIENT_KEY_LENGTH = 32
 
 UID_LENGTH = 64
 
 
 def utcnow() -> datetime:
     """Naive UTC timestamp: SQLite keeps no time zone, so every timestamp in the database is UTC by contract."""
-    return datetime.now(timezone.utc).replace(tzinfo=None)
+    return datetime.now(UTC).replace(tzinfo=None)
 
 
 class Base(DeclarativeBase):
@@ -76,8 +82,10 @@ class Instance(Base):
     transfer_syntax_uid: Mapped[str] = mapped_column(String(UID_LENGTH), nullable=False)
     in_scope: Mapped[bool] = mapped_column(Boolean, nullable=False)
     scope_reason: Mapped[str] = mapped_column(String(64), nullable=False)
+    # keyed hash of Issuer of Patient ID + Patient ID (never the ID itself); None until computed (upgraded rows)
+    patient_key: Mapped[str | None] = mapped_column(String(PATIENT_KEY_LENGTH), index=True)
 
-    jobs: Mapped[list["Job"]] = relationship(back_populates="instance", order_by="Job.id")
+    jobs: Mapped[list[Job]] = relationship(back_populates="instance", order_by="Job.id")
 
 
 class Job(Base):
@@ -139,7 +147,7 @@ class Result(Base):
     reason: Mapped[str] = mapped_column(String(64), nullable=False)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, nullable=False)
 
-    exports: Mapped[list["Export"]] = relationship(back_populates="result", order_by="Export.id")
+    exports: Mapped[list[Export]] = relationship(back_populates="result", order_by="Export.id")
 
 
 class ExportState(str, enum.Enum):
@@ -182,3 +190,134 @@ class Export(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow, nullable=False)
 
     result: Mapped[Result] = relationship(back_populates="exports")
+
+
+# --- the retraining loop -------------------------------------------------------------------------------------------
+
+
+class LabelSource(str, enum.Enum):
+    CSV = "csv"
+    CONSOLE = "console"
+    SR = "sr"
+
+
+class Label(Base):
+    """One reader's read of one image. Several reads of an image are kept (multi-reader); the training label is
+    the consensus of ``db.labels`` (configured by ``training.consensus``)."""
+
+    __tablename__ = "labels"
+    __table_args__ = (Index("ix_labels_instance", "instance_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), nullable=False)
+    present: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    category: Mapped[int] = mapped_column(Integer, nullable=False)  # ILO major profusion category 0-3
+    subcategory: Mapped[str | None] = mapped_column(String(3))  # 12-point scale: "0/-", "0/0", ... "3/+"
+    shape: Mapped[str | None] = mapped_column(String(3))  # small opacities, primary[/secondary]: "p", "q/t"
+    large_opacities: Mapped[str | None] = mapped_column(String(1))  # "0", "A", "B", "C"
+    reader: Mapped[str | None] = mapped_column(String(64))
+    read_date: Mapped[date | None] = mapped_column(Date)
+    source: Mapped[LabelSource] = mapped_column(
+        Enum(LabelSource, name="label_source", values_callable=lambda e: [m.value for m in e], native_enum=False,
+             length=16),
+        nullable=False,
+    )
+    source_uid: Mapped[str | None] = mapped_column(String(UID_LENGTH))  # source "sr": the SR's SOP Instance UID
+    imported_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, nullable=False)
+
+    instance: Mapped[Instance] = relationship()
+
+
+class SplitPart(str, enum.Enum):
+    HOLDOUT = "holdout"
+    TRAINING = "training"
+
+
+class SplitAssignment(Base):
+    """Which side of the frozen hold-out a patient is on. A row is never changed or removed: the first training
+    draws the hold-out, later ones only assign new patients (``db.holdout``)."""
+
+    __tablename__ = "split_assignments"
+
+    patient_key: Mapped[str] = mapped_column(String(PATIENT_KEY_LENGTH), primary_key=True)
+    part: Mapped[SplitPart] = mapped_column(
+        Enum(SplitPart, name="split_part", values_callable=lambda e: [m.value for m in e], native_enum=False,
+             length=16),
+        nullable=False,
+    )
+    stratum: Mapped[str] = mapped_column(String(16), nullable=False)  # the label the draw was stratified on
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("training_runs.id"))
+    assigned_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, nullable=False)
+
+
+class RunState(str, enum.Enum):
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class TrainingRun(Base):
+    """One retraining: what it was given, where it is, what came out (``db.training``)."""
+
+    __tablename__ = "training_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    state: Mapped[RunState] = mapped_column(
+        Enum(RunState, name="run_state", values_callable=lambda e: [m.value for m in e], native_enum=False,
+             length=16),
+        nullable=False,
+    )
+    trigger: Mapped[str] = mapped_column(String(16), nullable=False)  # "command", "schedule"
+    started_by: Mapped[str] = mapped_column(String(64), nullable=False)  # OS user
+    host: Mapped[str] = mapped_column(String(128), nullable=False)
+    pid: Mapped[int | None] = mapped_column(Integer)  # the training process, while it runs
+    stage: Mapped[str] = mapped_column(String(64), nullable=False, default="starting")
+    progress: Mapped[float] = mapped_column(Float, nullable=False, default=0.0)  # 0-1 within the whole run
+    config_json: Mapped[str] = mapped_column(Text, nullable=False)
+    artifacts_dir: Mapped[str] = mapped_column(String(512), nullable=False)  # relative to the storage root
+    last_label_id: Mapped[int] = mapped_column(Integer, nullable=False, default=0)  # newest label it could see
+    images: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    metrics_json: Mapped[str | None] = mapped_column(Text)  # per-fold, pooled and hold-out metrics
+    error: Mapped[str | None] = mapped_column(Text)
+    model_id: Mapped[int | None] = mapped_column(Integer)  # the model it registered (models.id)
+    started_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow, nullable=False)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class ModelState(str, enum.Enum):
+    """A registered classifier: candidate (trained, not used) -> champion (the one the workers use; exactly one)
+    -> retired (replaced, or rolled back)."""
+
+    CANDIDATE = "candidate"
+    CHAMPION = "champion"
+    RETIRED = "retired"
+
+
+class RegisteredModel(Base):
+    """One classifier file in the registry (``db.registry``)."""
+
+    __tablename__ = "models"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), nullable=False)
+    version: Mapped[str] = mapped_column(String(64), nullable=False)
+    state: Mapped[ModelState] = mapped_column(
+        Enum(ModelState, name="model_state", values_callable=lambda e: [m.value for m in e], native_enum=False,
+             length=16),
+        nullable=False,
+    )
+    bundled: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)  # the demo shipped with the node
+    path: Mapped[str] = mapped_column(String(512), nullable=False)  # relative to the storage root; bundled: absolute
+    sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    card_path: Mapped[str | None] = mapped_column(String(512))
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("training_runs.id"))
+    threshold: Mapped[float | None] = mapped_column(Float)
+    holdout_auc: Mapped[float | None] = mapped_column(Float)
+    holdout_json: Mapped[str | None] = mapped_column(Text)  # hold-out metrics of this model
+    gate_passed: Mapped[bool | None] = mapped_column(Boolean)  # None: not evaluated
+    gate_json: Mapped[str | None] = mapped_column(Text)  # the gate's comparison and its reasons
+    replaced_model_id: Mapped[int | None] = mapped_column(Integer)  # the champion this one replaced (rollback)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, nullable=False)
+    promoted_at: Mapped[datetime | None] = mapped_column(DateTime)
+    retired_at: Mapped[datetime | None] = mapped_column(DateTime)

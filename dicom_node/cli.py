@@ -15,15 +15,15 @@ import logging
 import signal
 import sys
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Engine
-
-from ai.limits import ImageLimits
 from sqlalchemy.exc import SQLAlchemyError
 
-from db.engine import SchemaError, init_schema, make_engine
+from ai.limits import ImageLimits
+from ai.safe_text import exception_summary
+from db.engine import SchemaError
 from db.exports import export_counts, reclaim_expired, resend
 from db.integrity import guard_of
 from db.models import ExportState, JobState
@@ -31,37 +31,16 @@ from db.queue import NO_RESULT_EVENT, counts_by_state, list_jobs
 from db.reconciliation import last_reconciliation
 from db.results import count_without_result, results_of_jobs
 
-from ai.safe_text import exception_summary
-
 from . import __version__
-from .archive import Archive
+from .config import ConfigError, default_config_path, load_config, parse_set_options
 from .log_safety import setup_logging
 from .netsetup import configure_pynetdicom
-from .config import ConfigError, NodeConfig, default_config_path, load_config, parse_set_options
+from .runtime import Runtime, open_runtime
 
 LOG = logging.getLogger("dicom_node")
+COMMAND_MODULES: list[str] = []  # e.g. "cli_labels": dicom_node/cli_labels.py, see _command_modules
 EXIT_CONFIG = 2
 EXIT_INCONSISTENT = 1  # dicom-node check: something was missing from the archive or the database
-
-
-@dataclass
-class Runtime:
-    config: NodeConfig
-    archive: Archive
-    engine: Engine
-    config_path: Path | None = None  # passed on to worker processes
-    overrides: list[str] = field(default_factory=list)
-
-
-def _open_runtime(args: argparse.Namespace) -> Runtime:
-    config_path = args.config if args.config is not None else default_config_path()
-    config = load_config(config_path, parse_set_options(args.set))
-    setup_logging(config.logging.level)
-    archive = Archive(config.storage.storage_root, config.storage.free_disk_reserve_bytes)
-    archive.prepare() if args.command == "serve" else archive.root.mkdir(parents=True, exist_ok=True)
-    engine = make_engine(config.database.url)
-    init_schema(engine)
-    return Runtime(config, archive, engine, config_path, list(args.set or []))
 
 
 def _stop_on_signals(what_happens: str) -> threading.Event:
@@ -192,8 +171,8 @@ def _cmd_check(rt: Runtime) -> int:
     print(f"took                  {report.seconds:>8.2f} s")
     if report.missing:
         print("\nmissing files (SOP Instance UID, archive path):")
-        for item in report.missing:
-            print(f"  {item.sop_instance_uid}  {item.archive_path}")
+        for missing in report.missing:
+            print(f"  {missing.sop_instance_uid}  {missing.archive_path}")
     if report.unregistered:
         print("\nfiles that could not be registered (archive path: reason):")
         for item in report.unregistered:
@@ -247,9 +226,12 @@ def _cmd_status(rt: Runtime) -> int:
     exports = export_counts(rt.engine)
     destinations = ", ".join(d.name for d in rt.config.export.destinations) or "none configured"
     print(f"exports ({destinations}):")
-    for state in ExportState:
-        print(f"  {state.value:<13}{exports.get(state.value, 0):>8}")
+    for export_state in ExportState:
+        print(f"  {export_state.value:<13}{exports.get(export_state.value, 0):>8}")
     print(f"  {'total':<13}{sum(exports.values()):>8}")
+    for module in _command_modules():
+        for line in module.status_lines(rt):
+            print(line)
     return 0
 
 
@@ -264,7 +246,8 @@ def _cmd_resend(rt: Runtime, all_failed: bool, ids: list[int] | None) -> int:
 
 def _cmd_jobs(rt: Runtime, state: str | None, limit: int) -> int:
     rows = list_jobs(rt.engine, JobState(state) if state else None, limit)
-    header = f"{'job':>6}  {'state':<13}{'tries':>5}  {'reason':<26}{'modality':<9}{'from AE':<17}{'received (UTC)':<20}"
+    header = (f"{'job':>6}  {'state':<13}{'tries':>5}  {'reason':<26}{'modality':<9}{'from AE':<17}"
+              f"{'received (UTC)':<20}")
     print(header + "SOP Instance UID")
     for r in rows:
         print(f"{r.job_id:>6}  {r.state:<13}{r.attempts:>5}  {(r.reason or '-'):<26}{(r.modality or '-'):<9}"
@@ -345,7 +328,18 @@ def build_parser() -> argparse.ArgumentParser:
                                        "use 'dicom-node train classifier --help' for them.")
     train.add_argument("model", choices=["segmenter", "classifier"])
     train.add_argument("args", nargs=argparse.REMAINDER)
+    for module in _command_modules():
+        module.add_commands(sub, common)
     return parser
+
+
+def _command_modules() -> list[Any]:
+    """The subcommand groups that live in their own modules: each has ``COMMANDS`` (the top-level command names it
+    adds), ``add_commands(subparsers, common)``, ``run(rt, args) -> int`` and ``status_lines(rt) -> list[str]``
+    (lines for ``dicom-node status``)."""
+    import importlib
+
+    return [importlib.import_module(f"dicom_node.{name}") for name in COMMAND_MODULES]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -367,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         return _cmd_analyse(args.files, args.json, args.mask_out, args.device or config.worker.device,
                             config.limits, config.models.directory)
     try:
-        rt = _open_runtime(args)
+        rt = open_runtime(args.config, args.set, serve=args.command == 'serve')
     except ConfigError as exc:
         print(f"dicom-node: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -391,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
         return _cmd_check(rt)
     if args.command == "resend":
         return _cmd_resend(rt, args.all_failed, args.ids)
+    for module in _command_modules():
+        if args.command in module.COMMANDS:
+            return int(module.run(rt, args))
     return _cmd_jobs(rt, args.state, args.limit)
 
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from ai.safe_text import escape
 
@@ -84,6 +85,19 @@ def _check_db_url(value: str) -> str | None:
 
 RESULT_KINDS = ("sr", "seg", "sc")
 DEVICES = ("auto", "cpu", "cuda")
+CONSENSUS_RULES = ("latest", "majority")
+
+
+def _check_cron(value: str) -> str | None:
+    if not value.strip():
+        return None
+    from apscheduler.triggers.cron import CronTrigger
+
+    try:
+        CronTrigger.from_crontab(value)
+    except ValueError as exc:
+        return f"is not a cron expression (minute hour day month day-of-week): {exc}"
+    return None
 
 
 def _check_destinations(value: list[Any]) -> str | None:
@@ -172,6 +186,22 @@ SCHEMA: dict[str, Key] = {
     "limits.max_frames": Key(int, 16, _range(1, 100000)),
     "limits.max_uncompressed_mb": Key(float, 128.0, _range(1)),
     "logging.level": Key(str, "INFO", _one_of(LOG_LEVELS)),
+    "training.schedule": Key(str, "", _check_cron),
+    "training.min_new_labels": Key(int, 50, _range(0)),
+    "training.consensus": Key(str, "latest", _one_of(CONSENSUS_RULES)),
+    "training.holdout_fraction": Key(float, 0.2, _range(0.05, 0.5)),
+    "training.seed": Key(int, 2026, _range(0)),
+    "training.folds": Key(int, 10, _range(2, 20)),
+    "training.epochs": Key(int, 50, _range(1, 1000)),
+    "training.size": Key(int, 384, _range(64, 1024)),
+    "training.batch_size": Key(int, 32, _range(1, 512)),
+    "training.threads": Key(int, 1, _range(1, 256)),
+    "training.nice": Key(int, 10, _range(0, 19)),
+    "training.device": Key(str, "auto", _one_of(DEVICES)),
+    "training.imagenet_weights": Key(str, ""),
+    "promotion.alpha": Key(float, 0.05, _range(0.001, 0.5)),
+    "promotion.min_sensitivity": Key(float, 0.8, _range(0, 1)),
+    "promotion.min_specificity": Key(float, 0.8, _range(0, 1)),
 }
 
 
@@ -345,6 +375,30 @@ class LoggingSettings:
     level: str
 
 
+@dataclass(frozen=True)
+class TrainingSettings:
+    schedule: str  # cron expression; "" = no scheduled retraining
+    min_new_labels: int  # a scheduled run starts only when at least this many labels came since the last run
+    consensus: str  # how several reads of one image become its training label: "latest" or "majority"
+    holdout_fraction: float
+    seed: int
+    folds: int
+    epochs: int
+    size: int
+    batch_size: int
+    threads: int
+    nice: int
+    device: str
+    imagenet_weights: Path | None  # resolved; None: no local ImageNet weights (train from scratch)
+
+
+@dataclass(frozen=True)
+class PromotionSettings:
+    alpha: float  # DeLong test: the candidate is refused when it is worse than the champion at this level
+    min_sensitivity: float  # at the candidate's stored threshold, on the hold-out
+    min_specificity: float
+
+
 def _peer(table: Mapping[str, Any]) -> Peer:
     return Peer(str(table["ae_title"]), str(table["host"]), int(table["port"]))
 
@@ -382,15 +436,17 @@ class NodeConfig:
     models: ModelsSettings
     results: ResultsSettings
     export: ExportSettings
-    limits: "ImageLimits"
+    limits: ImageLimits
     logging: LoggingSettings
+    training: TrainingSettings
+    promotion: PromotionSettings
     base_dir: Path
     values: Mapping[str, Any]
     sources: Mapping[str, str]
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any], base_dir: Path,
-                    sources: Mapping[str, str] | None = None) -> "NodeConfig":
+                    sources: Mapping[str, str] | None = None) -> NodeConfig:
         """Sections from validated ``values`` (every key of ``SCHEMA``)."""
         from ai.limits import ImageLimits
 
@@ -401,6 +457,9 @@ class NodeConfig:
         directory = str(values["models.directory"]).strip()
         export = _section_values(values, "export")
         export["destinations"] = tuple(_destination(d) for d in values["export.destinations"])
+        training = _section_values(values, "training")
+        weights = str(training["imagenet_weights"]).strip()
+        training["imagenet_weights"] = _resolve_path(weights, base_dir) if weights else None
         return cls(
             network=NetworkSettings(**_section_values(values, "network")),
             storage=StorageSettings(**storage),
@@ -412,6 +471,8 @@ class NodeConfig:
             export=ExportSettings(**export),
             limits=ImageLimits(**_section_values(values, "limits")),
             logging=LoggingSettings(**_section_values(values, "logging")),
+            training=TrainingSettings(**training),
+            promotion=PromotionSettings(**_section_values(values, "promotion")),
             base_dir=base_dir,
             values=MappingProxyType(dict(values)),
             sources=MappingProxyType(dict(sources or {})),
