@@ -12,22 +12,30 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
 
+from .classifier import Classification
 from .header_scope import header_scope
 from .input_check import InputCheck, check_lung_fields
 from .limits import DEFAULT_LIMITS, ImageLimits, ImageTooLarge, check_declared_size
 from .lungs import LEFT_LUNG, RIGHT_LUNG
-from .classifier import Classification
 from .model_info import ModelInfo
 from .models import ModelDir, lung_segmenter, pneumoconiosis_classifier
-from .normalise import DECODE_TIMEOUT, NormalisedImage, UnreadableImage, decode_pixels, normalise_dataset, \
-    normalise_picture, read_image_file
+from .normalise import (
+    DECODE_TIMEOUT,
+    NormalisedImage,
+    UnreadableImage,
+    decode_pixels,
+    normalise_dataset,
+    normalise_picture,
+    read_image_file,
+)
 from .safe_text import exception_summary
 
 LOG = logging.getLogger("ai.analysis")
@@ -138,7 +146,7 @@ def _prepare(source: Source, decode_timeout: float, limits: ImageLimits) -> _Pre
     started = time.perf_counter()
     try:
         ds: Dataset | None = source if isinstance(source, Dataset) else None
-        path = None if ds is not None else Path(source)  # type: ignore[arg-type]
+        path = None if isinstance(source, Dataset) else Path(source)
         if path is not None:
             ds = read_image_file(path, limits)  # None: a picture (PNG/JPEG)
         if ds is not None:
@@ -211,7 +219,7 @@ def _model_failure(p: _Prepared, exc: Exception, stage: str) -> None:
 def _segment(segmenter: Any, todo: list[_Prepared]) -> list[tuple[_Prepared, Any]]:
     """One model call for the batch; if it raises, one call per input, so that only the culprit fails."""
     try:
-        return list(zip(todo, segmenter.segment([p.image for p in todo])))
+        return list(zip(todo, segmenter.segment([p.image for p in todo]), strict=True))
     except Exception as exc:
         if len(todo) == 1:
             _model_failure(todo[0], exc, "segmentation")

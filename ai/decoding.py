@@ -189,7 +189,7 @@ def decode(ds: Dataset, timeout: float = DECODE_TIMEOUT) -> Decoded:
     attrs = image_pixel_attributes(ds)
     if syntax in NATIVE_SYNTAXES:
         return _decode_native(ds, syntax, attrs)
-    order = plugin_order(syntax, attrs.get("BitsStored"))
+    order = plugin_order(syntax, header_values.integer(ds, "BitsStored"))
     if not order:
         raise UndecodablePixels("pixel data cannot be decoded (transfer syntax not supported)")
     try:
@@ -222,13 +222,12 @@ def minimal_dataset(syntax: str, attrs: dict[str, Any], pixel_data: Any, sop_cla
     ``pixel_data`` is a Pixel Data element (kept as it is, VR included) or the encapsulated bytes."""
     from pydicom.dataelem import DataElement
     from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import generate_uid
+    from pydicom.uid import UID, generate_uid
 
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = syntax
-    sop_class = sop_class or "1.2.840.10008.5.1.4.1.1.7"
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = sop_class
+    ds.file_meta.TransferSyntaxUID = UID(syntax)
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = UID(sop_class or "1.2.840.10008.5.1.4.1.1.7")
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
     for keyword, value in attrs.items():
         setattr(ds, keyword, value)
@@ -545,7 +544,7 @@ def _child_decode(header: dict[str, Any], payload: bytearray) -> tuple[dict[str,
         array = np.ascontiguousarray(array)
         reply = {"ok": True, "plugin": plugin, "dtype": array.dtype.str, "shape": list(array.shape),
                  "failed": failed, "seconds": time.perf_counter() - started}
-        return reply, memoryview(array).cast("B") if array.nbytes else b""
+        return reply, array.data.cast("B") if array.nbytes else b""
     return {"ok": False, "failed": failed}, b""
 
 

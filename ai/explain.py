@@ -27,7 +27,7 @@ def grad_cam(model: PneumoconiosisNet, x: torch.Tensor, head: str = "binary", ta
         raise ValueError(f"expected one input of shape (1, C, S, S), got {tuple(x.shape)}")
     if head not in ("binary", "profusion"):
         raise ValueError(f"unknown head {head!r}")
-    layer = model.trunk.layer4 if layer is None else layer
+    layer = model.trunk.get_submodule("layer4") if layer is None else layer
     modes = [(m, m.training) for m in model.modules()]
     captured: list[torch.Tensor] = []
     handle = layer.register_forward_hook(lambda _m, _i, output: captured.append(output))

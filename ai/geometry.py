@@ -22,7 +22,7 @@ class Letterbox:
     offset: tuple[int, int]  # (top, left) of the content inside the square
 
     @classmethod
-    def fit(cls, source_shape: tuple[int, int], size: int) -> "Letterbox":
+    def fit(cls, source_shape: tuple[int, int], size: int) -> Letterbox:
         rows, cols = source_shape
         scale = size / max(rows, cols)
         content = (max(1, round(rows * scale)), max(1, round(cols * scale)))

@@ -20,9 +20,9 @@ import math
 import re
 from typing import Any
 
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.datadict import dictionary_VR, tag_for_keyword
 
 _TEXT_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "SH", "TM", "UI"}
 """Value representations parsed here from the raw bytes; binary ones (and ambiguous ones such as "US or SS",

@@ -2,8 +2,9 @@
 
 The header can say CHEST and PA while the pixels show a hand, a lateral view or a dog: the classifier must only
 ever see frontal chests. The U-Net's lung fields are judged for count, area, balance, the model's own confidence,
-position and shape; the thresholds are deliberately loose for real chests (the public chest sets and the DICOM chest samples pass with a
-wide margin, see tests/test_input_check.py) and tight enough that other anatomy fails at least one of them.
+position and shape; the thresholds are deliberately loose for real chests (the public chest sets and the DICOM
+chest samples pass with a wide margin, see tests/test_input_check.py) and tight enough that other anatomy fails at
+least one of them.
 """
 
 from __future__ import annotations

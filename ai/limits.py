@@ -21,6 +21,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_preamble
+from pydicom.uid import ExplicitVRLittleEndian
 
 from . import header_values
 from .safe_text import SafeMessage
@@ -133,7 +134,7 @@ def _meta_bytes(meta: Dataset) -> bytes:
 
     out = io.BytesIO()
     plain = FileMetaDataset(copy.deepcopy(meta))
-    plain.TransferSyntaxUID = "1.2.840.10008.1.2.1"  # the inflated bytes are explicit VR little endian
+    plain.TransferSyntaxUID = ExplicitVRLittleEndian  # the inflated bytes are explicit VR little endian
     write_file_meta_info(out, plain, enforce_standard=False)  # type: ignore[arg-type]
     return out.getvalue()
 
@@ -161,5 +162,5 @@ def read_dataset_bounded(path: Path, limits: ImageLimits = DEFAULT_LIMITS, defer
     limit = declared_pixel_bytes(header) + HEADER_ALLOWANCE
     with path.open("rb") as fh:
         fh.seek(offset)
-        inflated = _inflate_bounded(fh, limit)  # type: ignore[arg-type]
+        inflated = _inflate_bounded(fh, limit)
     return _parse_inflated(inflated, meta, stop_before_pixels=False)

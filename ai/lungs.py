@@ -29,7 +29,7 @@ def postprocess_probability(prob: np.ndarray, threshold: float = 0.5) -> np.ndar
     keep = (np.argsort(sizes)[::-1][:2] + 1).tolist()
     centres = {k: ndimage.center_of_mass(components == k)[1] for k in keep}
     ordered = sorted(keep, key=lambda k: centres[k])  # image-left first
-    for label_value, component in zip((RIGHT_LUNG, LEFT_LUNG), ordered):
+    for label_value, component in zip((RIGHT_LUNG, LEFT_LUNG), ordered, strict=False):
         filled = ndimage.binary_fill_holes(components == component)
         labels[filled & (labels == BACKGROUND)] = label_value
     if len(ordered) == 1:  # a single field: name it by the side of the image it lies on
@@ -38,7 +38,7 @@ def postprocess_probability(prob: np.ndarray, threshold: float = 0.5) -> np.ndar
     return labels
 
 
-def labels_on_source(prob_model: np.ndarray, letterbox: "Letterbox") -> np.ndarray:
+def labels_on_source(prob_model: np.ndarray, letterbox: Letterbox) -> np.ndarray:
     """Native-grid labels from a model-size probability map, with the expensive work done at model size.
 
     Component selection, hole filling and side labelling run on the (small) letterbox content; the native mask is

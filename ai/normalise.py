@@ -18,11 +18,19 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import UID
 
 from . import header_values
+from .decoding import (
+    DECODE_TIMEOUT,
+    DecoderCrashed,
+    DecoderTimeout,
+    DecoderUnavailable,
+    UndecodablePixels,
+    UnreadableImage,
+    decode,
+)
 from .limits import DEFAULT_LIMITS, ImageLimits, ImageTooLarge, read_dataset_bounded
-from .decoding import (DECODE_TIMEOUT, DecoderCrashed, DecoderTimeout, DecoderUnavailable, UndecodablePixels,
-                       UnreadableImage, decode)
 
 __all__ = ["DECODE_TIMEOUT", "DecoderCrashed", "DecoderTimeout", "DecoderUnavailable", "NormalisedImage",
            "UndecodablePixels", "UnreadableImage", "decode_pixels", "is_dicom_file", "normalise",
@@ -210,8 +218,8 @@ def is_dicom_file(path: Path) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
-_ENCODING_SYNTAX = {(True, True): "1.2.840.10008.1.2", (False, True): "1.2.840.10008.1.2.1",
-                    (False, False): "1.2.840.10008.1.2.2"}
+_ENCODING_SYNTAX: dict[tuple[bool | None, bool | None], str] = {
+    (True, True): "1.2.840.10008.1.2", (False, True): "1.2.840.10008.1.2.1", (False, False): "1.2.840.10008.1.2.2"}
 
 
 def _is_picture(path: Path) -> bool:
@@ -256,10 +264,11 @@ def read_image_file(path: Path | str, limits: ImageLimits = DEFAULT_LIMITS) -> D
     if not isinstance(meta, FileMetaDataset):
         meta = ds.file_meta = FileMetaDataset()
     if not header_values.uid(meta, "TransferSyntaxUID"):
-        syntax = _ENCODING_SYNTAX.get(tuple(getattr(ds, "original_encoding", (None, None))))  # type: ignore[arg-type]
+        implicit_vr, little_endian = getattr(ds, "original_encoding", (None, None))
+        syntax = _ENCODING_SYNTAX.get((implicit_vr, little_endian))
         if syntax is None:
             raise UnreadableImage("not a readable DICOM dataset (unknown encoding)")
-        meta.TransferSyntaxUID = syntax
+        meta.TransferSyntaxUID = UID(syntax)
     return ds
 
 

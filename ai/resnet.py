@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchvision.models import resnet34
+from torchvision.models import ResNet, resnet34
 
 # torchvision's file name for ResNet34_Weights.IMAGENET1K_V1; hard-coded so that finding it never needs the URL.
 IMAGENET_FILE = "resnet34-b627a593.pth"
@@ -47,7 +47,7 @@ def _state_dict(loaded: Any) -> dict[str, torch.Tensor]:
 
 
 def build_resnet34(num_inputs: int = 1, imagenet_weights: Path | str | None = None, *,
-                   search_cache: bool = True) -> tuple[nn.Module, str]:
+                   search_cache: bool = True) -> tuple[ResNet, str]:
     """torchvision ResNet-34 for ``num_inputs``-channel images, and which initialisation it got.
 
     With ImageNet weights the first convolution's kernels are averaged over RGB: a radiograph is grey, and the mean
@@ -86,7 +86,7 @@ class PneumoconiosisNet(nn.Module):
     graded reading. The trunk is a named Sequential (conv1 ... layer4) so Grad-CAM can address ``trunk.layer4``.
     """
 
-    def __init__(self, backbone: nn.Module | None = None, dropout: float = 0.0, init: str = "scratch") -> None:
+    def __init__(self, backbone: ResNet | None = None, dropout: float = 0.0, init: str = "scratch") -> None:
         super().__init__()
         if backbone is None:
             backbone, init = build_resnet34(1, search_cache=False)
@@ -95,7 +95,7 @@ class PneumoconiosisNet(nn.Module):
             (name, getattr(backbone, name))
             for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
         ))
-        self.in_channels = self.trunk.conv1.in_channels
+        self.in_channels = backbone.conv1.in_channels
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout)
         self.binary = nn.Linear(FEATURES, 1)
@@ -103,7 +103,7 @@ class PneumoconiosisNet(nn.Module):
 
     @classmethod
     def create(cls, imagenet_weights: Path | str | None = None, num_inputs: int = 1, dropout: float = 0.0
-               ) -> "PneumoconiosisNet":
+               ) -> PneumoconiosisNet:
         """A new model for training: ImageNet-initialised when weights are at hand, else from scratch."""
         backbone, init = build_resnet34(num_inputs, imagenet_weights)
         return cls(backbone, dropout=dropout, init=init)

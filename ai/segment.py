@@ -77,7 +77,7 @@ class LungSegmenter:
         probs = self.probabilities(np.stack([p[0] for p in prepared]))
         model_seconds = (time.perf_counter() - started) / max(len(images), 1)
         results = []
-        for prob, (_, box) in zip(probs, prepared):
+        for prob, (_, box) in zip(probs, prepared, strict=True):
             started = time.perf_counter()
             labels = labels_on_source(prob, box)
             results.append(Segmentation(labels, prob, box, {"segment": model_seconds,

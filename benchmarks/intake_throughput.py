@@ -40,6 +40,7 @@ import pynetdicom
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from tests.conftest import free_port  # noqa: E402
+
 CONFIG = REPO / "config.toml"
 PEER_ENV = {**os.environ, "TCP_NODELAY": "1"}
 CALLED_AET = "PNEUMOCAD"

@@ -77,7 +77,7 @@ def main() -> int:
             cli = [sys.executable, "-m", "dicom_node.cli", "analyse", str(path)]
             peak, elapsed, verdict = peak_of_child(cli, args.threads)
             rows.append((name, path.stat().st_size / 2**20, peak, elapsed, verdict.split(":", 1)[-1].strip()[:60]))
-    print(f"| input | file MiB | peak RSS MiB (largest process so far) | wall s | verdict |")
+    print("| input | file MiB | peak RSS MiB (largest process so far) | wall s | verdict |")
     print("|---|---:|---:|---:|---|")
     for name, size, peak, elapsed, verdict in rows:
         print(f"| {name} | {size:.1f} | {peak:.0f} | {elapsed:.1f} | {verdict} |")

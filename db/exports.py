@@ -15,12 +15,12 @@ On SQLite the claim runs inside BEGIN IMMEDIATE (see ``db.engine``); on PostgreS
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, Select, and_, case, func, or_, select
+from sqlalchemy import ColumnElement, Engine, Select, and_, case, func, or_, select
 from sqlalchemy.orm import Session
 
 from .engine import readonly
@@ -75,11 +75,12 @@ def queue_exports(session: Session, result: Result, routes: Mapping[str, Collect
     return added
 
 
-def _claimable(now: datetime):  # type: ignore[no-untyped-def]
+def _claimable(now: datetime) -> ColumnElement[bool]:
     return or_(and_(Export.state == ExportState.PENDING, Export.next_attempt_at <= now), EXPORTS.expired(now))
 
 
-def claim_statement(now: datetime, limit: int, destinations: Collection[str] | None = None) -> Select[Any]:
+def claim_statement(now: datetime, limit: int, destinations: Collection[str] | None = None
+                    ) -> Select[Export, Result]:
     """Due exports with their results, oldest due first, row-locked (PostgreSQL skips rows being claimed)."""
     stmt = (select(Export, Result).join(Result, Export.result_id == Result.id).where(_claimable(now))
             .order_by(Export.next_attempt_at, Export.id).limit(limit)

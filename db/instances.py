@@ -74,11 +74,12 @@ def record_new(engine: Engine, rec: ReceivedInstance) -> int:
     with engine.begin() as conn:
         instance_id = conn.execute(
             insert(Instance).values(**{f.name: getattr(rec, f.name) for f in fields(rec)}, received_at=now)
-        ).inserted_primary_key[0]
+            .returning(Instance.id)
+        ).scalar_one()
         job_id = conn.execute(
             insert(Job).values(instance_id=instance_id, state=job.state, attempts=0, reason=job.reason,
-                               created_at=now, updated_at=now)
-        ).inserted_primary_key[0]
+                               created_at=now, updated_at=now).returning(Job.id)
+        ).scalar_one()
         conn.execute(insert(Event).values(at=now, kind="received", sop_instance_uid=rec.sop_instance_uid,
                                           calling_aet=rec.calling_aet,
                                           detail=f"{rec.size_bytes} bytes, scope={rec.scope_reason}"))

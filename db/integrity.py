@@ -49,7 +49,7 @@ class DatabaseReplaced(OperationalError):
     def __str__(self) -> str:
         return self.message
 
-    def __reduce__(self):  # type: ignore[no-untyped-def]
+    def __reduce__(self) -> tuple[type[DatabaseReplaced], tuple[str]]:
         return type(self), (self.message,)
 
 
@@ -142,7 +142,7 @@ class DatabaseGuard:
         return True
 
 
-_GUARDS: "weakref.WeakKeyDictionary[Engine, DatabaseGuard]" = weakref.WeakKeyDictionary()
+_GUARDS: weakref.WeakKeyDictionary[Engine, DatabaseGuard] = weakref.WeakKeyDictionary()
 
 
 def attach_guard(engine: Engine, guard: DatabaseGuard) -> None:

@@ -15,9 +15,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Engine, and_, update
+from sqlalchemy import ColumnElement, CursorResult, Engine, and_, update
 from sqlalchemy.orm import Session
 
 from .models import Export, ExportState, Job, JobState, utcnow
@@ -56,7 +56,8 @@ class Leased:
         ids = list(ids)
         if not ids:
             return 0
-        result = session.execute(update(self.model).where(self.held_by(owner, ids)).values(**values))
+        result = cast(CursorResult[Any], session.execute(update(self.model).where(self.held_by(owner, ids))
+                                                         .values(**values)))
         return int(result.rowcount)
 
     def extend(self, engine: Engine, ids: Iterable[int], owner: str, lease_seconds: float) -> int:

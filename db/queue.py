@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Engine, Select, func, or_, select
+from sqlalchemy import ColumnElement, Engine, Select, func, or_, select
 from sqlalchemy.orm import Session
 
 from .engine import readonly
@@ -51,11 +51,11 @@ NO_RESULT_EVENT = "job_without_result"
 """Audit event of a job that ended with no result object at all (not even a "not analysed" SR)."""
 
 
-def _claimable(now: datetime):  # type: ignore[no-untyped-def]
+def _claimable(now: datetime) -> ColumnElement[bool]:
     return or_(Job.state == JobState.QUEUED, JOBS.expired(now))
 
 
-def claim_statement(now: datetime) -> Select[tuple[Job]]:
+def claim_statement(now: datetime) -> Select[Job]:
     """The oldest claimable job, row-locked; PostgreSQL skips rows another worker is claiming right now."""
     return select(Job).where(_claimable(now)).order_by(Job.id).limit(1).with_for_update(skip_locked=True)
 

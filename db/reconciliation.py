@@ -9,9 +9,10 @@ status`` shows: no schema change.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from datetime import datetime
-from typing import Any, Iterable
+from typing import Any
 
 from sqlalchemy import Engine, insert, select
 
@@ -81,14 +82,14 @@ def register_found(engine: Engine, found: Iterable[tuple[ReceivedInstance, datet
         job_ids = conn.execute(
             insert(Job).returning(Job.id, sort_by_parameter_order=True),
             [{"instance_id": instance_id, "state": job.state, "attempts": 0, "reason": job.reason,
-              "created_at": now, "updated_at": now} for instance_id, job in zip(ids, jobs)],
+              "created_at": now, "updated_at": now} for instance_id, job in zip(ids, jobs, strict=True)],
         ).scalars().all()
         conn.execute(insert(Event), [
             {"at": now, "kind": REREGISTERED_EVENT, "sop_instance_uid": rec.sop_instance_uid, "calling_aet": None,
              "detail": f"found in the archive but not in the database; {rec.size_bytes} bytes, "
                        f"scope={rec.scope_reason}"} for rec, _ in new])
         registered = [Registered(rec.sop_instance_uid, rec.archive_path, int(job_id), job.state, rec.scope_reason)
-                      for (rec, _), job_id, job in zip(new, job_ids, jobs)]
+                      for (rec, _), job_id, job in zip(new, job_ids, jobs, strict=True)]
     return registered, skipped
 
 

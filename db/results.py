@@ -8,17 +8,16 @@ once whatever happens to the workers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Collection, Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
 
 from sqlalchemy import Engine, func, or_, select
 from sqlalchemy.orm import Session
 
 from .engine import readonly
-from .models import Event, Export, Job, JobState, Result, utcnow
 from .instances import NO_REPORT_REASONS
 from .leases import JOBS, RELEASED
+from .models import Event, Export, Job, JobState, Result, utcnow
 from .queue import ERROR_TEXT_LIMIT, NO_RESULT_EVENT, ClaimedJob
 
 DELIBERATELY_SILENT = NO_REPORT_REASONS | {"own_result"}

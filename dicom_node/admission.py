@@ -58,9 +58,10 @@ import termios
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from socketserver import ThreadingMixIn
-from typing import Any, Callable
+from typing import Any
 
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
@@ -96,7 +97,7 @@ class AdmissionPolicy:
     network_timeout: float = 60.0
 
     @classmethod
-    def from_settings(cls, network: NetworkSettings) -> "AdmissionPolicy":
+    def from_settings(cls, network: NetworkSettings) -> AdmissionPolicy:
         return cls(
             request_deadline=network.association_request_deadline,
             max_request_size=network.max_association_request_size,
@@ -442,11 +443,11 @@ class GuardedAssociationSocket(AssociationSocket):
 class GuardedRequestHandler(RequestHandler):
     """pynetdicom's request handler; the association's socket gets the PDU size guard."""
 
-    server: "AdmissionServer"
+    server: AdmissionServer
 
     def _create_association(self) -> Any:
         assoc = super()._create_association()
-        sock = assoc.dul.socket
+        sock: Any = assoc.dul.socket  # given the guard's class, and its two attributes, in place
         sock.__class__ = GuardedAssociationSocket
         sock.guard_host = str(self.client_address[0])
         sock.guard_policy = self.server.policy

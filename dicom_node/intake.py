@@ -20,6 +20,8 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from ai.limits import DEFAULT_LIMITS, ImageLimits, ImageTooLarge, read_dataset_bounded
+from ai.safe_text import escape, exception_summary
 from db.instances import (
     ReceivedInstance,
     StoredInstance,
@@ -28,9 +30,6 @@ from db.instances import (
     record_new,
     record_replacement,
 )
-
-from ai.limits import DEFAULT_LIMITS, ImageLimits, ImageTooLarge, read_dataset_bounded
-from ai.safe_text import escape, exception_summary
 
 from .archive import Archive, InvalidUID, fsync_path, sha256_of
 from .received import checked_uids, pixel_data_shortfall, received_instance

@@ -15,6 +15,7 @@ import logging
 import sys
 import traceback
 from types import TracebackType
+from typing import Any
 
 from ai.safe_text import WITHHELD, SafeMessage, escape
 
@@ -44,7 +45,7 @@ class SafeFormatter(logging.Formatter):
         safe.exc_text = None
         return super().format(safe)
 
-    def formatException(self, ei) -> str:  # type: ignore[no-untyped-def, override]
+    def formatException(self, ei: Any) -> str:
         exc_type, exc, tb = ei
         return format_exception_safely(exc_type, exc, tb)
 

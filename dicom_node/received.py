@@ -14,13 +14,14 @@ the request's UIDs, then the header) are separate functions: ``checked_uids`` an
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from pydicom.dataset import Dataset
 
-from ai.header_scope import header_scope
 from ai import header_values
+from ai.header_scope import header_scope
 from ai.limits import DEFAULT_LIMITS, ImageLimits, ImageTooLarge, declared_pixel_bytes, read_dataset_bounded
 from ai.safe_text import SafeMessage, exception_summary
 from db.instances import ReceivedInstance
@@ -65,7 +66,7 @@ def pixel_data_shortfall(ds: Dataset, file_size: int) -> str | None:
     syntax = str(getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID", ""))
     if syntax not in NATIVE_SYNTAXES or "PixelData" not in ds:
         return None
-    raw = ds.get_item("PixelData")
+    raw: Any = ds.get_item("PixelData")  # a RawDataElement while deferred: its length and offset are known
     if min(header_values.integer(ds, k) or 0 for k in ("Rows", "Columns", "BitsAllocated")) <= 0:
         return "Rows, Columns or Bits Allocated missing or zero for native Pixel Data"
     expected = declared_pixel_bytes(ds)
@@ -128,5 +129,5 @@ def received_instance_from_file(path: Path, archive: Archive, calling_aet: str,
         raise NotRegistrable(exception_summary(exc, message="the file cannot be parsed as DICOM")) from None
     if record.archive_path != archive.relative(path):
         raise NotRegistrable("its path differs from the one its Study, Series and SOP Instance UIDs give")
-    received_at = datetime.fromtimestamp(st.st_mtime, timezone.utc).replace(tzinfo=None)
+    received_at = datetime.fromtimestamp(st.st_mtime, UTC).replace(tzinfo=None)
     return replace(record, sha256=sha256_of(path)), received_at

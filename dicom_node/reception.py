@@ -75,7 +75,7 @@ class ReceptionGuard:
             return False
 
     def on_pdu_received(self, event: evt.Event) -> None:
-        pdu = event.pdu  # type: ignore[attr-defined]
+        pdu = event.pdu
         if not isinstance(pdu, P_DATA_TF):
             return
         fh = _message_file(event.assoc)

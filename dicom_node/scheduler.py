@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from apscheduler.executors.pool import ThreadPoolExecutor
@@ -83,7 +83,7 @@ _quiet("apscheduler.executors")  # the parent of every executor's logger ("apsch
 
 
 def utcnow_aware() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class NodeScheduler:
@@ -91,7 +91,7 @@ class NodeScheduler:
 
     def __init__(self) -> None:
         self._scheduler = BackgroundScheduler(
-            timezone=timezone.utc, logger=_APSCHEDULER_LOG,
+            timezone=UTC, logger=_APSCHEDULER_LOG,
             executors={DEFAULT_EXECUTOR: ThreadPoolExecutor(DEFAULT_THREADS)},
             job_defaults={"max_instances": 1, "coalesce": True, "misfire_grace_time": None})
         self._periods: dict[str, float] = {}

@@ -17,11 +17,13 @@ import logging
 import threading
 import time
 from pathlib import Path
+from typing import cast
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import AllStoragePresentationContexts
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # generated at import time
 
 from ai.safe_text import escape
 
@@ -55,7 +57,7 @@ def _handle_echo(event: evt.Event) -> int:
 
 
 def _handle_store(event: evt.Event, intake: Intake) -> int | Dataset:
-    request = event.request
+    request = cast(C_STORE, event.request)
     outcome = intake.store(
         tmp_file=Path(event.dataset_path),
         calling_aet=event.assoc.requestor.ae_title.strip(),
@@ -81,7 +83,7 @@ def build_ae(config: NodeConfig) -> AE:
     ae = AE(ae_title=config.network.ae_title)
     ae.add_supported_context(Verification)
     for context in AllStoragePresentationContexts:
-        ae.add_supported_context(context.abstract_syntax, list(TRANSFER_SYNTAXES))
+        ae.add_supported_context(str(context.abstract_syntax), list(TRANSFER_SYNTAXES))
     allowed = config.network.allowed_calling_aets
     if allowed:
         ae.require_calling_aet = list(allowed)
@@ -114,8 +116,9 @@ class StorageServer:
         ]
         address = (self.config.network.bind_address, self.config.network.port)
         # What AE.start_server(block=False) does, with the admission gate as the server class.
-        server = self.ae.make_server(address, evt_handlers=handlers, server_class=AdmissionServer,
-                                     policy=AdmissionPolicy.from_settings(self.config.network))
+        server = cast(AdmissionServer, self.ae.make_server(
+            address, evt_handlers=handlers, server_class=AdmissionServer,
+            policy=AdmissionPolicy.from_settings(self.config.network)))
         threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True).start()
         self.ae._servers.append(server)  # AssociationServer.shutdown removes it from there
         self._server = server

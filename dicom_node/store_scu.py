@@ -131,7 +131,7 @@ class Watchdog:
         self._timer.daemon = True
         self._timer.name = "store-scu-watchdog"
 
-    def __enter__(self) -> "Watchdog":
+    def __enter__(self) -> Watchdog:
         self._timer.start()
         return self
 
@@ -199,7 +199,7 @@ class StoreClient:
         self.ae.dimse_timeout = timeout
         self.ae.network_timeout = timeout
 
-    def open(self, peers: Sequence[Peer], items: Sequence[StoreItem]) -> "StoreAssociation":
+    def open(self, peers: Sequence[Peer], items: Sequence[StoreItem]) -> StoreAssociation:
         """Associate with the first peer of ``peers`` that accepts; raises PeerUnreachable naming every failure."""
         contexts = requested_contexts(items)
         problems = []
@@ -215,7 +215,7 @@ class StoreClient:
             with Watchdog(self.deadline) as dog:
                 def _on_connect(event: evt.Event, connected: list[bool] = connected, dog: Watchdog = dog) -> None:
                     connected.append(True)
-                    dog.watch(event.assoc)  # type: ignore[attr-defined]
+                    dog.watch(event.assoc)
 
                 assoc = self.ae.associate(peer.host, peer.port, contexts=contexts, ae_title=peer.ae_title,
                                           evt_handlers=[(evt.EVT_ACSE_RECV, _on_acse),
@@ -248,7 +248,7 @@ class StoreAssociation:
         self.timeout = timeout
         self._message_id = 0
 
-    def __enter__(self) -> "StoreAssociation":
+    def __enter__(self) -> StoreAssociation:
         return self
 
     def __exit__(self, *exc: object) -> None:

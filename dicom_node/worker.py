@@ -32,22 +32,24 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
-import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any
 
 from pydicom.dataset import Dataset
 from sqlalchemy import Engine
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 
-from db.models import JobState
 from ai.limits import ImageTooLarge, read_dataset_bounded
 from ai.model_info import ModelInfo
 from ai.safe_text import escape, exception_summary
 from db.instances import instance_uids
+from db.models import JobState
 from db.queue import ClaimedJob, claim, fail
 from db.results import ResultFile, finish_job
 
@@ -187,7 +189,7 @@ class Worker:
         started = time.perf_counter()
         records = self._analyse(tasks)
         seconds = (time.perf_counter() - started) / len(tasks)
-        for task, record in zip(tasks, records):
+        for task, record in zip(tasks, records, strict=True):
             self._conclude(task, record, seconds)
 
     def _source_of(self, job: ClaimedJob) -> _Task | None:
@@ -202,7 +204,7 @@ class Worker:
             return None
         if is_own_result(task.source, self.identity):  # our SC routed back by a PACS: never reported on
             finish_job(self.engine, task.job, JobState.NOT_ANALYSED, "own_result",
-                       "a result object of this node (routed back by PACS?): never reported on", [], [])
+                       "a result object of this node (routed back by PACS?): never reported on", [], {})
             LOG.info("job %d not_analysed: own_result, no report", task.job.job_id)
             return None
         return task
@@ -377,7 +379,7 @@ def modality_of(sop_class_uid: str) -> str:
             "1.2.840.10008.5.1.4.1.1.1.1.1": "DX"}.get(sop_class_uid, "OT")
 
 
-def _model_descriptions(device: str | None = None, model_dir: os.PathLike[str] | None = None) -> list[ModelInfo]:
+def _model_descriptions(device: str | None = None, model_dir: Path | None = None) -> list[ModelInfo]:
     """The installed models as an analysis would name them (for SRs of jobs that never reached the models): those
     of ``model_dir`` (``models.directory``) where it has them, else the bundled ones, loaded on ``device``."""
     from ai.models import lung_segmenter, pneumoconiosis_classifier

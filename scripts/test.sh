@@ -11,5 +11,8 @@ if [ -n "$missing" ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dcmtk dicom3tools orthanc >/dev/null
 fi
 bash scripts/setup.sh
+# Linters first (configured in pyproject.toml): a finding fails the run like a failing test.
+.venv/bin/ruff check .
+.venv/bin/mypy
 # pytest exits 5 when it collected no test: that must fail, not pass.
 exec .venv/bin/python -m pytest -q "$@"

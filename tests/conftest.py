@@ -9,8 +9,17 @@ from __future__ import annotations
 import pytest
 
 from .support.data import CONFIG, DATA_DIR, REPO, SAMPLES, sample_files
-from .support.dicom_tools import (PEER_ENV, STORE_RE, STORESCU_FLAG, StoreResult, dcmtk_wire_encoding,
-                                  file_transfer_syntax, parse_storescu, require_tool, storescu)
+from .support.dicom_tools import (
+    PEER_ENV,
+    STORE_RE,
+    STORESCU_FLAG,
+    StoreResult,
+    dcmtk_wire_encoding,
+    file_transfer_syntax,
+    parse_storescu,
+    require_tool,
+    storescu,
+)
 from .support.models import BUNDLED_MODELS, InstalledModels, install_models, installed_classifier, model_dir
 from .support.net import free_port
 from .support.node import Node, open_db

@@ -12,7 +12,8 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from .support.dicom_files import dataset_bytes
 
-__all__ = ["ABORTING_J2K_KEEP", "UID_ROOT", "aborting_j2k", "clone_instances", "dataset_bytes", "deflate_bomb", "synthetic_dx"]
+__all__ = ["ABORTING_J2K_KEEP", "UID_ROOT", "aborting_j2k", "clone_instances", "dataset_bytes", "deflate_bomb",
+           "synthetic_dx"]
 
 UID_ROOT = "1.2.826.0.1.3680043.10.1456."  # test data only
 

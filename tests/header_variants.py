@@ -24,11 +24,11 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from io import BytesIO
 from pathlib import Path
-from typing import Callable
 
 from pydicom import dcmread, dcmwrite
 from pydicom.datadict import dictionary_VR, tag_for_keyword
@@ -355,7 +355,7 @@ PROBLEMS: list[tuple[str, Mutation, tuple[str, ...], tuple[tuple[str, str], ...]
      _all(_charset("ISO_IR 192"), _raw("PatientName", "Zzplantéd^Qqnäme".encode("latin-1"))),
      ("Zzplantéd", "Qqnäme"), (("PatientName", "charset_fallback"),)),
     ("charset-none-utf8-bytes", _all(_delete("SpecificCharacterSet"),
-                                     _raw("PatientName", "Zzplantéd^Qqnäme".encode("utf-8"))),
+                                     _raw("PatientName", "Zzplantéd^Qqnäme".encode())),
      ("Zzplantéd", "Qqnäme"), (("PatientName", "charset_fallback"),)),
     ("charset-ir87-broken-escape", _all(_charset(["", "ISO 2022 IR 87"]),
                                         _raw("PatientName", b"Zzplanted^\x1b$Z;3ED\x1b(B")),

@@ -35,7 +35,7 @@ class Orthanc:
             "DicomCheckCalledAet": False, "Plugins": [], "StorageCompression": False, "HttpCompressionEnabled": False,
         }))
 
-    def start(self, timeout: float = 30.0) -> "Orthanc":
+    def start(self, timeout: float = 30.0) -> Orthanc:
         require_tool("Orthanc")
         self.write_config()
         log = (self.root / "orthanc.log").open("ab")
@@ -48,7 +48,7 @@ class Orthanc:
                 return self
             except (urllib.error.URLError, ConnectionError):
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("Orthanc did not start:\n" + (self.root / "orthanc.log").read_text())
+                    raise RuntimeError("Orthanc did not start:\n" + (self.root / "orthanc.log").read_text()) from None
                 time.sleep(0.1)
 
     def stop(self) -> None:

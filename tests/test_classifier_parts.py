@@ -46,7 +46,7 @@ def test_focal_binary_matches_hand_computed_values():
     p = [_sigmoid(0.5), _sigmoid(-1.0), _sigmoid(2.0)]
     p_t = [p[0], 1 - p[1], 1 - p[2]]
     alpha_t = [0.25, 0.75, 0.75]
-    expected = [-a * (1 - q) ** 2 * math.log(q) for a, q in zip(alpha_t, p_t)]
+    expected = [-a * (1 - q) ** 2 * math.log(q) for a, q in zip(alpha_t, p_t, strict=True)]
     got = focal_loss_binary(logits, targets, alpha=0.25, gamma=2.0, reduction="none")
     assert got.tolist() == pytest.approx(expected, rel=1e-12)
     assert focal_loss_binary(logits, targets).item() == pytest.approx(sum(expected) / 3, rel=1e-12)
@@ -65,7 +65,7 @@ def test_focal_multiclass_matches_hand_computed_values():
     targets = [0, 3]
     alpha = [0.1, 0.2, 0.3, 0.4]
     expected = []
-    for row, t in zip(rows, targets):
+    for row, t in zip(rows, targets, strict=True):
         p_t = math.exp(row[t]) / sum(math.exp(v) for v in row)
         expected.append(-alpha[t] * (1 - p_t) ** 2 * math.log(p_t))
     logits = torch.tensor(rows, dtype=torch.float64)
@@ -73,7 +73,7 @@ def test_focal_multiclass_matches_hand_computed_values():
     got = focal_loss_multiclass(logits, tgt, alpha=alpha, gamma=2.0, reduction="none")
     assert got.tolist() == pytest.approx(expected, rel=1e-12)
     scalar = focal_loss_multiclass(logits, tgt, alpha=0.5, gamma=2.0, reduction="none")
-    unweighted = [e / alpha[t] for e, t in zip(expected, targets)]
+    unweighted = [e / alpha[t] for e, t in zip(expected, targets, strict=True)]
     assert scalar.tolist() == pytest.approx([0.5 * u for u in unweighted], rel=1e-12)
     with pytest.raises(ValueError):
         focal_loss_multiclass(logits, tgt, alpha=[1.0, 1.0])

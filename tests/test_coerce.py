@@ -19,8 +19,16 @@ from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName
 
 from ai import analyse
-from dicom_node.results import (NodeIdentity, Repair, ResultEncodingError, build_last_resort_sr, build_not_analysed,
-                                build_results, coerce_header, derive_device_uid)
+from dicom_node.results import (
+    NodeIdentity,
+    Repair,
+    ResultEncodingError,
+    build_last_resort_sr,
+    build_not_analysed,
+    build_results,
+    coerce_header,
+    derive_device_uid,
+)
 from dicom_node.results import coerce as coercion
 
 from .header_variants import PROBLEMS, Variant, variant, variants

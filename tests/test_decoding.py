@@ -23,17 +23,27 @@ from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian, JPEGLSLossl
 
 from ai import decoding
 from ai.analysis import FAILURE_REASONS, analyse_batch
-from ai.decoding import (GDCM_READER, NATIVE, PLUGIN_ORDER, DecoderCrashed, DecoderTimeout, UndecodablePixels,
-                         UnreadableImage, decode, decoder_process, plugin_order)
+from ai.decoding import (
+    GDCM_READER,
+    NATIVE,
+    PLUGIN_ORDER,
+    DecoderCrashed,
+    DecoderTimeout,
+    UndecodablePixels,
+    UnreadableImage,
+    decode,
+    decoder_process,
+    plugin_order,
+)
 from ai.normalise import decode_pixels
 
 from .dicomgen import aborting_j2k as _aborting_j2k
 from .dicomgen import write_pixel_source
-from .support.data import REPO, SAMPLES
 from .support.data import CHEST_J2K_LOSSLESS as J2K_LOSSLESS
 from .support.data import CHEST_J2K_LOSSY as J2K_LOSSY  # the smaller Philips J2K: 0.15 s to decode
 from .support.data import CHEST_JPEG_LS as JPEG_LS
 from .support.data import CHEST_UNCOMPRESSED as UNCOMPRESSED
+from .support.data import REPO, SAMPLES
 from .support.dicom_tools import require_tool
 
 

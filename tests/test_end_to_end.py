@@ -53,7 +53,8 @@ def wait_for(predicate, timeout: float, what: str, node=None, interval: float = 
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}" + (f"\nnode log:\n{node.log()[-6000:]}" if node else ""))
+            log = f"\nnode log:\n{node.log()[-6000:]}" if node else ""
+            raise AssertionError(f"timed out waiting for {what}{log}")
         time.sleep(interval)
 
 
@@ -219,7 +220,7 @@ def check_seg(seg, source, record) -> None:  # type: ignore[no-untyped-def]
     assert len(seg.SegmentSequence) == 2
     pixels = segmentation.pixel_array if segmentation.pixel_array.ndim == 3 else segmentation.pixel_array[None]
     masks = {}
-    for frame, item in zip(pixels, seg.PerFrameFunctionalGroupsSequence):
+    for frame, item in zip(pixels, seg.PerFrameFunctionalGroupsSequence, strict=True):
         number = item.SegmentIdentificationSequence[0].ReferencedSegmentNumber
         masks[number] = frame.astype(bool)
     np.testing.assert_array_equal(masks[1], record.labels == 1)

@@ -75,7 +75,7 @@ class StoreSCP:
     def log_path(self) -> Path:
         return self.root / "storescp.log"
 
-    def start(self) -> "StoreSCP":
+    def start(self) -> StoreSCP:
         require_tool("storescp")
         self.out.mkdir(parents=True, exist_ok=True)
         cmd = ["storescp", "-v", "-aet", self.aet, "-od", str(self.out), "+B", *(["+xa"] if self.accept_all else []),

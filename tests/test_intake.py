@@ -19,8 +19,8 @@ from dicom_node.archive import sha256_of
 from .conftest import (
     PEER_ENV,
     SAMPLES,
-    dcmtk_wire_encoding,
     STORESCU_FLAG,
+    dcmtk_wire_encoding,
     file_transfer_syntax,
     open_db,
     require_tool,
@@ -150,9 +150,10 @@ def test_associations_beyond_the_limit_are_rejected(node_factory):
 
 
 def test_idle_association_is_closed_after_the_network_timeout(node_factory):
+    import time
+
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
-    import time
 
     node = node_factory(network__network_timeout="1", network__acse_timeout="1", network__dimse_timeout="1").start()
     peer = AE(ae_title="IDLE")
@@ -285,7 +286,7 @@ def test_concurrent_senders_lose_nothing(node, tmp_path):
     from .conftest import parse_storescu
 
     outputs = [p.communicate(timeout=300)[0] for p in procs]
-    for proc, output in zip(procs, outputs):
+    for proc, output in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, output[-2000:]
         statuses = parse_storescu(output)
         assert len(statuses) == 50 and all(s == "Success" for _, s in statuses)

@@ -57,7 +57,7 @@ def test_library_records_and_warnings_are_withheld(captured):
     logging.getLogger("highdicom.sr").error("bad value %s", PLANTED)
     with warnings.catch_warnings():
         warnings.simplefilter("always")
-        warnings.warn(f"The value '{PLANTED}' is not valid", UserWarning)
+        warnings.warn(f"The value '{PLANTED}' is not valid", UserWarning, stacklevel=1)
     out = captured.getvalue()
     assert PLANTED not in out
     assert out.count("details withheld") == 3 and "pydicom" in out and "py.warnings" in out

@@ -154,7 +154,7 @@ def test_a_job_out_of_attempts_is_handed_out_for_its_report(engine):
     assert reporting is not None and reporting.report_only
 
 
-def _drain(url: str, worker_id: str, out: "mp.Queue[list[int]]") -> None:
+def _drain(url: str, worker_id: str, out: mp.Queue[list[int]]) -> None:
     engine = make_engine(url)
     claimed = []
     while (job := queue.claim(engine, worker_id, 60, MAX_ATTEMPTS)) is not None:

@@ -24,8 +24,14 @@ from ai.classifier import Classification
 from ai.explain import zone_scores
 from ai.lungs import LEFT_LUNG, RIGHT_LUNG
 from ai.model_info import ModelInfo
-from dicom_node.results import (NodeIdentity, build_not_analysed, build_results, derive_device_uid, result_uid,
-                                result_series_uid)
+from dicom_node.results import (
+    NodeIdentity,
+    build_not_analysed,
+    build_results,
+    derive_device_uid,
+    result_series_uid,
+    result_uid,
+)
 from dicom_node.results.sc import banner_lines
 from dicom_node.results.sr import NO_CLASSIFIER_NOTE
 
@@ -448,7 +454,7 @@ def test_known_pixel_spacing_gives_areas_in_square_millimetres(chest, no_classif
         assert_dciodvfy_clean(paths[kind])
     sr = dcmread(paths["sr"])
     groups = children(only(sr, ("126010", "DCM")), ("125007", "DCM"))
-    for group, side in zip(groups, ("right", "left")):
+    for group, side in zip(groups, ("right", "left"), strict=True):
         area = only(group, ("42798000", "SCT"))
         assert num(area) == pytest.approx(record.lung_area_mm2[side]) and unit_of(area) == ("mm2", "UCUM")
     seg = dcmread(paths["seg"], stop_before_pixels=True)

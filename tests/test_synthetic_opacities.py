@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -10,8 +11,16 @@ from PIL import Image
 from scipy import ndimage
 
 from train.datasets import data_dir, load_gray, load_mask, read_lung_masks
-from train.synthetic_opacities import (OpacitySpec, estimate_blur_px, insert_opacities, lung_components,
-                                       make_synthetic_dataset, relative_height, sample_opacities, zone_name)
+from train.synthetic_opacities import (
+    OpacitySpec,
+    estimate_blur_px,
+    insert_opacities,
+    lung_components,
+    make_synthetic_dataset,
+    relative_height,
+    sample_opacities,
+    zone_name,
+)
 
 FILES = ("MCUCXR_0001_0.png", "CHNCXR_0001_0.png")
 
@@ -52,8 +61,8 @@ def test_number_and_intensity_grow_strictly_with_category(films):
             assert out.dtype == np.float32 and out.min() >= 0.0 and out.max() <= 1.0
             assert np.array_equal(out[~mask], image[~mask]), "a pixel outside the lungs changed"
             assert not added[~mask].any()
-        assert counts[0] == 0 and all(a < b for a, b in zip(counts, counts[1:])), counts
-        assert means[0] == 0 and all(a < b for a, b in zip(means, means[1:])), means
+        assert counts[0] == 0 and all(a < b for a, b in pairwise(counts)), counts
+        assert means[0] == 0 and all(a < b for a, b in pairwise(means)), means
 
 
 def test_every_size_type_stays_inside_the_lungs(films):

@@ -64,8 +64,8 @@ def test_folds_are_deterministic_per_seed_and_independent_of_input_order():
     a = F.stratified_group_kfold(labels, groups, k=5, seed=3)
     b = F.stratified_group_kfold(labels, groups, k=5, seed=3)
     c = F.stratified_group_kfold(labels, groups, k=5, seed=4)
-    assert all(np.array_equal(x[1], y[1]) for x, y in zip(a, b))
-    assert any(not np.array_equal(x[1], y[1]) for x, y in zip(a, c)), "the seed must matter"
+    assert all(np.array_equal(x[1], y[1]) for x, y in zip(a, b, strict=True))
+    assert any(not np.array_equal(x[1], y[1]) for x, y in zip(a, c, strict=True)), "the seed must matter"
 
     def fold_by_group(splits, grp):
         return {grp[i]: f for f, (_, val) in enumerate(splits) for i in val}

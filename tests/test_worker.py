@@ -32,8 +32,8 @@ from dicom_node.results import derive_device_uid
 from dicom_node.worker import AnalyseBatch, ResultBuilders, Worker
 
 from .dicomgen import clone_instances
-from .support.data import CONFIG, HAND
 from .support.data import CHEST_UNCOMPRESSED as CHEST  # uncompressed: the cheapest chest to decode
+from .support.data import CONFIG, HAND
 from .support.result_checks import assert_not_analysed_sr
 from .support.sr_tree import sr_text
 

@@ -37,10 +37,10 @@ from dicom_node.worker import ResultBuilders
 from .conftest import CONFIG, REPO, SAMPLES
 from .dicomgen import UID_ROOT, aborting_j2k, clone_instances
 from .header_variants import variant
-from .test_coerce import FULL
-from .support.logs import node_log_output
 from .support.dicom_tools import dciodvfy_errors
+from .support.logs import node_log_output
 from .support.sr_tree import sr_text
+from .test_coerce import FULL
 from .test_worker import Env, assert_no_tmp_leftovers, make_env
 
 ANALYSIS_INPUTS = ("SOPClassUID", "BodyPartExamined", "ViewPosition", "ImageType", "NumberOfFrames",

@@ -27,9 +27,9 @@ import csv
 import json
 import statistics
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -40,11 +40,10 @@ from ai.lungs import postprocess_probability
 from ai.normalise import normalise
 from ai.resnet import PROFUSION_CATEGORIES, PneumoconiosisNet
 
-from .engine import FitConfig, fit, resolve_device, seed_everything
+from .engine import Batch, FitConfig, fit, resolve_device, seed_everything
 from .folds import BRIGHTNESS_RANGE, brightness_levels, check_no_leakage, stratified_group_kfold
 from .losses import focal_loss_binary, focal_loss_multiclass
-from .metrics import binary_summary, multiclass_metrics, roc_auc, roc_curve, threshold_for_sensitivity, \
-    youden_threshold
+from .metrics import binary_summary, multiclass_metrics, roc_auc, roc_curve, threshold_for_sensitivity, youden_threshold
 from .report import plot_confusion, plot_history, plot_roc, write_report
 
 MODEL_NAME = "pneumoconiosis-resnet34"
@@ -229,10 +228,15 @@ def cross_validate(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, i
         cv.init = model.init
         cfg = FitConfig(epochs=args.epochs, lr=args.lr, patience=args.patience, device=args.device,
                         seed=args.seed + k, out_dir=args.out / f"fold{k:02d}", progress=not args.no_progress)
+
+        def train_batches(epoch: int, t: np.ndarray = train_idx) -> Iterable[Batch]:
+            return batches(x, y, t, args.batch_size, args.seed + epoch, levels)
+
+        def val_batches(v: np.ndarray = val_idx) -> Iterable[Batch]:
+            return batches(x, y, v, 64, None)
+
         history = fit(
-            model,
-            train_batches=lambda epoch, t=train_idx: batches(x, y, t, args.batch_size, args.seed + epoch, levels),
-            val_batches=lambda v=val_idx: batches(x, y, v, 64, None),
+            model, train_batches=train_batches, val_batches=val_batches,
             loss_fn=loss_fn, score_fn=auc_score, cfg=cfg, accuracy_fn=binary_accuracy,
             train_transform=random_brightness(generator) if args.augment == "random" else None,
         )

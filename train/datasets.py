@@ -66,17 +66,17 @@ def stratified_split(samples: list[LungSample], seed: int, fractions: tuple[floa
 def load_gray(path: Path, size: int | None = None) -> np.ndarray:
     """8-bit grayscale file as float32 in [0, 1], optionally resized to ``size`` x ``size``."""
     with Image.open(path) as img:
-        img = img.convert("L")
-        if size is not None and img.size != (size, size):
-            img = img.resize((size, size), Image.Resampling.BILINEAR)
-        return np.asarray(img, dtype=np.float32) / 255.0
+        gray = img.convert("L")
+        if size is not None and gray.size != (size, size):
+            gray = gray.resize((size, size), Image.Resampling.BILINEAR)
+        return np.asarray(gray, dtype=np.float32) / 255.0
 
 
 def load_mask(path: Path, size: int | None = None) -> np.ndarray:
     """Binary lung mask as float32 0/1: resized bilinearly to ``size`` x ``size`` when given, then thresholded at
     127, so the resized edge lies where the interpolated mask crosses half-way."""
     with Image.open(path) as img:
-        img = img.convert("L")
-        if size is not None and img.size != (size, size):
-            img = img.resize((size, size), Image.Resampling.BILINEAR)
-        return (np.asarray(img) > 127).astype(np.float32)
+        gray = img.convert("L")
+        if size is not None and gray.size != (size, size):
+            gray = gray.resize((size, size), Image.Resampling.BILINEAR)
+        return (np.asarray(gray) > 127).astype(np.float32)

@@ -8,9 +8,10 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -224,8 +225,9 @@ def _concat(outputs: list[Any]) -> Any:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[Batch], loss_fn, score_fn, device: torch.device,
-             keep_outputs: bool = False):  # type: ignore[no-untyped-def]
+def evaluate(model: nn.Module, batches: Iterable[Batch], loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
+             score_fn: Callable[[list[Any], list[torch.Tensor]], float], device: torch.device,
+             keep_outputs: bool = False) -> tuple[Any, ...]:
     """Validation loss and score; with ``keep_outputs`` also the CPU outputs and targets per batch."""
     model.eval()
     outputs, targets, total, count = [], [], 0.0, 0

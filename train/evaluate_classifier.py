@@ -17,6 +17,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,7 +46,7 @@ def evaluate(model_path: Path, data: Path, part: str | None, split_seed: int) ->
 
         keep = {s.file for s in stratified_split(read_lung_masks(data), split_seed)[part]}
         items = [i for i in items if i.image.name in keep]
-    rows = []
+    rows: list[dict[str, Any]] = []
     for item in items:
         image = normalise(item.image)
         seg = segmenter.segment([image])[0]
@@ -82,7 +83,7 @@ def evaluate(model_path: Path, data: Path, part: str | None, split_seed: int) ->
     if groups:
         out["called_present_by_finding"] = {
             g: {"n": int(sum(r["finding"] == g for r in done)),
-                "false_positive_rate": round(float(np.mean([pos for r, pos in zip(done, positives)
+                "false_positive_rate": round(float(np.mean([pos for r, pos in zip(done, positives, strict=True)
                                                             if r["finding"] == g])), 4)}
             for g in groups}
     out["rows"] = rows

@@ -23,7 +23,8 @@ to training batches only; ``apply_brightness`` serves both.
 from __future__ import annotations
 
 import warnings
-from typing import Hashable, Sequence, TypeVar
+from collections.abc import Hashable, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -104,15 +105,15 @@ def check_no_leakage(train: Sequence[int] | np.ndarray, val: Sequence[int] | np.
     Cheap enough to call on every fold of a real run, not only in the tests: a leak silently inflates results.
     ``train`` may be plain indices or the (source, copy) rows from ``expand_augmented``; copies count as their source.
     """
-    train = np.asarray(train)
-    if train.ndim == 2:
-        train = train[:, 0]
-    val = np.asarray(val)
-    shared_items = np.intersect1d(train, val)
+    train_idx = np.asarray(train)
+    if train_idx.ndim == 2:
+        train_idx = train_idx[:, 0]
+    val_idx = np.asarray(val)
+    shared_items = np.intersect1d(train_idx, val_idx)
     if shared_items.size:
         raise ValueError(f"{shared_items.size} items in both training and validation, e.g. {shared_items[:5]}")
-    groups = np.asarray(groups, dtype=object)
-    shared_groups = set(groups[train]) & set(groups[val])
+    group_of = np.asarray(groups, dtype=object)
+    shared_groups = set(group_of[train_idx]) & set(group_of[val_idx])
     if shared_groups:
         raise ValueError(f"{len(shared_groups)} patients in both training and validation, "
                          f"e.g. {sorted(map(str, shared_groups))[:5]}")
@@ -158,7 +159,8 @@ def apply_brightness(image: ArrayT, factor: float) -> ArrayT:
     """
     if factor < 0:
         raise ValueError(f"brightness factor must be >= 0, got {factor}")
-    return (image * factor).clip(0, 1)
+    array: Any = image  # numpy or torch: both have * and .clip
+    return (array * factor).clip(0, 1)
 
 
 def _unique_inverse(values: list[Hashable]) -> tuple[list[Hashable], np.ndarray]:

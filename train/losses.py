@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -36,8 +36,8 @@ def dice_iou(pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray)
 def batch_dice(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
     """Mean hard Dice over images at threshold 0.5: the validation score of the segmenter."""
     scores = []
-    for out, tgt in zip(outputs, targets):
-        for o, t in zip(out, tgt):
+    for out, tgt in zip(outputs, targets, strict=True):
+        for o, t in zip(out, tgt, strict=True):
             scores.append(dice_iou((o > 0).numpy(), (t > 0.5).numpy())[0])
     return float(sum(scores) / max(len(scores), 1))
 

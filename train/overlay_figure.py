@@ -24,7 +24,7 @@ from ai.normalise import normalise  # noqa: E402
 def draw(files: list[Path], out: Path, width_per_image: float = 3.2) -> None:
     fig, axes = plt.subplots(1, len(files), figsize=(width_per_image * len(files), width_per_image * 1.15))
     axes = np.atleast_1d(axes)
-    for ax, path in zip(axes, files):
+    for ax, path in zip(axes, files, strict=False):
         record = analyse(path, device="cpu")
         image = record.image.pixels if record.image is not None else normalise(path).pixels
         ax.imshow(image, cmap="gray", vmin=0, vmax=1)

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -95,7 +96,7 @@ def _runs(histories: Any) -> list[list[Mapping[str, float]]]:
         histories = [histories]  # a single run given as its epoch list
     runs = []
     for run in histories:
-        if is_dataclass(run):
+        if is_dataclass(run) and not isinstance(run, type):
             run = asdict(run)
         if isinstance(run, Mapping):
             run = run["epochs"]
@@ -117,14 +118,14 @@ def plot_history(histories: Any, path: Path | str, labels: Sequence[str] | None 
     fig, (ax_loss, ax_acc) = _figure(11.0, 4.2, ncols=2)
     colours = [f"C{i % 10}" for i in range(len(runs))]
     has_acc = False
-    for run, label, colour in zip(runs, labels, colours):
+    for run, label, colour in zip(runs, labels, colours, strict=False):
         epochs = [e.get("epoch", i + 1) for i, e in enumerate(run)]
         for key, style, ax in (("train_loss", "-", ax_loss), ("val_loss", "--", ax_loss),
                                ("train_acc", "-", ax_acc), ("val_acc", "--", ax_acc)):
-            points = [(x, e[key]) for x, e in zip(epochs, run) if e.get(key) is not None]
+            points = [(x, e[key]) for x, e in zip(epochs, run, strict=False) if e.get(key) is not None]
             if points:
                 has_acc |= ax is ax_acc
-                ax.plot(*zip(*points), linestyle=style, color=colour, linewidth=1.2,
+                ax.plot(*zip(*points, strict=False), linestyle=style, color=colour, linewidth=1.2,
                         label=label if key == "train_loss" else None)
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")

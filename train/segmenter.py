@@ -17,6 +17,7 @@ import json
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,7 +57,8 @@ def test_report(model: UNet, samples: list[LungSample], size: int, device: torch
         labels = labels_on_source(prob_small[0, 0].cpu().numpy(), Letterbox.fit(truth.shape, size))
         d_raw, i_raw = dice_iou(prob > 0.5, truth)
         d_pp, i_pp = dice_iou(labels > 0, truth)
-        entry = per_source.setdefault(s.source, {"dice_raw": [], "iou_raw": [], "dice": [], "iou": [], "files": []})
+        entry: dict[str, list[Any]] = per_source.setdefault(
+            s.source, {"dice_raw": [], "iou_raw": [], "dice": [], "iou": [], "files": []})
         entry["dice_raw"].append(d_raw)
         entry["iou_raw"].append(i_raw)
         entry["dice"].append(d_pp)

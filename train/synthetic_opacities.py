@@ -88,7 +88,9 @@ import logging
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -142,6 +144,12 @@ class OpacitySpec:
             raise ValueError(f"size type must be one of {SIZE_TYPES} (u is not implemented), got {self.size_type!r}")
         if not self.pixel_spacing_mm > 0:
             raise ValueError("pixel_spacing_mm must be positive")
+
+    @property
+    def kind(self) -> str:
+        """The size type, given or drawn (set by ``__post_init__``)."""
+        assert self.size_type is not None
+        return self.size_type
 
 
 @dataclass(frozen=True)
@@ -244,7 +252,7 @@ def sample_opacities(lung_mask: np.ndarray, spec: OpacitySpec) -> list[Opacity]:
     if not extents:
         return []
     rng = np.random.default_rng([spec.seed, 0x0BAC])
-    kind = spec.size_type
+    kind = spec.kind
     lo, hi = DENSITY_PER_CM2[spec.category]
     u = rng.random()  # same draw for every category with this seed: the density grows with the category
     density = np.exp(np.log(lo) + u * (np.log(hi) - np.log(lo))) * SIZE_DENSITY_FACTOR[kind]
@@ -263,8 +271,8 @@ def sample_opacities(lung_mask: np.ndarray, spec: OpacitySpec) -> list[Opacity]:
     out = []
     for i, j in enumerate(pick):
         y, x = ys[j] + jitter[i, 0], xs[j] + jitter[i, 1]
-        common = dict(y=float(y), x=float(x), size_mm=float(sizes[i]), kind=kind, lung=int(labels[ys[j], xs[j]]),
-                      zone=zone_name(float(t[ys[j], xs[j]])))
+        common: dict[str, Any] = dict(y=float(y), x=float(x), size_mm=float(sizes[i]), kind=kind,
+                                      lung=int(labels[ys[j], xs[j]]), zone=zone_name(float(t[ys[j], xs[j]])))
         if kind in IRREGULAR:
             length = float(rng.uniform(*STREAK_LENGTH_MM))
             step = length / 3 / spec.pixel_spacing_mm
@@ -305,7 +313,7 @@ def render_thickness(opacities: Iterable[Opacity], shape: tuple[int, int], spaci
     opacities = list(opacities)
     if attenuation is None:
         attenuation = np.ones(len(opacities))
-    for op, att in zip(opacities, attenuation):
+    for op, att in zip(opacities, attenuation, strict=True):
         radius_mm = op.size_mm / 2
         radius_px = max(radius_mm / spacing_mm, 0.5)  # footprint at least one pixel across
         if op.kind in IRREGULAR:
@@ -316,7 +324,7 @@ def render_thickness(opacities: Iterable[Opacity], shape: tuple[int, int], spaci
                 continue
             y0, y1, x0, x1, yy, xx = grid
             dist = np.full((yy.size, xx.size), np.inf)
-            for (ay, ax), (by, bx) in zip(pts[:-1], pts[1:]):
+            for (ay, ax), (by, bx) in pairwise(pts):
                 dy, dx = by - ay, bx - ax
                 seg2 = dy * dy + dx * dx
                 tt = np.clip(((yy - ay) * dy + (xx - ax) * dx) / max(seg2, 1e-12), 0, 1)
@@ -348,11 +356,11 @@ def insert_opacities(image: np.ndarray, lung_mask: np.ndarray, spec: OpacitySpec
         raise ValueError(f"image {img.shape} and lung mask {mask.shape} must be the same 2-D shape")
     opacities = sample_opacities(mask, spec)
     if not opacities:
-        out = (img.astype(np.float32), np.zeros(img.shape, np.float32))
-        return (*out, opacities) if return_opacities else out
+        unchanged = (img.astype(np.float32), np.zeros(img.shape, np.float32))
+        return (*unchanged, opacities) if return_opacities else unchanged
 
     rng = np.random.default_rng([spec.seed, 0xA77E])
-    attenuation = np.exp(rng.normal(0.0, ATTENUATION_SIGMA, size=len(opacities))) * CONSPICUITY[spec.size_type]
+    attenuation = np.exp(rng.normal(0.0, ATTENUATION_SIGMA, size=len(opacities))) * CONSPICUITY[spec.kind]
     thick = render_thickness(opacities, img.shape, spec.pixel_spacing_mm, attenuation)
     thick = ndimage.gaussian_filter(thick, estimate_blur_px(img, mask))
     soft = ndimage.gaussian_filter(mask.astype(np.float64), 1.0) * mask

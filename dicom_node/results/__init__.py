@@ -15,13 +15,15 @@ report for that case.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.tag import Tag
 from pydicom.valuerep import PersonName
 
 from ai.model_info import ModelInfo
@@ -143,7 +145,7 @@ def minimal_header(header: Dataset, keep_values: bool = True) -> Dataset:
     for keyword in MINIMAL_UIDS:
         value = header.get(keyword)
         if value:
-            minimal.add(DataElement(tag_for_keyword(keyword), "UI", str(value)))
+            minimal.add(DataElement(Tag(keyword), "UI", str(value)))
     modality = header.get("Modality")
     if isinstance(modality, str) and strictly_valid("Modality", modality):
         minimal.Modality = modality

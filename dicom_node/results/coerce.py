@@ -30,9 +30,10 @@ from __future__ import annotations
 import copy
 import re
 import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Iterable
+from typing import Any
 
 from pydicom import config
 from pydicom.charset import CODES_TO_ENCODINGS, ESC, default_encoding, handled_encodings, python_encoding
@@ -475,7 +476,7 @@ def _element(tag, vr: str, values: list[Any]) -> DataElement:
 
 
 def _empty(keyword: str) -> DataElement:
-    tag = tag_for_keyword(keyword)
+    tag = Tag(keyword)
     vr = dictionary_VR(tag)
     if vr == "SQ":
         return DataElement(tag, "SQ", Sequence([]), validation_mode=config.IGNORE)
@@ -527,19 +528,19 @@ def _coerce(source: Dataset) -> tuple[Dataset, list[Repair]]:
         out.file_meta = copy.deepcopy(source.file_meta)
     out.add(DataElement(0x00080005, "CS", UTF8, validation_mode=config.IGNORE))
     for keyword in UIDS:
-        tag = tag_for_keyword(keyword)
+        tag = Tag(keyword)
         if tag in source:
             values, _ = _values(source, tag, "UI", [default_encoding])
             if values:
                 out.add(DataElement(tag, "UI", values[0], validation_mode=config.IGNORE))
     orientation_type = ""
-    anatomical = source.get_item(tag_for_keyword("AnatomicalOrientationType"))
+    anatomical = source.get_item(Tag("AnatomicalOrientationType"))
     if anatomical is not None:
         values, _ = _values(source, Tag("AnatomicalOrientationType"), "CS", [default_encoding])
         orientation_type = str(values[0]) if values else ""
 
     for keyword, rule in table.items():
-        tag = Tag(tag_for_keyword(keyword))
+        tag = Tag(keyword)
         if tag not in source:
             continue
         vr = dictionary_VR(tag)
@@ -559,24 +560,24 @@ def _coerce(source: Dataset) -> tuple[Dataset, list[Repair]]:
             out.add(_empty(keyword))
 
     _module_conditions(out, table, repairs)
-    repairs.sort(key=lambda r: (int(Tag(tag_for_keyword(r.keyword))), ACTIONS.index(r.action)))
+    repairs.sort(key=lambda r: (int(Tag(r.keyword)), ACTIONS.index(r.action)))
     return out, repairs
 
 
 def _sequence(source: Dataset, tag, keyword: str, rule: Rule, codecs, out: Dataset, repairs: list[Repair]) -> None:
     element = _converted(source, tag)
-    items: list[Dataset] | None = []
+    items: list[Dataset] | None = None
     fell_back = False
-    if element is None:
-        items = None
-    else:
+    if element is not None:
+        coerced: list[Dataset] = []
         for item in element.value or []:
             new, fb = _coerce_item(item, codecs)
             fell_back |= fb
             if new is None:
-                items = None
                 break
-            items.append(new)
+            coerced.append(new)
+        else:
+            items = coerced
     if fell_back:
         repairs.append(Repair(keyword, CHARSET_FALLBACK))
     if items is not None and not _vm_allows(dictionary_VM(tag), len(items)):

@@ -7,8 +7,9 @@ a viewer shows nothing but the header.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING
 
 from highdicom import ContributingEquipment
 from pydicom.dataset import Dataset
@@ -35,7 +36,7 @@ class NodeIdentity:
     institution_name: str = ""  # empty = copy the source's InstitutionName if any
 
     @classmethod
-    def from_config(cls, config: NodeConfig) -> "NodeIdentity":
+    def from_config(cls, config: NodeConfig) -> NodeIdentity:
         """The node as ``network.ae_title``, ``results.device_uid`` (derived from the AE title when empty) and
         ``results.institution_name`` describe it."""
         ae_title = config.network.ae_title

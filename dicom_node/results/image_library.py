@@ -7,8 +7,17 @@ when its attribute is present and meaningful (a CR's "0\\0" spacing is not).
 
 from __future__ import annotations
 
-from highdicom.sr import (CodeContentItem, CodedConcept, ContainerContentItem, ContentSequence, ImageContentItem,
-                          NumContentItem, RelationshipTypeValues, TextContentItem)
+from highdicom.sr import (
+    CodeContentItem,
+    CodedConcept,
+    ContainerContentItem,
+    ContentItem,
+    ContentSequence,
+    ImageContentItem,
+    NumContentItem,
+    RelationshipTypeValues,
+    TextContentItem,
+)
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as std_codes
 
@@ -45,9 +54,9 @@ def _spacing(source: Dataset) -> tuple[float, float] | None:
     return header_values.pixel_spacing(source, header_values.DETECTOR_SPACING)
 
 
-def descriptors(source: Dataset) -> list[Dataset]:
+def descriptors(source: Dataset) -> list[ContentItem]:
     """TID 1602/1603 descriptors: modality, matrix, and orientation / spacing where the header has them."""
-    items: list[Dataset] = [
+    items: list[ContentItem] = [
         CodeContentItem(name=std_codes.DCM.Modality, value=coded_modality(source), relationship_type=ACQ)]
     if source.get("Rows") and source.get("Columns"):  # a header whose pixel data never arrived may lack them
         items += [NumContentItem(name=std_codes.DCM.PixelDataRows, value=int(source.Rows), unit=PIXELS,

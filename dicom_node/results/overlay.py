@@ -9,7 +9,7 @@ that it never hides the lung apices; the result is downscaled to at most MAX_SID
 from __future__ import annotations
 
 import textwrap
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont

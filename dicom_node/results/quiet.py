@@ -15,8 +15,8 @@ import logging
 import os
 import threading
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 LOG = logging.getLogger(__name__)
 _state = threading.local()

@@ -58,13 +58,13 @@ def build_sc(source: Dataset, record: AnalysisRecord, node: NodeIdentity) -> SCI
         series_number=SERIES_NUMBER, sop_instance_uid=result_uid(uid, "sc", versions), instance_number=1,
         manufacturer=node.manufacturer,
         # highdicom insists on an orientation for a PATIENT image; a source without one gets an empty value below.
-        patient_orientation=tuple(str(v) for v in orientation) if has_orientation else ("L", "F"),
+        patient_orientation=(str(orientation[0]), str(orientation[1])) if has_orientation else ("L", "F"),
         transfer_syntax_uid=ExplicitVRLittleEndian,
         contributing_equipment=contributing_equipment(node, source, record.models),
         series_description=series_description(description, record.models),
     )
     if not has_orientation:
-        sc.PatientOrientation = ""  # Type 2C: present, empty, rather than a guessed orientation
+        sc["PatientOrientation"].value = ""  # Type 2C: present, empty, rather than a guessed orientation
     # General Series Laterality is Type 2C for paired body parts; dciodvfy can only tell that the chest is not
     # paired when Body Part Examined says so, so copy it, or write an empty Laterality when the source has none.
     if source.get("BodyPartExamined"):
@@ -75,8 +75,9 @@ def build_sc(source: Dataset, record: AnalysisRecord, node: NodeIdentity) -> SCI
     sc.ConversionType = "WSD"  # made on a workstation, not digitised from film or video
     sc.ManufacturerModelName = node.model_name
     sc.SoftwareVersions = node.software_version
-    if institution_name(node, source):
-        sc.InstitutionName = institution_name(node, source)
+    institution = institution_name(node, source)
+    if institution:
+        sc.InstitutionName = institution
     sc.ImageComments = " ".join(notices(record.models)) or NOT_FOR_CLINICAL_USE
     sc.DerivationDescription = "Lung contours and heat map of an automated analysis drawn over the source image"
     sc.SourceImageSequence = [source_image_reference(source)]

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from highdicom import AlgorithmIdentificationSequence
 from highdicom.color import CIELabColor
+from highdicom.seg import SegmentAlgorithmTypeValues, Segmentation, SegmentationTypeValues, SegmentDescription
 from highdicom.sr import CodedConcept
-from highdicom.seg import Segmentation, SegmentAlgorithmTypeValues, SegmentationTypeValues, SegmentDescription
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as std_codes
 
@@ -67,8 +67,8 @@ def reference_header(source: Dataset, record: AnalysisRecord) -> Dataset:
     for element in source:
         if element.tag.group != 0x7FE0:
             header.add(element)
-    if "file_meta" in source.__dict__ or hasattr(source, "file_meta"):
-        header.file_meta = getattr(source, "file_meta", Dataset())
+    if hasattr(source, "file_meta"):
+        header.file_meta = source.file_meta
     if record.pixel_spacing_mm is None and "PixelSpacing" in header:
         del header.PixelSpacing
     return header
@@ -100,8 +100,9 @@ def build_seg(source: Dataset, record: AnalysisRecord, node: NodeIdentity) -> Se
     # Image Orientation (Patient)); the mask lies on the source grid, so the source's orientation is the SEG's.
     # A source without one gets an empty value (allowed for Type 2C) rather than a guessed orientation.
     seg.PatientOrientation = source.get("PatientOrientation", "")
-    if institution_name(node, source):
-        seg.InstitutionName = institution_name(node, source)
+    institution = institution_name(node, source)
+    if institution:
+        seg.InstitutionName = institution
     if notices(record.models):
         seg.ImageComments = " ".join(notices(record.models))
     return seg

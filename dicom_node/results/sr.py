@@ -7,16 +7,34 @@ still gets a report that says so and why, so that a missing result is never read
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from highdicom.sr import (AlgorithmIdentification, CodeContentItem, ComprehensiveSR, ContainerContentItem,
-                          ContentSequence, DeviceObserverIdentifyingAttributes, FindingSite,
-                          LanguageOfContentItemAndDescendants, Measurement, MeasurementReport,
-                          MeasurementsAndQualitativeEvaluations, ObservationContext, ObserverContext,
-                          PlanarROIMeasurementsAndQualitativeEvaluations, QualitativeEvaluation,
-                          ReferencedSegmentationFrame, RelationshipTypeValues, SourceImageForMeasurement,
-                          SourceImageForMeasurementGroup,
-                          SourceImageForSegmentation, TextContentItem, TrackingIdentifier)
+from highdicom.sr import (
+    AlgorithmIdentification,
+    CodeContentItem,
+    ComprehensiveSR,
+    ContainerContentItem,
+    ContentItem,
+    ContentSequence,
+    DeviceObserverIdentifyingAttributes,
+    FindingSite,
+    LanguageOfContentItemAndDescendants,
+    Measurement,
+    MeasurementReport,
+    MeasurementsAndQualitativeEvaluations,
+    ObservationContext,
+    ObserverContext,
+    PlanarROIMeasurementsAndQualitativeEvaluations,
+    QualitativeEvaluation,
+    ReferencedSegmentationFrame,
+    RelationshipTypeValues,
+    SourceImageForMeasurement,
+    SourceImageForMeasurementGroup,
+    SourceImageForSegmentation,
+    TextContentItem,
+    TrackingIdentifier,
+)
 from highdicom.sr.templates import DEFAULT_LANGUAGE
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as std_codes
@@ -24,9 +42,15 @@ from pydicom.sr.codedict import codes as std_codes
 from ai.model_info import ModelInfo
 
 from . import codes
+from .identity import (
+    NodeIdentity,
+    as_highdicom_knows,
+    contributing_equipment,
+    institution_name,
+    notices,
+    series_description,
+)
 from .image_library import image_library, is_image
-from .identity import (NodeIdentity, as_highdicom_knows, contributing_equipment, institution_name, notices,
-                       series_description)
 from .seg import SEGMENTS, segmenter_model
 from .uids import model_versions, result_series_uid, result_uid
 
@@ -70,7 +94,7 @@ def text(name, value: str, relationship=RelationshipTypeValues.CONTAINS) -> Text
     return TextContentItem(name=name, value=value, relationship_type=relationship)
 
 
-def qualitative_evaluations(items: Sequence[Dataset]) -> ContainerContentItem:
+def qualitative_evaluations(items: Sequence[ContentItem]) -> ContainerContentItem:
     """TID 1500's "Qualitative Evaluations" container (UMLS C0034375): report-level CODE and TEXT statements."""
     container = ContainerContentItem(name=codes.QUALITATIVE_EVALUATIONS,
                                      relationship_type=RelationshipTypeValues.CONTAINS)
@@ -153,8 +177,12 @@ def lung_area_group(source: Dataset, record: AnalysisRecord, seg: Dataset, segme
                     laterality) -> PlanarROIMeasurementsAndQualitativeEvaluations:
     """TID 1410 for one lung field: the region is the SEG frame that holds the segment, and the area (in mm² when
     the pixel spacing is known, else a pixel count, UCUM "{pixels}") names the segment it was counted on."""
-    value, unit = ((record.lung_area_mm2[side], codes.SQUARE_MM) if record.lung_area_mm2 is not None
-                   else (record.lung_area_px[side], codes.PIXELS))
+    if record.lung_area_mm2 is not None:
+        value, unit = record.lung_area_mm2[side], codes.SQUARE_MM
+    elif record.lung_area_px is not None:
+        value, unit = float(record.lung_area_px[side]), codes.PIXELS
+    else:
+        raise ValueError("an analysed record without lung areas")
     area = Measurement(name=codes.AREA, value=float(value), unit=unit,
                        referenced_images=[segment_source(seg, segment_number)])
     reference = ReferencedSegmentationFrame(
@@ -173,8 +201,8 @@ def lung_area_group(source: Dataset, record: AnalysisRecord, seg: Dataset, segme
 
 
 def build_sr(source: Dataset, record: AnalysisRecord, node: NodeIdentity, seg: Dataset) -> ComprehensiveSR:
-    groups = []
-    statements: list[Dataset] = []
+    groups: list[MeasurementsAndQualitativeEvaluations | PlanarROIMeasurementsAndQualitativeEvaluations] = []
+    statements: list[ContentItem] = []
     c = record.classification
     if c is not None:
         groups.append(pneumoconiosis_group(source, record, c, record.classifier or UNNAMED_CLASSIFIER))
@@ -210,7 +238,7 @@ def build_not_analysed_sr(source: Dataset, reason: str, explanation: str, node: 
                                    relationship_type=RelationshipTypeValues.HAS_CONCEPT_MOD))
     if is_image(source):  # the library lists images only; a non-image source is still named in the evidence
         content.append(image_library(source))
-    statements: list[Dataset] = [
+    statements: list[ContentItem] = [
         CodeContentItem(name=codes.CAD_SUMMARY, value=codes.NONE_SUCCEEDED,
                         relationship_type=RelationshipTypeValues.CONTAINS),
         text(codes.NOT_ANALYSED_REASON, reason or "unknown"),

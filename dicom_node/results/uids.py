@@ -7,13 +7,11 @@ pydicom's registered root (1.2.826.0.1.3680043.8.498.), hashed from their source
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from pydicom.uid import PYDICOM_ROOT_UID, generate_uid
 
 from ai.model_info import ModelInfo
-
-KINDS = ("seg", "sr", "sc", "sr-not-analysed")
 
 
 def model_versions(models: Iterable[ModelInfo]) -> str:

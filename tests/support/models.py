@@ -3,9 +3,10 @@
 Tests that depend on the classifier say which installation they need (the ``with_classifier`` and
 ``without_classifier`` fixtures in ``tests/conftest.py``) instead of adapting to whatever is installed.
 
-A node finds a site's models through the config key ``models.directory``; each file there takes precedence over the bundled one in ``ai/models/``, and a file missing
-there is taken from the bundled folder. ``install_models`` therefore also points this process's bundled folder at
-the directory: in this process the installation is exact (a directory without a classifier means no classifier).
+A node finds a site's models through the config key ``models.directory``; each file there takes precedence over
+the bundled one in ``ai/models/``, and a file missing there is taken from the bundled folder. ``install_models``
+therefore also points this process's bundled folder at the directory: in this process the installation is exact (a
+directory without a classifier means no classifier).
 A node or CLI subprocess gets the directory through the config key's environment variable, but still falls back to
 the bundled classifier: only ``with_classifier`` describes a subprocess exactly.
 """

@@ -39,7 +39,7 @@ class Node:
     def db_url(self) -> str:
         return f"sqlite:///{self.storage_root / 'node.sqlite'}"
 
-    def start(self, timeout: float = 60.0) -> "Node":
+    def start(self, timeout: float = 60.0) -> Node:
         self.log_path = self.root / f"node-{int(time.time() * 1000)}.log"
         log = self.log_path.open("wb")
         self.proc = subprocess.Popen(self.args("serve"), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
