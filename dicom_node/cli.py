@@ -35,10 +35,11 @@ from . import __version__
 from .config import ConfigError, default_config_path, load_config, parse_set_options
 from .log_safety import setup_logging
 from .netsetup import configure_pynetdicom
+from .patient_key import PatientKeySecretError, backfill_patient_keys, load_or_create_secret
 from .runtime import Runtime, open_runtime
 
 LOG = logging.getLogger("dicom_node")
-COMMAND_MODULES: list[str] = []  # e.g. "cli_labels": dicom_node/cli_labels.py, see _command_modules
+COMMAND_MODULES: list[str] = ["cli_retrain"]  # e.g. "cli_labels": dicom_node/cli_labels.py, see _command_modules
 EXIT_CONFIG = 2
 EXIT_INCONSISTENT = 1  # dicom-node check: something was missing from the archive or the database
 
@@ -59,17 +60,19 @@ def _stop_on_signals(what_happens: str) -> threading.Event:
 def _cmd_serve(rt: Runtime) -> int:
     from .export import export_lease_seconds
     from .intake import Intake
-    from .scheduler import DATABASE_IDENTITY_JOB, LEASE_RECLAIM_JOB, NodeScheduler
+    from .retraining import recover_dead_runs, scheduled_retrain
+    from .scheduler import DATABASE_IDENTITY_JOB, LEASE_RECLAIM_JOB, TRAINING_JOB, NodeScheduler
     from .scp import StorageServer
 
     cfg = rt.config
     configure_pynetdicom(rt.archive.tmp_dir)  # process-wide, once: received datasets stream into tmp/
     if not cfg.network.allowed_calling_aets:
         LOG.warning("network.allowed_calling_aets is empty: every calling AE title is accepted")
-    if not _reconcile_at_start_up(rt):
+    secret = _patient_key_secret(rt)
+    if secret is None or not _reconcile_at_start_up(rt, secret) or not _backfill_patient_keys(rt, secret):
         return 1
     scheduler = NodeScheduler()  # every periodic task of this process is one of its jobs
-    intake = Intake(rt.archive, rt.engine, cfg.storage.duplicate_policy, cfg.limits)
+    intake = Intake(rt.archive, rt.engine, cfg.storage.duplicate_policy, cfg.limits, patient_key_secret=secret)
     server = StorageServer(cfg, intake)
     server.start()
     supervisor = None
@@ -90,6 +93,10 @@ def _cmd_serve(rt: Runtime) -> int:
             f"{d.name} ({d.peer})" for d in cfg.export.destinations))
     else:
         LOG.info("no export destinations configured: results stay under %s", rt.archive.root / "results")
+    recover_dead_runs(rt.engine)  # a training run killed with the last serve is marked failed
+    if cfg.training.schedule:
+        scheduler.cron(TRAINING_JOB, cfg.training.schedule, scheduled_retrain,
+                       args=(rt.engine, rt.archive.root, rt.config_path, rt.overrides, cfg.training.min_new_labels))
     scheduler.every(LEASE_RECLAIM_JOB, export_lease_seconds(cfg.export.deadline_seconds) / 4,
                     _reclaim_expired_leases, args=(rt.engine, cfg.export.max_attempts))
     guard = guard_of(rt.engine)
@@ -131,12 +138,34 @@ def _reclaim_expired_leases(engine: Engine, max_attempts: int) -> None:
         LOG.warning("%d export(s) whose exporter stopped while sending them (lease expired) taken back", count)
 
 
-def _reconcile_at_start_up(rt: Runtime) -> bool:
+def _patient_key_secret(rt: Runtime) -> bytes | None:
+    """The node's patient-key secret (made at first start); None, with an ERROR line, when it is unusable."""
+    try:
+        return load_or_create_secret(rt.archive.root)
+    except PatientKeySecretError as exc:
+        LOG.error("%s", exc)
+        return None
+
+
+def _backfill_patient_keys(rt: Runtime, secret: bytes) -> bool:
+    """Patient keys for rows from before schema version 3, from their archived files (once: later rows have one)."""
+    try:
+        count = backfill_patient_keys(rt.engine, rt.archive.root, secret, rt.config.limits)
+    except (SQLAlchemyError, OSError) as exc:
+        LOG.error("patient keys of older instance rows could not be set (%s)", exception_summary(exc))
+        return False
+    if count:
+        LOG.info("patient keys: %d instance row(s) from before schema version 3 keyed from their files", count)
+    return True
+
+
+def _reconcile_at_start_up(rt: Runtime, secret: bytes) -> bool:
     """Archive/database reconciliation before listening: one INFO line, WARNING when something did not agree."""
     from .reconcile import reconcile
 
     try:
-        report = reconcile(rt.archive, rt.engine, trigger="serve", limits=rt.config.limits)
+        report = reconcile(rt.archive, rt.engine, trigger="serve", limits=rt.config.limits,
+                           patient_key_secret=secret)
     except (SQLAlchemyError, OSError) as exc:
         LOG.error("start-up reconciliation of the archive with the database failed (%s); not listening",
                   exception_summary(exc))
@@ -154,8 +183,13 @@ def _cmd_check(rt: Runtime) -> int:
     """Reconcile now (as start-up does) and list what did not agree; exit 1 if anything did not."""
     from .reconcile import SETTLE_SECONDS_WHILE_SERVING, reconcile
 
+    secret = _patient_key_secret(rt)
+    if secret is None:
+        return EXIT_CONFIG
     report = reconcile(rt.archive, rt.engine, settle_seconds=SETTLE_SECONDS_WHILE_SERVING, trigger="check",
-                       limits=rt.config.limits)
+                       limits=rt.config.limits, patient_key_secret=secret)
+    if not _backfill_patient_keys(rt, secret):
+        return EXIT_CONFIG
     print(f"storage root : {rt.archive.root}")
     print(f"database     : {rt.engine.url.render_as_string(hide_password=True)}")
     print(f"archived files        {report.files:>8}")

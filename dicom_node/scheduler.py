@@ -19,8 +19,12 @@ job id                            every                                       wh
 destination                       first at start-up                           (``dicom_node.export``)
 ================================  ==========================================  ====================================
 
-A later issue adds the training schedule here. Analysis jobs have no sweep: a worker does not renew its lease while
-it analyses, so a job whose lease expired is taken back only by the next worker that claims it (``db.queue``), and a
+``training``, at the cron expression ``training.schedule`` (off by default; local time): ``dicom_node.retraining
+.scheduled_retrain`` starts ``dicom-node retrain`` as a process of its own when no run is running and at least
+``training.min_new_labels`` labels came since the last successful run.
+
+Analysis jobs have no sweep: a worker does not renew its lease while it analyses, so a job whose lease expired
+is taken back only by the next worker that claims it (``db.queue``), and a
 slow worker alone keeps its job; a live exporter renews its lease before every step, so only a dead exporter's lease
 expires. When the database guard trips (``DatabaseGuard.on_trip``), ``serve`` removes the database jobs (identity
 check, lease reclaim) and stops the exporter: every one of their runs would fail until the restart.
@@ -56,6 +60,7 @@ DEFAULT_THREADS = 4
 DATABASE_IDENTITY_JOB = "database-identity"
 LEASE_RECLAIM_JOB = "lease-reclaim"
 WORKERS_JOB = "workers"
+TRAINING_JOB = "training"
 
 
 class _DropSkippedRuns(logging.Filter):
@@ -95,6 +100,7 @@ class NodeScheduler:
             executors={DEFAULT_EXECUTOR: ThreadPoolExecutor(DEFAULT_THREADS)},
             job_defaults={"max_instances": 1, "coalesce": True, "misfire_grace_time": None})
         self._periods: dict[str, float] = {}
+        self._crons: dict[str, str] = {}
         self._executors = {DEFAULT_EXECUTOR}
 
     # -- life cycle ------------------------------------------------------------------------------------------
@@ -132,6 +138,18 @@ class NodeScheduler:
                                 name=job_id, executor=executor, replace_existing=True, **first)
         self._periods[job_id] = seconds
 
+    def cron(self, job_id: str, expression: str, func: Callable[..., Any], *, args: tuple[Any, ...] = (),
+             executor: str = DEFAULT_EXECUTOR) -> None:
+        """Run ``func(*args)`` at the times of a crontab ``expression`` (minute hour day month day-of-week), in
+        the machine's local time zone (what an admin means by "02:00")."""
+        from apscheduler.triggers.cron import CronTrigger
+        from tzlocal import get_localzone
+
+        trigger = CronTrigger.from_crontab(expression, timezone=get_localzone())
+        self._scheduler.add_job(_logged(job_id, func), trigger, args=list(args), id=job_id, name=job_id,
+                                executor=executor, replace_existing=True)
+        self._crons[job_id] = expression
+
     def run_now(self, job_id: str) -> bool:
         """Bring the next run of ``job_id`` forward to now; False when there is no such job (any more) or the
         scheduler is not running."""
@@ -144,6 +162,7 @@ class NodeScheduler:
     def remove(self, job_id: str) -> None:
         """No further runs of ``job_id`` (a run in progress finishes); nothing happens if there is no such job."""
         self._periods.pop(job_id, None)
+        self._crons.pop(job_id, None)
         try:
             self._scheduler.remove_job(job_id)
         except JobLookupError:
@@ -153,8 +172,9 @@ class NodeScheduler:
         return [job.id for job in self._scheduler.get_jobs()]
 
     def describe(self) -> str:
-        """"id every N s" for each periodic job, for the start-up log line."""
-        return ", ".join(f"{escape(job_id)} every {seconds:g} s" for job_id, seconds in self._periods.items())
+        """"id every N s" (or "id at CRON") for each job, for the start-up log line."""
+        periodic = [f"{escape(job_id)} every {seconds:g} s" for job_id, seconds in self._periods.items()]
+        return ", ".join(periodic + [f"{escape(job_id)} at '{escape(expr)}'" for job_id, expr in self._crons.items()])
 
 
 def _logged(job_id: str, func: Callable[..., Any]) -> Callable[..., None]:
