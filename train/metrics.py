@@ -61,11 +61,13 @@ def roc_auc(y_true, scores) -> float:
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def delong_variance(y_true, scores) -> tuple[float, float]:
-    """(AUC, variance of the AUC) by DeLong et al. (1988) with the fast mid-rank algorithm of Sun & Xu (2014).
+def delong_components(y_true, scores) -> tuple[float, np.ndarray, np.ndarray]:
+    """(AUC, V10, V01): DeLong et al. (1988)'s structural components by the fast mid-rank algorithm of Sun & Xu
+    (2014).
 
-    The structural components V10 (per positive: share of negatives it outranks) and V01 (per negative: share of
-    positives that outrank it) come from three mid-rankings, O(n log n) instead of DeLong's O(n_pos * n_neg) pairs.
+    V10 (per positive: share of negatives it outranks) and V01 (per negative: share of positives that outrank it)
+    come from three mid-rankings, O(n log n) instead of DeLong's O(n_pos * n_neg) pairs. Their means are the AUC;
+    their (co)variances give the AUC's variance and, for two scores of the same cases, the paired test.
     """
     y, s = _binary(y_true, scores)
     pos, neg = s[y], s[~y]
@@ -77,8 +79,14 @@ def delong_variance(y_true, scores) -> tuple[float, float]:
     auc = (tz[:m].sum() / m - (m + 1) / 2) / n
     v10 = (tz[:m] - tx) / n  # per positive
     v01 = 1.0 - (tz[m:] - ty) / m  # per negative
-    variance = v10.var(ddof=1) / m + v01.var(ddof=1) / n
-    return float(auc), float(variance)
+    return float(auc), v10, v01
+
+
+def delong_variance(y_true, scores) -> tuple[float, float]:
+    """(AUC, variance of the AUC) by DeLong et al. (1988) from ``delong_components``."""
+    auc, v10, v01 = delong_components(y_true, scores)
+    variance = v10.var(ddof=1) / v10.size + v01.var(ddof=1) / v01.size
+    return auc, float(variance)
 
 
 def auc_confidence_interval(y_true, scores, level: float = 0.95) -> tuple[float, float, float]:
