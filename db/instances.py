@@ -13,7 +13,8 @@ from .models import Event, Instance, Job, JobState, utcnow
 
 @dataclass(frozen=True)
 class ReceivedInstance:
-    """Technical facts about one archived file; no patient name or ID by design."""
+    """Technical facts about one archived file; no patient name or ID by design, only the pseudonymous
+    ``patient_key`` (``dicom_node.patient_key``; None when the builder was given no secret)."""
 
     sop_instance_uid: str
     sop_class_uid: str
@@ -28,6 +29,7 @@ class ReceivedInstance:
     transfer_syntax_uid: str
     in_scope: bool
     scope_reason: str
+    patient_key: str | None = None
 
 
 @dataclass(frozen=True)

@@ -61,11 +61,12 @@ class Intake:
     """Stores received datasets durably and queues them; one instance serves every association thread."""
 
     def __init__(self, archive: Archive, engine: Engine, duplicate_policy: str,
-                 limits: ImageLimits = DEFAULT_LIMITS) -> None:
+                 limits: ImageLimits = DEFAULT_LIMITS, patient_key_secret: bytes | None = None) -> None:
         self.archive = archive
         self.engine = engine
         self.duplicate_policy = duplicate_policy
         self.limits = limits
+        self.patient_key_secret = patient_key_secret  # dicom_node.patient_key; None: rows get no key
         self.reception = ReceptionGuard(archive)  # its pynetdicom hooks are bound by the Storage SCP
         # Two associations storing the same SOP Instance UID at once are serialised by these locks.
         self._locks = [threading.Lock() for _ in range(LOCK_STRIPES)]
@@ -127,7 +128,8 @@ class Intake:
 
         try:
             record = received_instance(ds, self.archive, uids=uids, calling_aet=calling_aet, size_bytes=size,
-                                       sha256=sha256_of(tmp_file), transfer_syntax_uid=transfer_syntax)
+                                       sha256=sha256_of(tmp_file), transfer_syntax_uid=transfer_syntax,
+                                       patient_key_secret=self.patient_key_secret)
         except OSError as exc:
             return StoreOutcome(OUT_OF_RESOURCES, "received file cannot be read", exception_summary(exc))
         except Exception as exc:

@@ -27,6 +27,7 @@ from ai.safe_text import SafeMessage, exception_summary
 from db.instances import ReceivedInstance
 
 from .archive import Archive, InvalidUID, check_uid, sha256_of
+from .patient_key import patient_key
 
 NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2"}
 
@@ -82,12 +83,15 @@ def pixel_data_shortfall(ds: Dataset, file_size: int) -> str | None:
 
 
 def received_instance(ds: Dataset, archive: Archive, *, calling_aet: str, size_bytes: int, sha256: str,
-                      transfer_syntax_uid: str, uids: InstanceUIDs | None = None) -> ReceivedInstance:
+                      transfer_syntax_uid: str, uids: InstanceUIDs | None = None,
+                      patient_key_secret: bytes | None = None) -> ReceivedInstance:
     """The intake's record of ``ds`` (read with deferred values): its UIDs (``uids`` when the caller has checked
-    them already, else ``checked_uids``), the archive path they give, the technical facts passed in and the scope
-    verdict. Raises ``InvalidUID`` for a bad UID, and whatever ``header_scope`` raises for an unreadable header."""
+    them already, else ``checked_uids``), the archive path they give, the technical facts passed in, the scope
+    verdict and, given the node's secret, the patient key. Raises ``InvalidUID`` for a bad UID, and whatever
+    ``header_scope`` raises for an unreadable header."""
     uids = uids if uids is not None else checked_uids(ds)
     verdict = header_scope(ds)
+    key = patient_key(ds, patient_key_secret) if patient_key_secret is not None else None
     return ReceivedInstance(
         sop_instance_uid=uids.sop_instance,
         sop_class_uid=uids.sop_class,
@@ -102,11 +106,13 @@ def received_instance(ds: Dataset, archive: Archive, *, calling_aet: str, size_b
         transfer_syntax_uid=transfer_syntax_uid,
         in_scope=verdict.in_scope,
         scope_reason=verdict.reason,
+        patient_key=key,
     )
 
 
 def received_instance_from_file(path: Path, archive: Archive, calling_aet: str,
-                                limits: ImageLimits = DEFAULT_LIMITS) -> tuple[ReceivedInstance, datetime]:
+                                limits: ImageLimits = DEFAULT_LIMITS, patient_key_secret: bytes | None = None,
+                                ) -> tuple[ReceivedInstance, datetime]:
     """The record for an archived file and the time it was received (its modification time, naive UTC).
 
     The file is read as the intake reads a reception (``read_dataset_bounded`` with the node's size limits).
@@ -120,7 +126,7 @@ def received_instance_from_file(path: Path, archive: Archive, calling_aet: str,
         if short is not None:
             raise NotRegistrable(short)
         record = received_instance(ds, archive, calling_aet=calling_aet, size_bytes=st.st_size, sha256="",
-                                   transfer_syntax_uid=syntax)
+                                   transfer_syntax_uid=syntax, patient_key_secret=patient_key_secret)
     except (NotRegistrable, InvalidUID) as exc:
         raise NotRegistrable(str(exc)) from None
     except ImageTooLarge as exc:

@@ -113,8 +113,9 @@ def archive_files(archive: Archive) -> set[str]:
 
 
 def reconcile(archive: Archive, engine: Engine, *, settle_seconds: float = 0.0, trigger: str = "serve",
-              limits: ImageLimits = DEFAULT_LIMITS) -> ReconcileReport:
-    """Re-register unknown archive files, report rows without a file, record the counts; see the module docstring."""
+              limits: ImageLimits = DEFAULT_LIMITS, patient_key_secret: bytes | None = None) -> ReconcileReport:
+    """Re-register unknown archive files, report rows without a file, record the counts; see the module docstring.
+    Re-registered rows get their patient key when ``patient_key_secret`` is given (``dicom_node.patient_key``)."""
     started = time.perf_counter()
     report = ReconcileReport()
     known = known_archive_paths(engine)  # before the walk: see the module docstring
@@ -146,7 +147,8 @@ def reconcile(archive: Archive, engine: Engine, *, settle_seconds: float = 0.0, 
             if settle_seconds and now - absolute.stat().st_mtime < settle_seconds:
                 report.recent += 1
                 continue
-            pending.append(received_instance_from_file(absolute, archive, RECONCILED_AET, limits))
+            pending.append(received_instance_from_file(absolute, archive, RECONCILED_AET, limits,
+                                                       patient_key_secret))
         except FileNotFoundError:
             report.files -= 1  # moved away meanwhile (a duplicate set aside): not an archived instance any more
         except NotRegistrable as exc:
