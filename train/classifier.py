@@ -27,18 +27,21 @@ import csv
 import json
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from ai import checkpoint
+from ai.input_check import check_lung_fields
 from ai.lung_crop import classifier_input
 from ai.lungs import postprocess_probability
 from ai.normalise import normalise
 from ai.resnet import PROFUSION_CATEGORIES, PneumoconiosisNet
+from ai.segment import LungSegmenter
 
 from .engine import Batch, FitConfig, fit, resolve_device, seed_everything
 from .folds import BRIGHTNESS_RANGE, brightness_levels, check_no_leakage, stratified_group_kfold
@@ -80,27 +83,73 @@ def read_items(data: Path) -> list[Item]:
     return items
 
 
-def prepare_inputs(items: list[Item], size: int, margin: float, suppress: bool) -> torch.Tensor:
-    """(N, 1, size, size) uint8 classifier inputs, made once (the lung U-Net runs only where no mask exists)."""
+class RefusedInput(ValueError):
+    """The node's input check refuses an image's lung fields: inference would never classify it."""
+
+
+def input_pixels(item: Item, size: int, margin: float, suppress: bool, segmenter: Callable[[], LungSegmenter],
+                 check_lungs: bool = False) -> np.ndarray:
+    """One item's (size, size) uint8 classifier input, made the way inference makes it (``ai.lung_crop``).
+
+    The lung fields come from the item's mask file or, without one, from ``segmenter()`` (called only then);
+    ``check_lungs`` applies the node's input check to the U-Net's fields and raises ``RefusedInput``."""
     from PIL import Image
 
-    out = torch.empty((len(items), 1, size, size), dtype=torch.uint8)
-    segmenter = None
-    for i, item in enumerate(items):
-        image = normalise(item.image)
-        if item.mask is not None:
-            with Image.open(item.mask) as m:
-                mask = np.asarray(m.convert("L").resize(image.pixels.shape[::-1]), dtype=np.float32) / 255
-            labels = postprocess_probability(mask)
-        else:
-            if segmenter is None:
+    image = normalise(item.image)
+    if item.mask is not None:
+        with Image.open(item.mask) as m:
+            mask = np.asarray(m.convert("L").resize(image.pixels.shape[::-1]), dtype=np.float32) / 255
+        labels = postprocess_probability(mask)
+    else:
+        seg = segmenter().segment([image])[0]
+        if check_lungs:
+            check = check_lung_fields(seg.labels, seg.confidence)
+            if not check.accepted:
+                raise RefusedInput(check.reason)
+        labels = seg.labels
+    x, _ = classifier_input(image, labels, size, margin, suppress)
+    return np.round(x * 255).astype(np.uint8)
+
+
+@dataclass
+class Inputs:
+    """The classifier inputs of the items the input check kept, and why the others were refused."""
+
+    x: torch.Tensor  # (len(kept), 1, size, size) uint8
+    kept: list[int]  # indices into the items, in order
+    refused: dict[int, str]  # index -> the input check's reason
+
+
+def prepare_inputs(items: list[Item], size: int, margin: float, suppress: bool, segmenter: Path | None = None, *,
+                   check_lungs: bool = False, on_item: Callable[[int, int], None] | None = None) -> Inputs:
+    """Every item's classifier input, made once. ``segmenter``: the lung U-Net file to use where an item has no
+    mask (a node's current one), default the node's bundled or installed one (``ai.models.lung_segmenter``);
+    ``on_item(done, total)`` after each item (progress)."""
+    loaded: list[LungSegmenter] = []
+
+    def get_segmenter() -> LungSegmenter:
+        if not loaded:
+            if segmenter is not None:
+                loaded.append(LungSegmenter(segmenter, torch.device("cpu")))
+            else:
                 from ai.models import lung_segmenter
 
-                segmenter = lung_segmenter()
-            labels = segmenter.segment([image])[0].labels
-        x, _ = classifier_input(image, labels, size, margin, suppress)
-        out[i, 0] = torch.from_numpy(np.round(x * 255).astype(np.uint8))
-    return out
+                loaded.append(lung_segmenter())
+        return loaded[0]
+
+    rows: list[np.ndarray] = []
+    kept: list[int] = []
+    refused: dict[int, str] = {}
+    for i, item in enumerate(items):
+        try:
+            rows.append(input_pixels(item, size, margin, suppress, get_segmenter, check_lungs))
+            kept.append(i)
+        except RefusedInput as exc:
+            refused[i] = str(exc)
+        if on_item is not None:
+            on_item(i + 1, len(items))
+    x = torch.from_numpy(np.stack(rows)[:, None]) if rows else torch.empty((0, 1, size, size), dtype=torch.uint8)
+    return Inputs(x, kept, refused)
 
 
 def make_loss(alpha_b: float, gamma_b: float, alpha_p: float | None, gamma_p: float, with_profusion: bool) -> LossFn:
@@ -171,7 +220,7 @@ def choose_threshold(rule: str, y: np.ndarray, p: np.ndarray) -> float:
     raise ValueError(f"unknown threshold rule {rule!r} (youden or sensitivity:0.90)")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="folder with labels.csv, or a CSV file")
     parser.add_argument("--out", type=Path, required=True)
@@ -200,7 +249,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--limit", type=int, default=0, help="use only the first N images (smoke runs)")
     parser.add_argument("--no-progress", action="store_true")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def protocol_args(out: Path, **settings: Any) -> argparse.Namespace:
+    """The protocol's settings for a caller other than this command line (``train.retrain``): the command's
+    defaults with ``settings`` (argument names with underscores) applied; an unknown name is an error."""
+    args = parse_args(["--data", "", "--out", str(out)])
+    unknown = sorted(set(settings) - set(vars(args)))
+    if unknown:
+        raise ValueError(f"unknown protocol settings: {', '.join(unknown)}")
+    for name, value in settings.items():
+        setattr(args, name, value)
+    return args
+
+
+ProgressFn = Callable[[str, float], None]
+"""``(stage, fraction)``: what the protocol is doing and how much of it (0-1) is done, once per epoch."""
 
 
 @dataclass
@@ -215,21 +284,26 @@ class CrossValidation:
     init: str  # how the models were initialised ("scratch" or "imagenet:<path>")
 
 
-def cross_validate(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, items: list[Item],
+def cross_validate(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, groups: list[str],
                    folds: list[tuple[np.ndarray, np.ndarray]], levels: list[float] | None, loss_fn: LossFn,
-                   with_profusion: bool, device: torch.device) -> CrossValidation:
+                   with_profusion: bool, device: torch.device, on_progress: ProgressFn | None = None
+                   ) -> CrossValidation:
     """Step 4: one model per fold, trained on the other folds (augmented) and evaluated on its own."""
     present = y[:, 0].numpy()
-    cv = CrossValidation(np.zeros(len(items)), np.zeros((len(items), PROFUSION_CATEGORIES)), [], [], [], "scratch")
+    n = len(groups)
+    cv = CrossValidation(np.zeros(n), np.zeros((n, PROFUSION_CATEGORIES)), [], [], [], "scratch")
     for k, (train_idx, val_idx) in enumerate(folds, start=1):
-        check_no_leakage(train_idx, val_idx, [i.group for i in items])
+        check_no_leakage(train_idx, val_idx, groups)
         generator = seed_everything(args.seed + k)
         model = PneumoconiosisNet.create(imagenet_weights=args.imagenet_weights)
         cv.init = model.init
         cfg = FitConfig(epochs=args.epochs, lr=args.lr, patience=args.patience, device=args.device,
                         seed=args.seed + k, out_dir=args.out / f"fold{k:02d}", progress=not args.no_progress)
 
-        def train_batches(epoch: int, t: np.ndarray = train_idx) -> Iterable[Batch]:
+        def train_batches(epoch: int, t: np.ndarray = train_idx, k: int = k) -> Iterable[Batch]:
+            if on_progress is not None:  # fit asks for each epoch's batches at its start
+                on_progress(f"fold {k}/{len(folds)} epoch {epoch + 1}/{args.epochs}",
+                            ((k - 1) * args.epochs + epoch) / ((len(folds) + 1) * args.epochs))
             return batches(x, y, t, args.batch_size, args.seed + epoch, levels)
 
         def val_batches(v: np.ndarray = val_idx) -> Iterable[Batch]:
@@ -255,9 +329,10 @@ def cross_validate(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, i
     return cv
 
 
-def pooled_results(args: argparse.Namespace, cv: CrossValidation, y: torch.Tensor, items: list[Item],
+def pooled_results(args: argparse.Namespace, cv: CrossValidation, y: torch.Tensor, names: list[str],
                    with_profusion: bool) -> tuple[dict, float]:
-    """Step 5: the pooled out-of-fold metrics at the chosen threshold, the figures and oof.npz."""
+    """Step 5: the pooled out-of-fold metrics at the chosen threshold, the figures and oof.npz (images named by
+    ``names``)."""
     present = y[:, 0].numpy()
     threshold = choose_threshold(args.threshold_rule, present, cv.prob)
     pooled = {"fold": "pooled", **binary_summary(present, cv.prob, threshold)}
@@ -270,14 +345,13 @@ def pooled_results(args: argparse.Namespace, cv: CrossValidation, y: torch.Tenso
         mc = multiclass_metrics(y[:, 1].numpy()[known], cv.category[known])
         pooled.update(profusion_accuracy=mc["accuracy"], qwk=mc["qwk"])
         plot_confusion(mc["confusion"], ["0", "1", "2", "3"], args.out / "confusion_profusion.png")
-    np.savez(args.out / "oof.npz", prob=cv.prob, category=cv.category, present=present,
-             files=np.array([str(i.image) for i in items]))
+    np.savez(args.out / "oof.npz", prob=cv.prob, category=cv.category, present=present, files=np.array(names))
     return pooled, threshold
 
 
 def run_summary(args: argparse.Namespace, items: list[Item], pooled: dict, threshold: float, init: str,
-                with_profusion: bool, device: torch.device) -> dict:
-    """The report's summary: data, protocol settings and the pooled result."""
+                with_profusion: bool, device: torch.device, data: str) -> dict:
+    """The report's summary: data (``data`` says what they are), protocol settings and the pooled result."""
     return {
         "title": "Classifier cross-validation", "pooled": pooled, "class_names": ["absent", "present"],
         "images": len(items), "groups": len({i.group for i in items}), "positives": sum(i.present for i in items),
@@ -286,18 +360,26 @@ def run_summary(args: argparse.Namespace, items: list[Item], pooled: dict, thres
         "augmentation": args.augment, "focal_binary": [args.focal_alpha, args.focal_gamma],
         "focal_profusion": [args.profusion_alpha, args.profusion_gamma] if with_profusion else None,
         "initialisation": init, "threshold_rule": args.threshold_rule, "threshold": threshold,
-        "device": str(device), "seed": args.seed, "data": str(args.data),
+        "device": str(device), "seed": args.seed, "data": data,
     }
 
 
 def train_final(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, per_fold: list[dict],
-                levels: list[float] | None, loss_fn: LossFn) -> tuple[PneumoconiosisNet, int]:
+                levels: list[float] | None, loss_fn: LossFn, on_progress: ProgressFn | None = None
+                ) -> tuple[PneumoconiosisNet, int]:
     """Step 6: a model on all data for the median best epoch of the folds (no early stopping)."""
     epochs = max(1, int(statistics.median(r["best_epoch"] for r in per_fold)))
     model = PneumoconiosisNet.create(imagenet_weights=args.imagenet_weights)
     everything = np.arange(len(x))
     generator = seed_everything(args.seed)
-    fit(model, train_batches=lambda epoch: batches(x, y, everything, args.batch_size, args.seed + epoch, levels),
+    done_before = len(per_fold) / (len(per_fold) + 1)
+
+    def train_batches(epoch: int) -> Iterable[Batch]:
+        if on_progress is not None:
+            on_progress(f"final model epoch {epoch + 1}/{epochs}", done_before + epoch / epochs / (len(per_fold) + 1))
+        return batches(x, y, everything, args.batch_size, args.seed + epoch, levels)
+
+    fit(model, train_batches=train_batches,
         val_batches=lambda: batches(x, y, everything[:64], 64, None), loss_fn=loss_fn, score_fn=auc_score,
         cfg=FitConfig(epochs=epochs, lr=args.lr, patience=epochs + 1, device=args.device, seed=args.seed,
                       out_dir=args.out / "final", progress=not args.no_progress),
@@ -305,59 +387,99 @@ def train_final(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, per_
     return model, epochs
 
 
+@dataclass
+class ProtocolOutcome:
+    """What ``run_protocol`` found: the cross-validation, its pooled metrics and threshold, the report's summary,
+    and the final model (None unless asked for)."""
+
+    cv: CrossValidation
+    pooled: dict
+    threshold: float
+    summary: dict
+    model: PneumoconiosisNet | None = None
+    final_epochs: int | None = None
+
+
+def run_protocol(args: argparse.Namespace, items: list[Item], x: torch.Tensor, *, names: list[str], data: str,
+                 final: bool, on_progress: ProgressFn | None = None) -> ProtocolOutcome:
+    """Steps 3-6 on prepared inputs ``x`` (one row per item): patient-grouped stratified folds, one model per
+    fold, pooled out-of-fold metrics and figures (images named by ``names`` in oof.npz), the threshold from the
+    pooled out-of-fold predictions and, with ``final``, the model trained on all items."""
+    device = resolve_device(args.device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with_profusion = any(i.category >= 0 for i in items)
+    y = torch.tensor([[i.present, i.category] for i in items], dtype=torch.long)
+    groups = [i.group for i in items]
+
+    # 3. Folds, grouped by patient, stratified by the label
+    strata = [f"{i.present}/{i.category}" for i in items]
+    folds = stratified_group_kfold(strata, groups, k=args.folds, seed=args.seed)
+    levels = brightness_levels(8) if args.augment == "copies" else None
+
+    # 4. One model per fold
+    loss_fn = make_loss(args.focal_alpha, args.focal_gamma, args.profusion_alpha, args.profusion_gamma,
+                        with_profusion)
+    cv = cross_validate(args, x, y, groups, folds, levels, loss_fn, with_profusion, device, on_progress)
+
+    # 5. Pooled out-of-fold results, threshold, figures
+    pooled, threshold = pooled_results(args, cv, y, names, with_profusion)
+    outcome = ProtocolOutcome(cv, pooled, threshold,
+                              run_summary(args, items, pooled, threshold, cv.init, with_profusion, device, data))
+
+    # 6. Final model on all data
+    if final:
+        outcome.model, outcome.final_epochs = train_final(args, x, y, cv.per_fold, levels, loss_fn, on_progress)
+        outcome.summary["final_epochs"] = outcome.final_epochs
+    if on_progress is not None:
+        on_progress("protocol done", 1.0)
+    return outcome
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    device = resolve_device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
 
     # 1-2. Data and inputs
     items = read_items(args.data)
     if args.limit:
         items = items[:args.limit]
-    with_profusion = any(i.category >= 0 for i in items)
-    x = prepare_inputs(items, args.size, args.margin, args.suppress_outside)
-    y = torch.tensor([[i.present, i.category] for i in items], dtype=torch.long)
+    x = prepare_inputs(items, args.size, args.margin, args.suppress_outside).x
 
-    # 3. Folds, grouped by patient, stratified by the label
-    strata = [f"{i.present}/{i.category}" for i in items]
-    folds = stratified_group_kfold(strata, [i.group for i in items], k=args.folds, seed=args.seed)
-    levels = brightness_levels(8) if args.augment == "copies" else None
-
-    # 4. One model per fold
-    loss_fn = make_loss(args.focal_alpha, args.focal_gamma, args.profusion_alpha, args.profusion_gamma,
-                        with_profusion)
-    cv = cross_validate(args, x, y, items, folds, levels, loss_fn, with_profusion, device)
-
-    # 5. Pooled out-of-fold results, threshold, figures, report
-    pooled, threshold = pooled_results(args, cv, y, items, with_profusion)
-    summary = run_summary(args, items, pooled, threshold, cv.init, with_profusion, device)
-
-    # 6. Final model on all data
-    if args.final:
-        model, epochs = train_final(args, x, y, cv.per_fold, levels, loss_fn)
-        export_classifier(model, args.out / "classifier.pt", args, threshold, cv.init, epochs, pooled)
-        summary["final_epochs"] = epochs
-    summary["seconds"] = round(time.perf_counter() - started, 1)
-    write_report(args.out, summary, cv.per_fold)
+    # 3-6. The protocol
+    outcome = run_protocol(args, items, x, names=[str(i.image) for i in items], data=str(args.data),
+                           final=args.final)
+    if outcome.model is not None and outcome.final_epochs is not None:
+        export_classifier(outcome.model, args.out / "classifier.pt", args, outcome.threshold, outcome.cv.init,
+                          outcome.final_epochs, outcome.pooled)
+    outcome.summary["seconds"] = round(time.perf_counter() - started, 1)
+    write_report(args.out, outcome.summary, outcome.cv.per_fold)
+    pooled = outcome.pooled
     print(json.dumps({k: pooled[k] for k in ("accuracy", "auc", "auc_ci", "sensitivity", "specificity")}))
     return 0
 
 
-def export_classifier(model: PneumoconiosisNet, path: Path, args: argparse.Namespace, threshold: float, init: str,
-                      epochs: int, pooled: dict) -> None:
-    """The model file (``ai.checkpoint``): half-precision weights with everything inference and the model card
-    need."""
-    checkpoint.save(path, model.state_dict(), {
+def classifier_fields(args: argparse.Namespace, threshold: float, init: str, epochs: int, pooled: dict
+                      ) -> dict[str, Any]:
+    """The model file's fields (``ai.checkpoint``): everything inference and the model card need."""
+    return {
         "name": MODEL_NAME, "version": args.version, "threshold": threshold,
         "threshold_rule": args.threshold_rule, "input_size": args.size, "margin": args.margin,
         "suppress_outside": args.suppress_outside, "initialisation": init, "epochs": epochs,
         "trained_on": args.trained_on, "notice": args.notice,
         "cross_validation": {k: pooled.get(k) for k in ("accuracy", "auc", "auc_ci", "sensitivity", "specificity",
                                                         "qwk")},
-    }, required=checkpoint.CLASSIFIER_FIELDS)
+    }
+
+
+def export_classifier(model: PneumoconiosisNet, path: Path, args: argparse.Namespace, threshold: float, init: str,
+                      epochs: int, pooled: dict, extra: Mapping[str, Any] | None = None) -> None:
+    """The model file: half-precision weights with ``classifier_fields`` and ``extra`` (which may override
+    them)."""
+    checkpoint.save(path, model.state_dict(), {**classifier_fields(args, threshold, init, epochs, pooled),
+                                               **(extra or {})}, required=checkpoint.CLASSIFIER_FIELDS)
 
 
 if __name__ == "__main__":
