@@ -63,6 +63,10 @@ MODEL_NOTICE = _code("NOTICE", PRIVATE_SCHEME, "Model notice")
 NODE_NOTE = _code("NOTE", PRIVATE_SCHEME, "CAD node note")
 NOT_ANALYSED_REASON = _code("REASON", PRIVATE_SCHEME, "Reason not analysed")
 NOT_ANALYSED_EXPLANATION = _code("EXPLANATION", PRIVATE_SCHEME, "Why not analysed")
+# a reading station's verdict on one of our SRs (imported as a label by dicom_node.labels_sr; docs/labels.md)
+REVIEW = _code("REVIEW", PRIVATE_SCHEME, "CAD result review")
+ACCEPTED = _code("ACCEPTED", PRIVATE_SCHEME, "CAD result accepted")
+REJECTED = _code("REJECTED", PRIVATE_SCHEME, "CAD result rejected")
 
 ZONE_SITES = {  # classifier zone key -> (zone of lung, laterality)
     "right_upper": (UPPER_ZONE, RIGHT), "right_middle": (MIDDLE_ZONE, RIGHT), "right_lower": (LOWER_ZONE, RIGHT),
