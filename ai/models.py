@@ -54,11 +54,17 @@ def _load_classifier(path: Path, device: str) -> PneumoconiosisClassifier:
     return PneumoconiosisClassifier(path, torch.device(device))
 
 
-def pneumoconiosis_classifier(device: str | None = None, model_dir: ModelDir = None
+def pneumoconiosis_classifier(device: str | None = None, model_dir: ModelDir = None, path: Path | str | None = None
                               ) -> PneumoconiosisClassifier | None:
-    """The installed classifier, or None while no classifier file is installed (lung fields only)."""
-    path = model_path(CLASSIFIER, model_dir)
-    if not path.is_file():
-        return None
+    """The classifier of file ``path`` (the registry's champion; FileNotFoundError when it is missing), else the
+    installed one, or None while no classifier file is installed (lung fields only)."""
+    if path is not None:
+        chosen = Path(path)
+        if not chosen.is_file():
+            raise FileNotFoundError(f"classifier file {chosen.name} not found")
+    else:
+        chosen = model_path(CLASSIFIER, model_dir)
+        if not chosen.is_file():
+            return None
     with _lock:
-        return _load_classifier(path, str(select_device(device)))
+        return _load_classifier(chosen, str(select_device(device)))

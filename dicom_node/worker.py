@@ -8,9 +8,10 @@ archived source (``_read``), *analyse* the readable ones in one call of the inje
 in one fenced transaction (``db.results.finish_job``). Whether a source is one of the node's own results is
 ``dicom_node.results.identity.is_own_result``; the node's identity comes from ``NodeIdentity.from_config``.
 
-One worker is one process (the models load once per process). ``dicom-node serve`` supervises
-``worker.processes`` of them; ``dicom-node worker`` runs one alone, e.g. on a GPU host that shares the database
-and the storage root. Outcomes per job:
+One worker is one process (the models load once per process). Before each claim it looks up the registry's
+champion (``dicom_node.champion``): a promotion or a rollback reaches its next batch without a restart.
+``dicom-node serve`` supervises ``worker.processes`` of them; ``dicom-node worker`` runs one alone, e.g. on a GPU
+host that shares the database and the storage root. Outcomes per job:
 
 - analysed: SEG + SR + heat-map SC, job ``done``;
 - refused by header or pixels (not a frontal chest, ...): a "not analysed" SR with the reason, job ``not_analysed``;
@@ -54,6 +55,7 @@ from db.queue import ClaimedJob, claim, fail
 from db.results import ResultFile, finish_job
 
 from .archive import Archive
+from .champion import ChampionWatch
 from .config import NodeConfig
 from .log_safety import format_exception_safely
 from .result_store import ResultStore
@@ -128,8 +130,12 @@ class Worker:
         device = config.worker.device
         self.device = None if device == "auto" else device
         self.model_dir = config.models.directory
-        # what the analysis needs besides the images: the site's models (models.directory) and the image limits
-        self.analysis_options: dict[str, Any] = {"model_dir": self.model_dir, "limits": self.limits}
+        # what the analysis needs besides the images: the site's models (models.directory), the image limits and
+        # the registry champion's classifier file (None: the installed one), looked up between batches
+        self.analysis_options: dict[str, Any] = {"model_dir": self.model_dir, "limits": self.limits,
+                                                 "classifier_path": None}
+        self.champion = ChampionWatch(engine, archive.root, device=self.device, model_dir=self.model_dir,
+                                      worker=self.owner)
         self.export_routes = config.export.routes  # destination -> result kinds
 
     # -- loop -------------------------------------------------------------------------------------------------
@@ -159,7 +165,9 @@ class Worker:
         """Claim up to ``worker.batch_size`` waiting jobs and process them; returns how many were claimed.
 
         A job taken back from a worker that died (or hung) is processed alone, after the others: if it kills this
-        worker too, it takes no batch-mate with it."""
+        worker too, it takes no batch-mate with it. The registry's champion is looked up first: a promotion or a
+        rollback reaches the next batch (``dicom_node.champion``)."""
+        self.analysis_options["classifier_path"] = self.champion.refresh()
         jobs = self._claim()
         fresh = [j for j in jobs if not j.taken_back]
         if fresh:
@@ -325,7 +333,7 @@ class Worker:
         header, else on a minimal one); only if that fails, with no object (``finish_job`` then records the audit
         event that ``dicom-node status`` counts)."""
         source = task.source if task.source is not None else self._header_only(task.job)
-        models = _model_descriptions(self.device, self.model_dir)
+        models = _model_descriptions(self.device, self.model_dir, self.analysis_options["classifier_path"])
         files: list[ResultFile] = []
         notes: list[tuple[str, str]] = []
         if source is not None:
@@ -379,15 +387,17 @@ def modality_of(sop_class_uid: str) -> str:
             "1.2.840.10008.5.1.4.1.1.1.1.1": "DX"}.get(sop_class_uid, "OT")
 
 
-def _model_descriptions(device: str | None = None, model_dir: Path | None = None) -> list[ModelInfo]:
-    """The installed models as an analysis would name them (for SRs of jobs that never reached the models): those
-    of ``model_dir`` (``models.directory``) where it has them, else the bundled ones, loaded on ``device``."""
+def _model_descriptions(device: str | None = None, model_dir: Path | None = None,
+                        classifier_path: Path | None = None) -> list[ModelInfo]:
+    """The models as an analysis would name them (for SRs of jobs that never reached the models): those of
+    ``model_dir`` (``models.directory``) where it has them, else the bundled ones, and the champion's classifier
+    file ``classifier_path`` when the registry names one, loaded on ``device``."""
     from ai.models import lung_segmenter, pneumoconiosis_classifier
 
     models = []
     try:
         models.append(lung_segmenter(device, model_dir).info)
-        classifier = pneumoconiosis_classifier(device, model_dir)
+        classifier = pneumoconiosis_classifier(device, model_dir, classifier_path)
         if classifier is not None:
             models.append(classifier.info)
     except Exception as exc:  # a broken model file is one reason jobs fail; the SR is still written without it
