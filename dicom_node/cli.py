@@ -39,7 +39,7 @@ from .patient_key import PatientKeySecretError, backfill_patient_keys, load_or_c
 from .runtime import Runtime, open_runtime
 
 LOG = logging.getLogger("dicom_node")
-COMMAND_MODULES: list[str] = ["cli_retrain", "cli_labels"]  # dicom_node/<name>.py, see _command_modules
+COMMAND_MODULES: list[str] = ["cli_retrain", "cli_models", "cli_labels"]  # dicom_node/<name>.py: _command_modules
 EXIT_CONFIG = 2
 EXIT_INCONSISTENT = 1  # dicom-node check: something was missing from the archive or the database
 
