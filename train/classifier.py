@@ -36,7 +36,9 @@ import numpy as np
 import torch
 
 from ai import checkpoint
+from ai.decoding import UnreadableImage
 from ai.input_check import check_lung_fields
+from ai.limits import ImageTooLarge
 from ai.lung_crop import classifier_input
 from ai.lungs import postprocess_probability
 from ai.normalise import normalise
@@ -92,10 +94,16 @@ def input_pixels(item: Item, size: int, margin: float, suppress: bool, segmenter
     """One item's (size, size) uint8 classifier input, made the way inference makes it (``ai.lung_crop``).
 
     The lung fields come from the item's mask file or, without one, from ``segmenter()`` (called only then);
-    ``check_lungs`` applies the node's input check to the U-Net's fields and raises ``RefusedInput``."""
+    ``check_lungs`` treats the item as the node's inference would: a file it cannot read or decode, or lung
+    fields its input check refuses, raise ``RefusedInput`` (naming the kind of failure, never a value)."""
     from PIL import Image
 
-    image = normalise(item.image)
+    try:
+        image = normalise(item.image)
+    except (UnreadableImage, ImageTooLarge, OSError) as exc:
+        if not check_lungs:
+            raise
+        raise RefusedInput("unreadable: " + type(exc).__name__) from None
     if item.mask is not None:
         with Image.open(item.mask) as m:
             mask = np.asarray(m.convert("L").resize(image.pixels.shape[::-1]), dtype=np.float32) / 255
@@ -249,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--limit", type=int, default=0, help="use only the first N images (smoke runs)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--discard-checkpoints", action="store_true",
+                        help="remove each model's best.pt/last.pt once it is done (hundreds of MB each; no resume)")
     return parser
 
 
@@ -316,6 +326,8 @@ def cross_validate(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, g
         )
         prob, cat = predict(model, x, val_idx, device)
         cv.prob[val_idx], cv.category[val_idx] = prob, cat
+        if args.discard_checkpoints:
+            discard_checkpoints(cfg.out_dir)
         row = {"fold": k, "best_epoch": history.best_epoch, **binary_summary(present[val_idx], prob, 0.5)}
         known = y[val_idx, 1].numpy() >= 0
         if with_profusion and known.any():
@@ -384,7 +396,15 @@ def train_final(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, per_
         cfg=FitConfig(epochs=epochs, lr=args.lr, patience=epochs + 1, device=args.device, seed=args.seed,
                       out_dir=args.out / "final", progress=not args.no_progress),
         train_transform=random_brightness(generator) if args.augment == "random" else None)
+    if args.discard_checkpoints:
+        discard_checkpoints(args.out / "final")
     return model, epochs
+
+
+def discard_checkpoints(folder: Path) -> None:
+    """Remove a finished model's training checkpoints (its history.json stays)."""
+    for name in ("best.pt", "last.pt"):
+        (folder / name).unlink(missing_ok=True)
 
 
 @dataclass
