@@ -1,5 +1,6 @@
 """``python -m train.retrain`` on a tiny real manifest: sixteen public radiographs written as DICOM files with planted
-patient data, two folds, one epoch, size 64, the bundled demo classifier as the champion."""
+patient data (``tests/support/cxr_dicom``), two folds, one epoch, size 64, the bundled demo classifier as the
+champion."""
 
 from __future__ import annotations
 
@@ -11,14 +12,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from ai.classifier import PneumoconiosisClassifier
 from train import retrain
 from train.datasets import read_lung_masks
 
+from .support.cxr_dicom import write_film
 from .support.data import REPO
 from .support.models import BUNDLED_MODELS
-from .support.radiographs import radiograph_dicom
 
 LABELS_NOTE = "tuberculosis labels standing in for pneumoconiosis (test)"
 SETTINGS = {"folds": 2, "epochs": 1, "size": 64, "batch_size": 4, "seed": 7, "threads": 1, "device": "cpu",
@@ -36,14 +38,13 @@ def build_manifest(tmp_path: Path) -> tuple[dict, list[str]]:
     forbidden = [str(archive), archive.name]
     entries = []
     for n, sample in enumerate(chosen):
-        planted = {"patient_name": f"Plantedname{n:02d}^Jane", "patient_id": f"PID-PLANT-{n:04d}",
-                   "accession": f"ACC-PLANT-{n:04d}", "birth_date": f"19{40 + n}0612"}
-        path = radiograph_dicom(sample.image_path, archive / f"study{n:02d}" / f"object{n:02d}.dcm", **planted)
-        forbidden += [*planted.values(), sample.file, Path(sample.file).stem, str(path), path.name]
-        from pydicom import dcmread
-
-        forbidden.append(str(dcmread(path, stop_before_pixels=True).SOPInstanceUID))
         present = int(sample.finding != "normal")
+        film = write_film(sample.image_path, archive / f"study{n:02d}" / f"object{n:02d}.dcm", index=n + 1,
+                          present=present, tag="rtp")
+        path = film.path
+        forbidden += [film.patient_id, film.patient_name, film.birth_date, film.accession_number,
+                      film.sop_instance_uid, film.study_instance_uid, sample.file, Path(sample.file).stem,
+                      str(path), path.name]
         entries.append({"instance_id": 100 + n, "path": str(path), "patient_key": f"pk{n:02d}{'ab' * 8}",
                         "present": present, "category": (1 + n % 3) if present else 0,
                         "label_source": "csv" if n % 4 else "sr", "read_date": f"2025-0{1 + n % 9}-15"})
@@ -103,7 +104,7 @@ def test_retrain_writes_a_registered_model_with_its_card_reports_and_result(run)
         assert gate["candidate_auc"] == pytest.approx(holdout["candidate"]["auc"])
 
     # The model file is what the worker loads: its notice, what it was trained on, its threshold.
-    classifier = PneumoconiosisClassifier(model, __import__("torch").device("cpu"))
+    classifier = PneumoconiosisClassifier(model, torch.device("cpu"))
     assert classifier.info.notice == ("Trained at site TESTNODE on its own archive (run 7); not validated for "
                                       "clinical use until the site's own acceptance")
     assert LABELS_NOTE in classifier.info.trained_on and "site TESTNODE" in classifier.info.trained_on
