@@ -37,7 +37,8 @@ from tests.support.net import free_port  # noqa: E402
 
 
 def _cli(config: Path, *args: str, capture: bool = True) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "dicom_node.cli", *args[:1], "--config", str(config), *args[1:]]
+    words = 2 if args[0] in ("labels", "models") else 1  # a sub-subcommand comes before --config
+    cmd = [sys.executable, "-m", "dicom_node.cli", *args[:words], "--config", str(config), *args[words:]]
     return subprocess.run(cmd, cwd=REPO, text=True, capture_output=capture, check=False)
 
 

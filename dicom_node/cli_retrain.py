@@ -25,10 +25,16 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     cmd.add_argument("--trigger", choices=["command", "schedule"], default="command", help=argparse.SUPPRESS)
 
 
-def _fill_patient_keys(rt: Runtime) -> None:
+def _prepare(rt: Runtime, register: bool = True) -> None:
+    """Before the data set is read: keys for rows of an upgraded database, and the installed demo classifier in
+    the registry (the first champion, which the gate compares the candidate with)."""
+    from .cli_models import register_installed
     from .patient_key import backfill_patient_keys, load_or_create_secret
 
     backfill_patient_keys(rt.engine, rt.archive.root, load_or_create_secret(rt.archive.root), rt.config.limits)
+    warning = register_installed(rt) if register else None
+    if warning:
+        print(f"dicom-node: {warning}", file=sys.stderr)
 
 
 def run(rt: Runtime, args: argparse.Namespace) -> int:
@@ -42,14 +48,14 @@ def run(rt: Runtime, args: argparse.Namespace) -> int:
     try:
         if args.dry_run:
             recover_dead_runs(rt.engine)
-            _fill_patient_keys(rt)
+            _prepare(rt, register=False)  # the patient keys are needed to plan; the registry is not
             plan = make_plan(rt.engine, rt.archive.root, rt.config)
             print(plan.summary())
             check_plan(plan, options.folds or rt.config.training.folds)
             print("dry run: nothing recorded, nothing trained")
             return 0
         run_id, model_id = retrain(rt.engine, rt.archive.root, rt.config, options,
-                                   prepare=lambda: _fill_patient_keys(rt))
+                                   prepare=lambda: _prepare(rt))
     except (RetrainError, TrainingBusy) as exc:
         print(f"dicom-node: cannot retrain: {exc}", file=sys.stderr)
         return 1
