@@ -80,6 +80,9 @@ def test_precedence_file_then_environment_then_command_line(tmp_path):
         ('', {}, {"DICOM_NODE_STORAGE_FREE_DISK_RESERVE_MB": "lots"}, "storage.free_disk_reserve_mb: expected"),
         ('', {}, {"DICOM_NODE_DATABASE_URL": "not a url"}, "database.url: is not a database URL"),
         ('[network\n', {}, {}, "is not valid TOML"),
+        ('[training]\nschedule = "at two"\n', {}, {}, "training.schedule: is not a cron expression"),
+        ('', {"training.consensus": "loudest"}, {}, "training.consensus: must be one of latest, majority"),
+        ('', {"promotion.min_sensitivity": "1.5"}, {}, "promotion.min_sensitivity: must be between 0 and 1"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, toml, overrides, env, message):

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from sqlalchemy.orm import Session
 from db.models import ModelState, RegisteredModel, RunState, SplitAssignment, SplitPart, TrainingRun
 
 from .support.cxr_dicom import Film, labels_csv, lung_mask_films
-from .support.data import DATA_DIR, REPO
+from .support.data import CONFIG, DATA_DIR, REPO
 from .support.dicom_tools import PEER_ENV
 from .support.net import free_port
 from .support.node import Node, open_db
@@ -172,30 +173,20 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in out.stdout.split()]
 
 
-def test_c_stores_are_answered_while_a_training_runs(site, tmp_path):
-    node, _films = site
-    proc = _start_retrain(node)
-    try:
-        _wait_for_training_child(node, proc)
-        extra = lung_mask_films(DATA_DIR / "cxr-lung-masks", tmp_path / "during", limit=3, tag="during")
-        started = time.monotonic()
-        _send(node, tmp_path / "during")
-        seconds = time.monotonic() - started
-        assert seconds < 20, f"3 C-STOREs took {seconds:.1f} s during training"
-        assert len(extra) == 3
-        assert proc.wait(timeout=600) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
-def test_kill_9_of_a_training_run_marks_it_failed_and_registers_nothing(site):
+def test_c_stores_are_answered_while_a_training_runs_and_kill_9_of_the_run_registers_nothing(site, tmp_path):
+    """One training run serves both checks (a run costs tens of seconds): the intake answers while it computes,
+    then the run is killed with SIGKILL, found dead by the next command and marked failed, with no model."""
     node, _films = site
     proc = _start_retrain(node)
     run = _wait_for_training_child(node, proc)
     children = _children(proc.pid)
     assert children, "the training runs in a process of its own"
+    extra = lung_mask_films(DATA_DIR / "cxr-lung-masks", tmp_path / "during", limit=3, tag="during")
+    started = time.monotonic()
+    _send(node, tmp_path / "during")
+    seconds = time.monotonic() - started
+    assert seconds < 20 and len(extra) == 3, f"3 C-STOREs took {seconds:.1f} s during training"
+    assert proc.poll() is None and next(r for r in _runs(node) if r.id == run.id).state is RunState.RUNNING
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     deadline = time.monotonic() + 30
@@ -210,3 +201,36 @@ def test_kill_9_of_a_training_run_marks_it_failed_and_registers_nothing(site):
     assert dead.state is RunState.FAILED and dead.model_id is None and "ended without finishing" in dead.error
     with Session(open_db(node)) as session:
         assert session.scalars(select(RegisteredModel).where(RegisteredModel.run_id == run.id)).first() is None
+
+
+def test_the_schedule_waits_for_new_labels_and_its_run_shows_in_status(site):
+    from dicom_node import retraining
+
+    node, _films = site
+    engine = open_db(node)
+    args = node.args("retrain")
+    sets = [value for flag, value in pairwise(args) if flag == "--set"] + TINY[1::2]  # as serve passes them on
+    assert not retraining.scheduled_retrain(engine, node.storage_root, CONFIG, sets, min_new_labels=1000)
+    before = len(_runs(node))
+    assert retraining.scheduled_retrain(engine, node.storage_root, CONFIG, sets, min_new_labels=0)
+    proc = retraining._scheduled[-1]
+    try:
+        run = _wait_for_training_child(node, proc)
+        assert run.trigger == "schedule" and len(_runs(node)) == before + 1
+        status = _cli(node, "status").stdout
+        assert f"run #{run.id} running" in status and "(schedule)" in status and " %" in status
+        assert not retraining.scheduled_retrain(engine, node.storage_root, CONFIG, sets, min_new_labels=0)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    noticed = _cli(node, "retrain", "--dry-run", *TINY)
+    assert noticed.returncode == 0
+    assert next(r for r in _runs(node) if r.id == run.id).state is RunState.FAILED
+
+
+def test_serve_schedules_the_training_at_its_cron_expression(tmp_path):
+    node = Node(tmp_path, free_port(), overrides={"training.schedule": "0 3 * * 6"}).start()
+    try:
+        assert "training at '0 3 * * 6'" in node.log()
+    finally:
+        node.stop()
