@@ -23,7 +23,6 @@ removed when the run ends.
 from __future__ import annotations
 
 import getpass
-import hashlib
 import json
 import logging
 import os
@@ -45,6 +44,7 @@ from ai.safe_text import escape, exception_summary
 from db import holdout, labels, registry, training
 from db.models import Event, SplitPart
 
+from .archive import sha256_of
 from .config import NodeConfig
 
 LOG = logging.getLogger("dicom_node.retraining")
@@ -248,14 +248,6 @@ def _read_progress(path: Path, offset: int) -> tuple[int, tuple[str, float] | No
     return offset + len(complete) + 1, latest
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _start(engine: Engine, archive_root: Path, config: NodeConfig, options: RetrainOptions, plan: Plan
            ) -> tuple[int, Path, Path, dict[str, Any]]:
     """Start the run: the new patients' sides and the run row in one transaction; then the manifest."""
@@ -324,7 +316,7 @@ def _register(engine: Engine, archive_root: Path, run_id: int, out_dir: Path) ->
     """The candidate and the run's success, in one transaction; raises ValueError on an inconsistent result."""
     result = json.loads((out_dir / RESULT_FILE).read_text(encoding="utf-8"))
     model_file = out_dir / str(result["model_file"])
-    if not model_file.is_file() or _sha256(model_file) != result["sha256"]:
+    if not model_file.is_file() or sha256_of(model_file) != result["sha256"]:
         raise ValueError("the model file is missing or does not match the sha256 of result.json")
     card = out_dir / "classifier.md"
     holdout_metrics = result.get("holdout", {}).get("candidate", {})

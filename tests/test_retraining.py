@@ -1,7 +1,7 @@
 """Retraining as a node job, end to end on real films: receive, label, retrain, register; the frozen hold-out;
 artifacts without patient data; kill -9 of a run; the intake answering while a training runs.
 
-A tiny configuration (24 films, 2 folds, 1 epoch, 64 px) keeps each run to seconds; the films are the public
+A tiny configuration (16 films, 2 folds, 1 epoch, 64 px) keeps each run to seconds; the films are the public
 lung-mask radiographs as CR files of synthetic patients (``tests/support/cxr_dicom.py``), whose tuberculosis labels
 stand in for "pneumoconiosis present".
 """
@@ -65,9 +65,9 @@ def _sides(node: Node) -> dict[str, SplitPart]:
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    """A node that received 24 labelled films and ran one retraining."""
+    """A node that received 16 labelled films and ran one retraining."""
     root = tmp_path_factory.mktemp("site")
-    films = lung_mask_films(DATA_DIR / "cxr-lung-masks", root / "films", per_class=12, tag="site")
+    films = lung_mask_films(DATA_DIR / "cxr-lung-masks", root / "films", per_class=8, tag="site")
     node = Node(root, free_port()).start()
     try:
         _send(node, root / "films")
@@ -117,7 +117,8 @@ def test_the_hold_out_is_frozen_across_retrainings_and_never_trained_on(site, tm
     before = _sides(node)
     held = {k for k, side in before.items() if side is SplitPart.HOLDOUT}
     assert held and len(held) < len(before)
-    more = lung_mask_films(DATA_DIR / "cxr-lung-masks", tmp_path / "more", limit=10, tag="more")
+    more = lung_mask_films(DATA_DIR / "cxr-lung-masks", tmp_path / "more", per_class=3, from_end=True,
+                           tag="more")
     _send(node, tmp_path / "more")
     _import_labels(node, more, tmp_path / "more.csv")
     second = _cli(node, "retrain", *TINY)
@@ -151,11 +152,6 @@ def test_too_few_labels_is_a_clear_refusal(tmp_path):
     assert "Traceback" not in refused.stderr
 
 
-def _start_retrain(node: Node) -> subprocess.Popen:
-    return subprocess.Popen(node.args("retrain") + TINY + ["--epochs", "6"], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
 def _wait_for_training_child(node: Node, proc: subprocess.Popen, timeout: float = 120) -> TrainingRun:
     """The running run once its training process computes (past the start), while ``proc`` still runs."""
     deadline = time.monotonic() + timeout
@@ -173,43 +169,16 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in out.stdout.split()]
 
 
-def test_c_stores_are_answered_while_a_training_runs_and_kill_9_of_the_run_registers_nothing(site, tmp_path):
-    """One training run serves both checks (a run costs tens of seconds): the intake answers while it computes,
-    then the run is killed with SIGKILL, found dead by the next command and marked failed, with no model."""
-    node, _films = site
-    proc = _start_retrain(node)
-    run = _wait_for_training_child(node, proc)
-    children = _children(proc.pid)
-    assert children, "the training runs in a process of its own"
-    extra = lung_mask_films(DATA_DIR / "cxr-lung-masks", tmp_path / "during", limit=3, tag="during")
-    started = time.monotonic()
-    _send(node, tmp_path / "during")
-    seconds = time.monotonic() - started
-    assert seconds < 20 and len(extra) == 3, f"3 C-STOREs took {seconds:.1f} s during training"
-    assert proc.poll() is None and next(r for r in _runs(node) if r.id == run.id).state is RunState.RUNNING
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    deadline = time.monotonic() + 30
-    while any(Path(f"/proc/{c}").exists() and "zombie" not in Path(f"/proc/{c}/status").read_text()
-              for c in children):
-        assert time.monotonic() < deadline, "the training process outlived its parent"
-        time.sleep(0.2)
-    assert next(r for r in _runs(node) if r.id == run.id).state is RunState.RUNNING  # nobody noticed yet
-    noticed = _cli(node, "retrain", "--dry-run", *TINY)
-    assert noticed.returncode == 0, noticed.stderr
-    dead = next(r for r in _runs(node) if r.id == run.id)
-    assert dead.state is RunState.FAILED and dead.model_id is None and "ended without finishing" in dead.error
-    with Session(open_db(node)) as session:
-        assert session.scalars(select(RegisteredModel).where(RegisteredModel.run_id == run.id)).first() is None
-
-
-def test_the_schedule_waits_for_new_labels_and_its_run_shows_in_status(site):
+def test_a_scheduled_run_shows_in_status_the_intake_answers_meanwhile_and_kill_9_registers_nothing(site, tmp_path):
+    """One training run serves several checks (a run costs tens of seconds): the schedule waits for enough new
+    labels and starts a run of its own; ``status`` shows its stage; C-STOREs are answered while it computes; killed
+    with SIGKILL, its training process dies with it, the next command marks the run failed, and no model exists."""
     from dicom_node import retraining
 
     node, _films = site
     engine = open_db(node)
     args = node.args("retrain")
-    sets = [value for flag, value in pairwise(args) if flag == "--set"] + TINY[1::2]  # as serve passes them on
+    sets = [value for flag, value in pairwise(args) if flag == "--set"] + TINY[1::2] + ["training.epochs=6"]
     assert not retraining.scheduled_retrain(engine, node.storage_root, CONFIG, sets, min_new_labels=1000)
     before = len(_runs(node))
     assert retraining.scheduled_retrain(engine, node.storage_root, CONFIG, sets, min_new_labels=0)
@@ -220,12 +189,34 @@ def test_the_schedule_waits_for_new_labels_and_its_run_shows_in_status(site):
         status = _cli(node, "status").stdout
         assert f"run #{run.id} running" in status and "(schedule)" in status and " %" in status
         assert not retraining.scheduled_retrain(engine, node.storage_root, CONFIG, sets, min_new_labels=0)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+
+        during = lung_mask_films(DATA_DIR / "cxr-lung-masks", tmp_path / "during", limit=3, from_end=True,
+                                 tag="during")
+        started = time.monotonic()
+        _send(node, tmp_path / "during")
+        seconds = time.monotonic() - started
+        assert seconds < 20 and len(during) == 3, f"3 C-STOREs took {seconds:.1f} s during training"
+
+        children = _children(proc.pid)
+        assert children and proc.poll() is None, "the training runs in a process of its own"
+        os.kill(proc.pid, signal.SIGKILL)  # the orchestrator only: its training process must follow
         proc.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while any(Path(f"/proc/{c}").exists() and "zombie" not in Path(f"/proc/{c}/status").read_text()
+                  for c in children):
+            assert time.monotonic() < deadline, "the training process outlived its parent"
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    assert next(r for r in _runs(node) if r.id == run.id).state is RunState.RUNNING  # nobody noticed yet
     noticed = _cli(node, "retrain", "--dry-run", *TINY)
-    assert noticed.returncode == 0
-    assert next(r for r in _runs(node) if r.id == run.id).state is RunState.FAILED
+    assert noticed.returncode == 0, noticed.stderr
+    dead = next(r for r in _runs(node) if r.id == run.id)
+    assert dead.state is RunState.FAILED and dead.model_id is None and "ended without finishing" in dead.error
+    with Session(open_db(node)) as session:
+        assert session.scalars(select(RegisteredModel).where(RegisteredModel.run_id == run.id)).first() is None
 
 
 def test_serve_schedules_the_training_at_its_cron_expression(tmp_path):

@@ -76,11 +76,14 @@ def write_film(png: Path, out: Path, *, index: int, present: int, tag: str = "re
 
 
 def lung_mask_films(data_dir: Path, out_dir: Path, *, limit: int | None = None, per_class: int | None = None,
-                    tag: str = "reh") -> list[Film]:
+                    from_end: bool = False, tag: str = "reh") -> list[Film]:
     """The films of ``data_dir`` (the lung-mask layout: labels.csv, images/) as CR files under ``out_dir``: all of
-    them, the first ``limit``, or the first ``per_class`` normal and ``per_class`` tuberculosis films."""
+    them, the first ``limit``, or the first ``per_class`` normal and ``per_class`` tuberculosis films; counted from
+    the end of labels.csv with ``from_end`` (a second set of other films than the first)."""
     with (data_dir / "labels.csv").open(newline="") as fh:
         rows = list(csv.DictReader(fh))
+    if from_end:
+        rows.reverse()
     picked: list[dict[str, str]] = []
     counts = {0: 0, 1: 0}
     for row in rows:
