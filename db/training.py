@@ -162,6 +162,17 @@ def labelled_instances(engine: Engine, instance_ids: Collection[int]) -> list[La
         return [LabelledInstance(int(i), str(path), key) for i, path, key in rows]
 
 
+def latest_read_dates(engine: Engine, instance_ids: Collection[int]) -> dict[int, date]:
+    """Each instance's latest read date (instances whose reads carry no date are left out)."""
+    from .models import Label
+
+    with Session(readonly(engine)) as session:
+        rows = session.execute(select(Label.instance_id, func.max(Label.read_date))
+                               .where(Label.instance_id.in_(list(instance_ids)), Label.read_date.is_not(None))
+                               .group_by(Label.instance_id)).all()
+        return {int(i): d for i, d in rows if d is not None}
+
+
 def read_date_range(engine: Engine, instance_ids: Collection[int]) -> tuple[date | None, date | None]:
     """The earliest and latest read date among the labels of these instances (for the model card)."""
     from .models import Label

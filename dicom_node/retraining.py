@@ -167,9 +167,11 @@ def _champion_for_manifest(engine: Engine, archive_root: Path, config: NodeConfi
     return {"id": entry.id, "name": entry.name, "version": entry.version, "path": str(path)}
 
 
-def _item(e: Example) -> dict[str, Any]:
+def _item(e: Example, read_dates: dict[int, Any]) -> dict[str, Any]:
+    read = read_dates.get(e.instance_id)
     return {"instance_id": e.instance_id, "path": str(e.path), "patient_key": e.patient_key, "present": e.present,
-            "category": e.category, "label_source": "+".join(e.sources), "read_date": None}
+            "category": e.category, "label_source": "+".join(e.sources),
+            "read_date": read.isoformat() if read else None}
 
 
 def _labels_note(plan: Plan, engine: Engine) -> str:
@@ -265,11 +267,12 @@ def _start(engine: Engine, archive_root: Path, config: NodeConfig, options: Retr
                                                            f"{len(plan.holdout)} hold-out image(s)"))
     out_dir = archive_root / relative
     out_dir.mkdir(parents=True, exist_ok=True)
+    read_dates = training.latest_read_dates(engine, [e.instance_id for e in plan.training + plan.holdout])
     manifest = {
         "run_id": run_id, "name": MODEL_NAME, "version": f"site-{run_id}", "site": config.network.ae_title,
         "segmenter": str(_segmenter_path(config)), "champion": _champion_for_manifest(engine, archive_root, config),
-        "settings": settings, "training": [_item(e) for e in plan.training],
-        "holdout": [_item(e) for e in plan.holdout], "labels_note": _labels_note(plan, engine),
+        "settings": settings, "training": [_item(e, read_dates) for e in plan.training],
+        "holdout": [_item(e, read_dates) for e in plan.holdout], "labels_note": _labels_note(plan, engine),
     }
     manifest_path = archive_root / TRAINING_DIR / f"run-{run_id}.manifest.json"
     tmp = manifest_path.with_suffix(".tmp")

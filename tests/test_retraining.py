@@ -91,6 +91,7 @@ def test_retrain_registers_a_candidate_with_hold_out_metrics_gate_and_card(site)
         assert path.is_file() and model.card_path and (node.storage_root / model.card_path).is_file()
     card = (node.storage_root / model.card_path).read_text()
     assert "not validated for clinical use" in card
+    assert "2026-11-30 to 2026-11-30" in card, "the card names the read dates of the labels"
     listed = [json.loads(line) for line in _cli(node, "models", "list", "--json").stdout.splitlines()]
     assert any(m["id"] == model.id and m["state"] == "candidate" for m in listed)
     status = _cli(node, "status").stdout
