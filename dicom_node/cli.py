@@ -60,8 +60,9 @@ def _stop_on_signals(what_happens: str) -> threading.Event:
 def _cmd_serve(rt: Runtime) -> int:
     from .export import export_lease_seconds
     from .intake import Intake
+    from .labels_sr import import_new_sr_labels
     from .retraining import recover_dead_runs, scheduled_retrain
-    from .scheduler import DATABASE_IDENTITY_JOB, LEASE_RECLAIM_JOB, TRAINING_JOB, NodeScheduler
+    from .scheduler import DATABASE_IDENTITY_JOB, LABELS_SR_JOB, LEASE_RECLAIM_JOB, TRAINING_JOB, NodeScheduler
     from .scp import StorageServer
 
     cfg = rt.config
@@ -93,6 +94,9 @@ def _cmd_serve(rt: Runtime) -> int:
             f"{d.name} ({d.peer})" for d in cfg.export.destinations))
     else:
         LOG.info("no export destinations configured: results stay under %s", rt.archive.root / "results")
+    if cfg.labels.sr_import_seconds:
+        scheduler.every(LABELS_SR_JOB, cfg.labels.sr_import_seconds, import_new_sr_labels,
+                        args=(rt.engine, rt.archive.root, set()), run_now=True)
     recover_dead_runs(rt.engine)  # a training run killed with the last serve is marked failed
     if cfg.training.schedule:
         scheduler.cron(TRAINING_JOB, cfg.training.schedule, scheduled_retrain,
@@ -106,6 +110,8 @@ def _cmd_serve(rt: Runtime) -> int:
         def database_lost() -> None:  # called by the thread that saw it: hands nothing to the database
             scheduler.remove(DATABASE_IDENTITY_JOB)
             scheduler.remove(LEASE_RECLAIM_JOB)
+            scheduler.remove(LABELS_SR_JOB)
+            scheduler.remove(TRAINING_JOB)
             if exporter is not None:
                 exporter.stop(wait=False)  # every round would fail on the replaced database until the restart
                 LOG.error("exporter stopped: the database file was removed or replaced; restart the node")

@@ -186,6 +186,7 @@ SCHEMA: dict[str, Key] = {
     "limits.max_frames": Key(int, 16, _range(1, 100000)),
     "limits.max_uncompressed_mb": Key(float, 128.0, _range(1)),
     "logging.level": Key(str, "INFO", _one_of(LOG_LEVELS)),
+    "labels.sr_import_seconds": Key(float, 60.0, lambda v: None if v == 0 or v >= 1 else "must be 0 (off) or >= 1"),
     "training.schedule": Key(str, "", _check_cron),
     "training.min_new_labels": Key(int, 50, _range(0)),
     "training.consensus": Key(str, "latest", _one_of(CONSENSUS_RULES)),
@@ -376,6 +377,11 @@ class LoggingSettings:
 
 
 @dataclass(frozen=True)
+class LabelsSettings:
+    sr_import_seconds: float  # how often serve imports the reads of SRs received since; 0 = only on command
+
+
+@dataclass(frozen=True)
 class TrainingSettings:
     schedule: str  # cron expression; "" = no scheduled retraining
     min_new_labels: int  # a scheduled run starts only when at least this many labels came since the last run
@@ -438,6 +444,7 @@ class NodeConfig:
     export: ExportSettings
     limits: ImageLimits
     logging: LoggingSettings
+    labels: LabelsSettings
     training: TrainingSettings
     promotion: PromotionSettings
     base_dir: Path
@@ -471,6 +478,7 @@ class NodeConfig:
             export=ExportSettings(**export),
             limits=ImageLimits(**_section_values(values, "limits")),
             logging=LoggingSettings(**_section_values(values, "logging")),
+            labels=LabelsSettings(**_section_values(values, "labels")),
             training=TrainingSettings(**training),
             promotion=PromotionSettings(**_section_values(values, "promotion")),
             base_dir=base_dir,

@@ -18,6 +18,7 @@ Content Date. No dataset value is ever logged; reasons are fixed texts.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from ai.limits import read_dataset_bounded
+from db.engine import readonly
 from db.labels import Read, ResultRef, add_reads, find_images, find_results, sr_already_imported, unimported_srs
 from db.models import LabelSource
 
@@ -43,6 +45,8 @@ REVIEW_VERDICTS = {(codes.ACCEPTED.value, codes.ACCEPTED.scheme_designator): Tru
                    (codes.REJECTED.value, codes.REJECTED.scheme_designator): False}
 CATEGORY_VALUES = {(c.value, c.scheme_designator): k for k, c in enumerate(codes.CATEGORIES)}
 EVIDENCE_SEQUENCES = ("CurrentRequestedProcedureEvidenceSequence", "PertinentOtherEvidenceSequence")
+
+LOG = logging.getLogger("dicom_node.labels")
 
 
 @dataclass(frozen=True)
@@ -225,25 +229,42 @@ def understand(session: Session, ds: Dataset, storage_root: Path) -> Read:
                 source_uid=uid)
 
 
-def import_sr_labels(engine: Engine, storage_root: Path) -> SrImportReport:
-    """Import the reads of every archived SR not imported yet (one transaction); idempotent."""
-    candidates = unimported_srs(engine, SR_SOP_CLASSES)
-    reads: list[Read] = []
+def import_new_sr_labels(engine: Engine, storage_root: Path, skip: set[str]) -> None:
+    """The serve process's ``labels-sr`` job: import what SRs received since say, and log the counts."""
+    report = import_sr_labels(engine, storage_root, skip)
+    if report.imported or report.not_imported:
+        LOG.info("SR reads: %d imported as labels, %d SR(s) not importable ('dicom-node labels import-sr' "
+                 "says why)", report.imported, len(report.not_imported))
+
+
+def import_sr_labels(engine: Engine, storage_root: Path, skip: set[str] | None = None) -> SrImportReport:
+    """Import the reads of every archived SR not imported yet; idempotent.
+
+    The files are read and understood in a read-only session, and the reads written in one short transaction, so
+    that the intake's writes never wait for this (the serve process runs it every minute). ``skip`` (SOP Instance
+    UIDs) is left out and gets the SRs found not importable added: archived files do not change, so a periodic
+    caller reads each such SR once per process."""
+    candidates = [sr for sr in unimported_srs(engine, SR_SOP_CLASSES)
+                  if skip is None or sr.sop_instance_uid not in skip]
+    understood: list[tuple[str, Read]] = []
     problems: list[NotImported] = []
-    with Session(engine) as session, session.begin():
+    with Session(readonly(engine)) as session:
         for sr in candidates:
-            if sr_already_imported(session, sr.sop_instance_uid):  # imported since the scan by another command
-                continue
             try:
                 ds = read_dataset_bounded(storage_root / sr.archive_path, stop_before_pixels=True)
             except Exception:
                 problems.append(NotImported(sr.sop_instance_uid, "the archived file cannot be read as DICOM"))
                 continue
             try:
-                reads.append(understand(session, ds, storage_root))
+                understood.append((sr.sop_instance_uid, understand(session, ds, storage_root)))
             except NotUnderstood as exc:
                 problems.append(NotImported(sr.sop_instance_uid, str(exc)))
             except (AttributeError, KeyError, TypeError, ValueError):  # a malformed element, read only now
                 problems.append(NotImported(sr.sop_instance_uid, "its content tree cannot be read"))
+    with Session(engine) as session, session.begin():
+        # imported since the scan by another command: left alone
+        reads = [read for uid, read in understood if not sr_already_imported(session, uid)]
         imported = add_reads(session, reads)
+    if skip is not None:
+        skip.update(problem.sop_instance_uid for problem in problems)
     return SrImportReport(scanned=len(candidates), imported=imported, not_imported=tuple(problems))

@@ -19,6 +19,10 @@ job id                            every                                       wh
 destination                       first at start-up                           (``dicom_node.export``)
 ================================  ==========================================  ====================================
 
+``labels-sr``, every ``labels.sr_import_seconds`` (60 s; 0 = off), the first at start-up:
+``dicom_node.labels_sr.import_new_sr_labels`` imports the reads of DICOM SRs received since as labels (an SR it
+cannot understand is read once per process).
+
 ``training``, at the cron expression ``training.schedule`` (off by default; local time): ``dicom_node.retraining
 .scheduled_retrain`` starts ``dicom-node retrain`` as a process of its own when no run is running and at least
 ``training.min_new_labels`` labels came since the last successful run.
@@ -61,6 +65,7 @@ DATABASE_IDENTITY_JOB = "database-identity"
 LEASE_RECLAIM_JOB = "lease-reclaim"
 WORKERS_JOB = "workers"
 TRAINING_JOB = "training"
+LABELS_SR_JOB = "labels-sr"
 
 
 class _DropSkippedRuns(logging.Filter):
