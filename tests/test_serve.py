@@ -37,14 +37,16 @@ def test_sigterm_finishes_in_flight_stores_and_refuses_new_associations(node, tm
 
 
 def test_serve_runs_every_periodic_job_on_one_scheduler(node_factory):
-    """The identity check, the lease reclaim, the worker supervision and each destination's export round are jobs
-    of serve's one scheduler (dicom_node.scheduler), named in its start-up line."""
+    """The identity check, the lease reclaim, the worker supervision, each destination's export round, the SR
+    label import and the training schedule are jobs of serve's one scheduler (dicom_node.scheduler), named in its
+    start-up line."""
     destination = {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": free_port()}
-    node = node_factory(export__destinations=json.dumps([destination])).start()
+    node = node_factory(export__destinations=json.dumps([destination]), training__schedule="30 1 * * *").start()
     line = re.search(r"INFO dicom_node\.scheduler: scheduler: (.*)", node.log())
     assert line, node.log()[-3000:]
-    jobs = dict(item.split(" every ") for item in line.group(1).split(", "))
-    assert jobs == {"export:pacs": "0.5 s", "lease-reclaim": "98.25 s", "database-identity": "2 s"}, line.group(1)
+    jobs = dict(re.split(" every | at ", item, maxsplit=1) for item in line.group(1).split(", "))
+    assert jobs == {"export:pacs": "0.5 s", "lease-reclaim": "98.25 s", "database-identity": "2 s",
+                    "labels-sr": "60 s", "training": "'30 1 * * *'"}, line.group(1)
     assert node.stop() == 0
     assert "stopped (0 association(s) aborted" in node.log()
 
