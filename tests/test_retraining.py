@@ -166,8 +166,16 @@ def _wait_for_training_child(node: Node, proc: subprocess.Popen, timeout: float 
 
 
 def _children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
-    return [int(p) for p in out.stdout.split()]
+    """The processes whose parent is ``pid`` (from /proc: no procps needed)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile
+        if int(fields[1]) == pid:  # the field after the state is the parent's pid
+            children.append(int(stat.parent.name))
+    return children
 
 
 def test_a_scheduled_run_shows_in_status_the_intake_answers_meanwhile_and_kill_9_registers_nothing(site, tmp_path):
