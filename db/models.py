@@ -24,6 +24,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -260,6 +261,10 @@ class TrainingRun(Base):
     """One retraining: what it was given, where it is, what came out (``db.training``)."""
 
     __tablename__ = "training_runs"
+    # At most one running run, enforced by the database itself (a partial unique index, on SQLite and PostgreSQL):
+    # two retrains starting at once cannot both insert one.
+    __table_args__ = (Index("uq_training_runs_one_running", "state", unique=True,
+                            sqlite_where=text("state = 'running'"), postgresql_where=text("state = 'running'")),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     state: Mapped[RunState] = mapped_column(

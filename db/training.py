@@ -15,6 +15,7 @@ from datetime import date, datetime
 from typing import Any
 
 from sqlalchemy import Engine, func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from .engine import readonly
@@ -75,7 +76,11 @@ def start_run(session: Session, *, trigger: str, started_by: str, host: str, pid
                       artifacts_dir=artifacts_dir, last_label_id=last_label_id, images=images, started_at=now,
                       updated_at=now)
     session.add(row)
-    session.flush()
+    try:
+        with session.begin_nested():  # a savepoint: the caller's transaction survives a refusal
+            session.flush()
+    except IntegrityError:  # another run was inserted meanwhile (uq_training_runs_one_running)
+        raise TrainingBusy("another training run started at the same time") from None
     return row.id
 
 
