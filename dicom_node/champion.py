@@ -6,6 +6,9 @@ file), as before the registry existed. A site champion means ``<storage root>/<e
 match the registry's SHA-256 and load as a classifier. If it does not, the worker keeps the classifier it had
 (at start-up: the installed one), logs an error once and records one audit event (``db.registry.UNUSABLE_EVENT``)
 per champion and problem, and checks again at later batches (re-hashing only when the file changed).
+
+``register_installed`` puts the installed classifier into a new registry as its first champion (the commands that
+read or change the registry, and ``dicom-node retrain``, call it first).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pathlib import Path
 from sqlalchemy import Engine
 
 from ai.safe_text import escape, exception_summary
-from db.registry import ModelEntry, champion, report_unusable
+from db.registry import ModelEntry, champion, ensure_bundled_champion, report_unusable
 
 from .archive import sha256_of
 
@@ -111,3 +114,25 @@ def _signature(file: Path) -> tuple[int, int] | None:
     except OSError:
         return None
     return stat.st_size, stat.st_mtime_ns
+
+
+def register_installed(engine: Engine, models_directory: Path | None) -> str | None:
+    """``ensure_bundled_champion`` with the installed classifier file, read without building its network;
+    returns a warning when there is no usable installed classifier (nothing is registered then)."""
+    from ai import checkpoint
+    from ai.models import CLASSIFIER, model_path
+
+    installed = model_path(CLASSIFIER, models_directory)
+    if not installed.is_file():
+        return f"no classifier is installed ({installed.name}): the registry gets no bundled entry"
+    try:
+        model = checkpoint.load(installed, checkpoint.CLASSIFIER_FIELDS)
+    except checkpoint.ModelFileError as exc:  # our own message: names the file and the fields missing
+        return f"the installed classifier cannot be used: {exc}"
+    except OSError as exc:
+        return f"the installed classifier {installed} cannot be read ({exception_summary(exc)})"
+    card = installed.parent / (model.get("model_card") or installed.with_suffix(".md").name)
+    ensure_bundled_champion(engine, name=str(model["name"]), version=str(model["version"]),
+                            path=installed.resolve(), sha256=model.sha256, card_path=card.resolve(),
+                            threshold=float(model["threshold"]))
+    return None

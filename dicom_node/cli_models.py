@@ -16,12 +16,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ai.safe_text import exception_summary
 from db.registry import (
     ModelEntry,
     RegistryError,
     champion,
-    ensure_bundled_champion,
     get_model,
     list_models,
     promote,
@@ -29,6 +27,7 @@ from db.registry import (
 )
 
 from .archive import sha256_of
+from .champion import register_installed
 from .runtime import Runtime
 
 COMMANDS = ("models",)
@@ -61,7 +60,7 @@ def add_commands(subparsers: Any, common: argparse.ArgumentParser) -> None:
 def run(rt: Runtime, args: argparse.Namespace) -> int:
     if args.models_command == "promote" and args.force and not (args.reason or "").strip():
         return _usage("models promote: --force needs --reason TEXT (why the champion gate is overridden)")
-    problem = register_installed(rt)
+    problem = register_installed(rt.engine, rt.config.models.directory)
     if problem:
         print(f"dicom-node: warning: {problem}", file=sys.stderr)
     if args.models_command == "list":
@@ -80,28 +79,6 @@ def run(rt: Runtime, args: argparse.Namespace) -> int:
 def _usage(message: str) -> int:
     print(f"dicom-node: {message}", file=sys.stderr)
     return EXIT_USAGE
-
-
-def register_installed(rt: Runtime) -> str | None:
-    """``ensure_bundled_champion`` with the installed classifier file, read without building its network;
-    returns a warning when there is no usable installed classifier (nothing is registered then)."""
-    from ai import checkpoint
-    from ai.models import CLASSIFIER, model_path
-
-    installed = model_path(CLASSIFIER, rt.config.models.directory)
-    if not installed.is_file():
-        return f"no classifier is installed ({installed.name}): the registry gets no bundled entry"
-    try:
-        model = checkpoint.load(installed, checkpoint.CLASSIFIER_FIELDS)
-    except checkpoint.ModelFileError as exc:  # our own message: names the file and the fields missing
-        return f"the installed classifier cannot be used: {exc}"
-    except OSError as exc:
-        return f"the installed classifier {installed} cannot be read ({exception_summary(exc)})"
-    card = installed.parent / (model.get("model_card") or installed.with_suffix(".md").name)
-    ensure_bundled_champion(rt.engine, name=str(model["name"]), version=str(model["version"]),
-                            path=installed.resolve(), sha256=model.sha256, card_path=card.resolve(),
-                            threshold=float(model["threshold"]))
-    return None
 
 
 def _auc(entry: ModelEntry) -> str:

@@ -28,11 +28,11 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
 def _prepare(rt: Runtime, register: bool = True) -> None:
     """Before the data set is read: keys for rows of an upgraded database, and the installed demo classifier in
     the registry (the first champion, which the gate compares the candidate with)."""
-    from .cli_models import register_installed
+    from .champion import register_installed
     from .patient_key import backfill_patient_keys, load_or_create_secret
 
     backfill_patient_keys(rt.engine, rt.archive.root, load_or_create_secret(rt.archive.root), rt.config.limits)
-    warning = register_installed(rt) if register else None
+    warning = register_installed(rt.engine, rt.config.models.directory) if register else None
     if warning:
         print(f"dicom-node: {warning}", file=sys.stderr)
 

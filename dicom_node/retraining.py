@@ -34,15 +34,16 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from io import BufferedReader
 from pathlib import Path
-from typing import IO, Any
+from typing import Any, cast
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from ai.safe_text import escape, exception_summary
 from db import holdout, labels, registry, training
-from db.models import Event, SplitPart
+from db.models import Event, RunState, SplitPart
 
 from .archive import sha256_of
 from .config import NodeConfig
@@ -161,7 +162,8 @@ def _champion_for_manifest(engine: Engine, archive_root: Path, config: NodeConfi
     entry = registry.champion(engine)
     if entry is None:
         return None
-    path = model_path(CLASSIFIER, config.models.directory) if entry.bundled else archive_root / entry.path
+    # a bundled champion is the installed classifier, as the workers use it (dicom_node.champion)
+    path = model_path(CLASSIFIER, config.models.directory) if entry.bundled else entry.file_path(archive_root)
     if not path.is_file():
         return None
     return {"id": entry.id, "name": entry.name, "version": entry.version, "path": str(path)}
@@ -215,12 +217,12 @@ def _child_setup(nice: int) -> Callable[[], None]:
 class _StderrTee(threading.Thread):
     """Forwards the training's stderr (progress bars, its one-line error) to ours and keeps the last line."""
 
-    def __init__(self, stream: IO[bytes], forward: bool) -> None:
+    def __init__(self, stream: BufferedReader, forward: bool) -> None:
         super().__init__(name="training-stderr", daemon=True)
         self.stream, self.forward, self.tail = stream, forward, b""
 
     def run(self) -> None:
-        while chunk := self.stream.read1(4096) if hasattr(self.stream, "read1") else self.stream.read(4096):
+        while chunk := self.stream.read1(4096):  # what is there now: progress bars are redrawn, not lines
             if self.forward:
                 sys.stderr.buffer.write(chunk)
                 sys.stderr.flush()
@@ -296,8 +298,7 @@ def _run_child(engine: Engine, run_id: int, manifest_path: Path, out_dir: Path, 
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=None if show_progress else subprocess.DEVNULL,
                             stderr=subprocess.PIPE, env=env, close_fds=True,
                             preexec_fn=_child_setup(int(settings["nice"])))
-    assert proc.stderr is not None
-    tee = _StderrTee(proc.stderr, show_progress)
+    tee = _StderrTee(cast(BufferedReader, proc.stderr), show_progress)
     tee.start()
     offset, last = 0, None
     while True:
@@ -387,7 +388,7 @@ def status_text(engine: Engine) -> list[str]:
         lines.append("training     : never run ('dicom-node retrain')")
     else:
         run = runs[0]
-        if run.state.value == "running":
+        if run.state is RunState.RUNNING:
             lines.append(f"training     : run #{run.id} running since {run.started_at:%Y-%m-%d %H:%M} UTC "
                          f"({run.trigger}), {run.stage}, {run.progress * 100:.0f} %")
         else:
@@ -408,7 +409,7 @@ def scheduled_retrain(engine: Engine, archive_root: Path, config_path: Path | No
     came since the last successful run. Returns whether it started one."""
     _scheduled[:] = [proc for proc in _scheduled if proc.poll() is None]
     recover_dead_runs(engine)
-    if any(run.state.value == "running" for run in training.list_runs(engine, limit=1)) or _scheduled:
+    if any(run.state is RunState.RUNNING for run in training.list_runs(engine, limit=1)) or _scheduled:
         LOG.info("scheduled training skipped: a training run is in progress")
         return False
     new = new_labels_since_last_run(engine)

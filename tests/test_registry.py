@@ -42,6 +42,7 @@ from db.registry import (
 )
 from dicom_node import cli_models
 from dicom_node.archive import sha256_of
+from dicom_node.champion import register_installed
 from dicom_node.cli import build_parser
 from dicom_node.runtime import Runtime
 
@@ -431,7 +432,7 @@ def test_a_running_worker_switches_to_a_newly_promoted_champion_at_its_next_batc
     demo = checkpoint.load(BUNDLED_DIR / CLASSIFIER).info()
     env = make_env(tmp_path / "var", queue__max_attempts="1")
     rt = runtime_of(env)
-    assert cli_models.register_installed(rt) is None
+    assert register_installed(rt.engine, rt.config.models.directory) is None
     site = add_site_candidate(env, "site-3")
     sources = chest_copies(tmp_path / "in", 4)
     worker = env.worker()
