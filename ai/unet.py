@@ -38,6 +38,20 @@ class UNet(nn.Module):
         self.up = nn.ModuleList(_double_conv(widths[i] * 2, widths[i]) for i in reversed(range(depth)))
         self.head = nn.Conv2d(widths[0], out_channels, 1)
 
+    def fuse_for_inference(self) -> UNet:
+        """Fold every batch norm into the convolution before it (eval mode only; the same function up to float
+        rounding): fewer passes over the feature maps at inference. Returns self."""
+        from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+        if self.training:
+            raise RuntimeError("fuse_for_inference needs eval mode (batch norm running statistics)")
+        for block in [*self.down, *self.up]:
+            for conv_at in (0, 3):
+                conv, bn = block[conv_at], block[conv_at + 1]
+                if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                    block[conv_at], block[conv_at + 1] = fuse_conv_bn_eval(conv, bn), nn.Identity()
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skips = []
         for i, block in enumerate(self.down):

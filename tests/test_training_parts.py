@@ -363,3 +363,29 @@ def test_report_four_classes_has_qwk_and_strict_json(tmp_path):
     assert data["per_fold"][1]["qwk"] is None
     R.plot_confusion(pooled["confusion"], ["0", "1", "2", "3"], tmp_path / "confusion4.png")
     assert_png(tmp_path / "confusion4.png")
+
+
+def test_folding_batch_norms_keeps_the_unet_function():
+    """ai.segment runs the U-Net with its batch norms folded into the convolutions: same output, fewer passes."""
+    import copy
+
+    import torch
+
+    from ai.unet import UNet
+
+    torch.manual_seed(0)
+    net = UNet(base_width=4)
+    net.train()
+    for _ in range(3):  # non-trivial running statistics
+        net(torch.rand(2, 1, 64, 64))
+    net.eval()
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        expected = net(x)
+        fused = copy.deepcopy(net).fuse_for_inference()
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+        assert torch.allclose(fused(x), expected, atol=1e-4)
+        channels_last = fused.to(memory_format=torch.channels_last)
+        assert torch.allclose(channels_last(x.contiguous(memory_format=torch.channels_last)), expected, atol=1e-4)
+    with pytest.raises(RuntimeError, match="eval mode"):
+        UNet(base_width=4).fuse_for_inference()
