@@ -64,7 +64,7 @@ class LungSegmenter:
         self.model.load_state_dict(model_file.state_dict)
         # Batch norms folded into the convolutions and channels-last tensors: the same function, about twice as fast
         # on CPU (docs/benchmarks.md).
-        self.model.eval().fuse_for_inference().to(device, memory_format=torch.channels_last)
+        self.model.eval().fuse_for_inference().to(device).to(memory_format=torch.channels_last)
         self.device = device
 
     @torch.inference_mode()
