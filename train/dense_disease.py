@@ -210,10 +210,9 @@ def _upper_centre(components: np.ndarray, t: np.ndarray, lung: int, rng: np.rand
 
 
 def large_opacity_density(mask: np.ndarray, spec: DenseSpec, rng: np.random.Generator) -> np.ndarray:
-    components, _ = lung_components(mask)
-    count = int(components.max())
-    lungs = _chosen_lungs(components, count, spec.side)
-    t = relative_height(components, lung_components(mask)[1])
+    components, extents = lung_components(mask)
+    lungs = _chosen_lungs(components, int(components.max()), spec.side)
+    t = relative_height(components, extents)
     px_mm2 = spec.pixel_spacing_mm ** 2
     right_upper = float(np.count_nonzero((components == 1) & (t < 1 / 3))) * px_mm2
     if spec.grade == "A":
@@ -402,7 +401,7 @@ def figure(out_png: Path, files: tuple[str, ...] = ("MCUCXR_0001_0.png", "MCUCXR
     from .datasets import data_dir, load_gray, load_mask
 
     root = (data or data_dir() / "cxr-lung-masks")
-    fig, axes = plt.subplots(2, 5, figsize=(15, 6.6))
+    fig, axes = plt.subplots(2, 5, figsize=(15, 7.4))
     panels = [(files[0], None)] + [(files[i % len(files)], s) for i, s in enumerate(FIGURE_SPECS)] + [(files[1], None)]
     for ax, (file, spec) in zip(axes.ravel(), panels, strict=True):
         image = load_gray(root / "images" / file)
