@@ -3,9 +3,13 @@
     python -m train.segmenter --out runs/seg128 --size 128 --epochs 40
     python -m train.segmenter --out runs/seg256 --size 256 --epochs 10 --init runs/seg128/best.pt \
         --export ai/models/lung_unet.pt
+    python -m train.segmenter --out runs/dense256 --size 256 --epochs 14 --init ai/models/lung_unet.pt \
+        --lr 3e-4 --patience 5 --dense-fraction 0.5 --export ai/models/lung_unet.pt --version 1.1.0
 
 A seeded split stratified by source (train / validation / test = 80 / 10 / 10 %); Dice + BCE loss; intensity and
-small geometric augmentation (no left-right flips); checkpoints and resume in --out. A fully convolutional U-Net
+small geometric augmentation (no left-right flips); synthetic dense disease painted inside the true lung mask on a
+fraction of the training images of every batch (``train.dense_disease``, ``--dense-fraction``), so that opaque lung
+is still lung; checkpoints and resume in --out. A fully convolutional U-Net
 can be trained cheaply at 128 px first and fine-tuned at 256 px, which is how the shipped weights were made on two
 CPU cores (see ai/models/lung_unet.md). The test split is only touched by the final report.
 """
@@ -31,16 +35,45 @@ from ai.unet import UNet
 
 from .augment import AugmentConfig, augment_pair
 from .datasets import LungSample, load_gray, load_mask, read_lung_masks, stratified_split
+from .dense_disease import paint_batch, paint_dense_disease, random_spec
 from .engine import FitConfig, History, fit, resolve_device, seed_everything, tensor_batches
 from .losses import batch_dice, dice_bce_loss, dice_iou
 
 MODEL_NAME = "lung-field-unet"
+FILM_WIDTH_MM = 430.0  # the 512 x 512 PNGs cover about 43 cm (train.synthetic_opacities.DEFAULT_PIXEL_SPACING_MM)
 
 
-def _stack(samples: list[LungSample], size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    images = np.stack([stretch_contrast(load_gray(s.image_path, size)) for s in samples])[:, None]
+def _stack(samples: list[LungSample], size: int, stretch: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    images = np.stack([load_gray(s.image_path, size) for s in samples])
+    if stretch:
+        images = np.stack([stretch_contrast(x) for x in images])
     masks = np.stack([load_mask(s.mask_path, size) for s in samples])[:, None]
-    return torch.from_numpy(images), torch.from_numpy(masks)
+    return torch.from_numpy(images[:, None]), torch.from_numpy(masks)
+
+
+def dense_validation(samples: list[LungSample], size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The validation images again, each with one seeded random dense disease: model selection then rewards
+    whole lungs on opaque films as much as on clear ones."""
+    rng = np.random.default_rng([seed, 0xDE5E])
+    spacing = FILM_WIDTH_MM / size
+    images, masks = [], []
+    for s in samples:
+        mask = load_mask(s.mask_path, size)
+        painted = paint_dense_disease(load_gray(s.image_path, size), mask > 0.5, random_spec(rng, spacing)).image
+        images.append(stretch_contrast(painted))
+        masks.append(mask)
+    return torch.from_numpy(np.stack(images)[:, None]), torch.from_numpy(np.stack(masks)[:, None])
+
+
+def dense_then_stretch(images: torch.Tensor, masks: torch.Tensor, fraction: float,
+                       rng: np.random.Generator, size: int) -> torch.Tensor:
+    """Training-time preparation of raw (unstretched) images: dense disease on ``fraction`` of them, then the model
+    input's contrast standardisation (as inference does: the disease is in the film before the stretch)."""
+    raw = images[:, 0].cpu().numpy()
+    if fraction > 0:
+        raw = paint_batch(raw, masks[:, 0].cpu().numpy(), fraction, rng, FILM_WIDTH_MM / size)
+    stretched = np.stack([stretch_contrast(x) for x in raw])[:, None]
+    return torch.from_numpy(stretched).to(images.device)
 
 
 @torch.no_grad()
@@ -107,6 +140,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=0, help="use only this many images per split (smoke runs)")
     parser.add_argument("--export", type=Path, help="write the shipped weights file here")
     parser.add_argument("--version", default="1.0.0")
+    parser.add_argument("--dense-fraction", type=float, default=0.5,
+                        help="share of training images per batch painted with synthetic dense disease (0 = none)")
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
 
@@ -137,8 +172,16 @@ def main(argv: list[str] | None = None) -> int:
 
     generator = seed_everything(args.seed)
     split = prepare_split(args.data, args.seed, args.limit, args.out)
-    train_x, train_y = _stack(split["train"], args.size)
+    train_x, train_y = _stack(split["train"], args.size, stretch=False)
     val_x, val_y = _stack(split["val"], args.size)
+    if args.dense_fraction > 0:
+        dense_x, dense_y = dense_validation(split["val"], args.size, args.seed)
+        val_x, val_y = torch.cat([val_x, dense_x]), torch.cat([val_y, dense_y])
+    dense_rng = np.random.default_rng([args.seed, 0xD7A1])
+
+    def train_transform(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = dense_then_stretch(x, y, args.dense_fraction, dense_rng, args.size)
+        return augment_pair(x, y, aug, generator if x.device.type == "cpu" else None)
     model = initial_model(args.base_width, args.init)
     aug = AugmentConfig()
     cfg = FitConfig(epochs=args.epochs, lr=args.lr, patience=args.patience, device=args.device, seed=args.seed,
@@ -151,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         loss_fn=dice_bce_loss,
         score_fn=batch_dice,
         cfg=cfg,
-        train_transform=lambda x, y: augment_pair(x, y, aug, generator if x.device.type == "cpu" else None),
+        train_transform=train_transform,
         extra_state={"base_width": args.base_width, "input_size": args.size},
     )
     train_seconds = round(time.perf_counter() - started, 1)
@@ -172,7 +215,9 @@ def run_report(model: UNet, args: argparse.Namespace, split: dict[str, list[Lung
         "seed": args.seed, "split_sizes": {k: len(v) for k, v in split.items()},
         "best_epoch": history.best_epoch, "val_dice": history.best_score, "epochs_run": len(history.epochs),
         "train_seconds": train_seconds, "device": str(resolve_device(args.device)),
-        "augmentation": asdict(aug), "init": str(args.init) if args.init else None,
+        "augmentation": asdict(aug), "dense_fraction": args.dense_fraction,
+        "validation": "clean + dense copies" if args.dense_fraction > 0 else "clean",
+        "init": str(args.init) if args.init else None,
         "test": test_report(model, split["test"], args.size, resolve_device(args.device)),
     }
 
