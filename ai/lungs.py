@@ -2,7 +2,9 @@
 
 Keep the two largest connected components, fill their holes, and label them by side: in a standard PA display
 the patient's right lung is on the image's left, so the component whose centre lies further left is label 1
-(right lung) and the other label 2 (left lung).
+(right lung) and the other label 2 (left lung). Two lungs whose apices touch above the mediastinum come out of the
+network as one component joined by a thin bridge; such a component is split at its narrowest column
+(``split_joined_lungs``) instead of being reported as a single lung field.
 """
 
 from __future__ import annotations
@@ -18,9 +20,43 @@ if TYPE_CHECKING:
 BACKGROUND, RIGHT_LUNG, LEFT_LUNG = 0, 1, 2
 
 
+BRIDGE_SEARCH = (0.3, 0.7)  # where a bridge may be: this part of the joined component's column range
+BRIDGE_MAX_HEIGHT = 0.25  # a bridge column holds at most this share of the component's tallest column
+SECOND_FIELD_SMALL = 0.15  # a second component below this share of the largest does not count as a lung
+
+
+def split_joined_lungs(binary: np.ndarray) -> np.ndarray:
+    """Cut the largest component at its narrowest column when it is two lungs joined by a thin bridge.
+
+    Applies only when there is no second component of at least ``SECOND_FIELD_SMALL`` of the largest; the cut
+    column is searched in the middle of the component's column range, and it must hold at most
+    ``BRIDGE_MAX_HEIGHT`` of the tallest column's pixels (a single lung's column profile has no such waist). Only
+    that column's pixels are removed, so both halves keep their outline."""
+    components, count = ndimage.label(binary)
+    if count == 0:
+        return binary
+    sizes = ndimage.sum_labels(binary, components, index=np.arange(1, count + 1))
+    order = np.argsort(sizes)[::-1]
+    if count > 1 and sizes[order[1]] >= SECOND_FIELD_SMALL * sizes[order[0]]:
+        return binary
+    largest = components == order[0] + 1
+    heights = largest.sum(axis=0)
+    cols = np.nonzero(heights)[0]
+    lo = cols[0] + int(BRIDGE_SEARCH[0] * (cols[-1] - cols[0]))
+    hi = cols[0] + int(BRIDGE_SEARCH[1] * (cols[-1] - cols[0]))
+    if hi <= lo:
+        return binary
+    cut = lo + int(np.argmin(heights[lo:hi + 1]))
+    if heights[cut] > BRIDGE_MAX_HEIGHT * heights.max():
+        return binary
+    out = binary.copy()
+    out[:, cut] &= ~largest[:, cut]
+    return out
+
+
 def postprocess_probability(prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     """uint8 label mask (0 background, 1 right lung, 2 left lung) from a probability map of any size."""
-    binary = prob > threshold
+    binary = split_joined_lungs(prob > threshold)
     components, count = ndimage.label(binary)
     labels = np.zeros(prob.shape, dtype=np.uint8)
     if count == 0:

@@ -1,8 +1,8 @@
 """Train and evaluate the lung-field U-Net on the public Montgomery + Shenzhen masks.
 
-    python -m train.segmenter --out runs/seg128 --size 128 --epochs 40
+    python -m train.segmenter --out runs/seg128 --size 128 --epochs 40 --dense-fraction 0
     python -m train.segmenter --out runs/seg256 --size 256 --epochs 10 --init runs/seg128/best.pt \
-        --export ai/models/lung_unet.pt
+        --dense-fraction 0 --export ai/models/lung_unet.pt
     python -m train.segmenter --out runs/dense256 --size 256 --epochs 14 --init ai/models/lung_unet.pt \
         --lr 3e-4 --patience 5 --dense-fraction 0.5 --export ai/models/lung_unet.pt --version 1.1.0
 
