@@ -69,7 +69,7 @@ def test_the_predicted_fields_leave_the_heart_out(held_out_films):
     """The masks' convention: the lung field is the aerated lung outside the heart and mediastinum (the
     retrocardiac lung is not part of it). Between the two true lungs, in their lower half, the prediction must
     stay (almost) empty, also when the left lower lobe next to the heart is consolidated."""
-    from train.evaluate_segmenter import _truth_sides, cardiac_band
+    from train.evaluate_segmenter import cardiac_band, truth_sides
 
     spec = DenseSpec("consolidation", "left", "lower", seed=21)
     images, truths = [], []
@@ -77,6 +77,6 @@ def test_the_predicted_fields_leave_the_heart_out(held_out_films):
         images += [image, paint_dense_disease(image, truth, spec).image]
         truths += [truth, truth]
     for seg, truth in zip(segment(images), truths, strict=True):
-        band = cardiac_band(*_truth_sides(truth))
+        band = cardiac_band(*truth_sides(truth))
         predicted = seg.labels > 0
         assert np.count_nonzero(predicted & band) / predicted.sum() < 0.03

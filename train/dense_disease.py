@@ -54,7 +54,7 @@ Command line (documentation figure, Montgomery films only: U.S. public-domain NL
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -170,13 +170,10 @@ def opaque_fraction(image: np.ndarray, lung_mask: np.ndarray, spacing_mm: float 
 
 
 def _chosen_lungs(components: np.ndarray, count: int, side: str) -> list[int]:
+    """The mask components to paint: 1 is the patient's right lung (image left), ``count`` the left one."""
     if count == 0:
         return []
-    if side == "right" or count == 1:
-        return [1] if side != "left" else [count]
-    if side == "left":
-        return [count]
-    return [1, count]
+    return {"right": [1], "left": [count], "both": sorted({1, count})}[side]
 
 
 def _smooth_noise(shape: tuple[int, int], sigma_px: float, rng: np.random.Generator) -> np.ndarray:
@@ -409,7 +406,7 @@ def figure(out_png: Path, files: tuple[str, ...] = ("MCUCXR_0001_0.png", "MCUCXR
         if spec is None:
             shown, title = image, f"{file}: unchanged"
         else:
-            result = paint_dense_disease(image, mask, replace(spec))
+            result = paint_dense_disease(image, mask, spec)
             shown = result.image
             title = f"{spec.kind} {spec.grade}, {spec.side}\nopaque {100 * result.opaque_fraction:.0f} % of the lung"
         ax.imshow(stretch_contrast(shown), cmap="gray", vmin=0, vmax=1)

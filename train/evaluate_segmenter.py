@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from ai.input_check import check_lung_fields
+from ai.lungs import LEFT_LUNG, RIGHT_LUNG, postprocess_probability
 from ai.normalise import NormalisedImage, normalise
 from ai.segment import LungSegmenter
 
@@ -60,6 +61,7 @@ class Case:
 
     file: str
     source: str
+    finding: str  # normal | tuberculosis; "" for the DICOM samples
     part: str  # train | val | test
     variant: str  # "clean", "<kind> <grade> <side>" or "small <category> both"
     pixels: np.ndarray
@@ -79,7 +81,7 @@ def _film(sample: LungSample) -> tuple[np.ndarray, np.ndarray]:
 def clean_cases(samples: Iterable[LungSample], parts: dict[str, str]) -> Iterator[Case]:
     for s in samples:
         image, truth = _film(s)
-        yield Case(s.file, s.source, parts[s.file], "clean", image, truth, opaque_fraction(image, truth))
+        yield Case(s.file, s.source, s.finding, parts[s.file], "clean", image, truth, opaque_fraction(image, truth))
 
 
 def dense_cases(samples: Iterable[LungSample]) -> Iterator[Case]:
@@ -88,7 +90,7 @@ def dense_cases(samples: Iterable[LungSample]) -> Iterator[Case]:
         for k, (kind, grade) in enumerate(DENSE_GRADES):
             side = SIDES[k % len(SIDES)]
             painted = paint_dense_disease(image, truth, DenseSpec(kind, side, grade, seed=_seed(s.file, k))).image
-            yield Case(s.file, s.source, "test", f"{kind} {grade} {side}", painted, truth,
+            yield Case(s.file, s.source, s.finding, "test", f"{kind} {grade} {side}", painted, truth,
                        opaque_fraction(painted, truth))
 
 
@@ -101,14 +103,14 @@ def check_cases(samples: Iterable[LungSample]) -> Iterator[Case]:
                 painted = insert_opacities(image, truth, OpacitySpec(int(grade), seed=seed))[0]
             else:
                 painted = paint_dense_disease(image, truth, DenseSpec(kind, side, grade, seed=seed)).image
-            yield Case(s.file, s.source, "test", f"{kind} {grade} {side}", painted, truth,
+            yield Case(s.file, s.source, s.finding, "test", f"{kind} {grade} {side}", painted, truth,
                        opaque_fraction(painted, truth))
 
 
 def dicom_cases(folder: Path, group: str) -> Iterator[Case]:
     """The DICOM samples of a folder, as the node decodes and normalises them; no mask."""
     for path in sorted(folder.glob("*.dcm")):
-        yield Case(path.name, group, "sample", "clean", normalise(path).pixels, None, 0.0)
+        yield Case(path.name, group, "", "sample", "clean", normalise(path).pixels, None, 0.0)
 
 
 def cardiac_band(truth_right: np.ndarray, truth_left: np.ndarray) -> np.ndarray:
@@ -125,16 +127,10 @@ def cardiac_band(truth_right: np.ndarray, truth_left: np.ndarray) -> np.ndarray:
     return band
 
 
-def _truth_sides(truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    from scipy import ndimage
-
-    components, count = ndimage.label(truth)
-    if count < 2:
-        return truth, np.zeros_like(truth)
-    sizes = ndimage.sum_labels(truth, components, index=np.arange(1, count + 1))
-    keep = np.argsort(sizes)[::-1][:2] + 1
-    first, second = sorted(keep, key=lambda k: np.nonzero(components == k)[1].mean())
-    return components == first, components == second
+def truth_sides(truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The true mask's right and left lung, told apart as the node's post-processing tells its own fields apart."""
+    labels = postprocess_probability(truth.astype(np.float32))
+    return labels == RIGHT_LUNG, labels == LEFT_LUNG
 
 
 def segment_cases(segmenters: dict[str, LungSegmenter], cases: Iterable[Case], batch: int = 8) -> dict[str, list]:
@@ -145,12 +141,13 @@ def segment_cases(segmenters: dict[str, LungSegmenter], cases: Iterable[Case], b
 
     def flush() -> None:
         images = [NormalisedImage(c.pixels, None, "png", ["picture"]) for c in pending]
-        bands = [None if c.truth is None else cardiac_band(*_truth_sides(c.truth)) for c in pending]
+        bands = [None if c.truth is None else cardiac_band(*truth_sides(c.truth)) for c in pending]
         for name, segmenter in segmenters.items():
             for case, band, seg in zip(pending, bands, segmenter.segment(images), strict=True):
                 predicted = seg.labels > 0
                 check = check_lung_fields(seg.labels, seg.confidence)
-                row = {"file": case.file, "source": case.source, "part": case.part, "variant": case.variant,
+                row = {"file": case.file, "source": case.source, "finding": case.finding, "part": case.part,
+                       "variant": case.variant,
                        "opaque": round(case.opaque, 4), "accepted": check.accepted, "reason": check.reason,
                        "measurements": {k: round(float(v), 4) for k, v in check.measurements.items()}}
                 if case.truth is not None and band is not None:
@@ -192,7 +189,7 @@ def summarise(rows: list[dict]) -> dict:
     films = [r for r in rows if r["group"] == "films"]
     out["films"] = {"n": len(films), "accepted": sum(r["accepted"] for r in films),
                     "refused": [f'{r["file"]}: {r["reason"]}' for r in films if not r["accepted"]]}
-    tb = sorted((r for r in films if r["file"] in TUBERCULOSIS), key=lambda r: r["opaque"])
+    tb = sorted((r for r in films if r["finding"] == "tuberculosis"), key=lambda r: r["opaque"])
     deciles = np.array_split(np.arange(len(tb)), 10) if tb else []
     out["tuberculosis"] = {
         "rule": "train.dense_disease.opaque_fraction; deciles of all tuberculosis films, 10 = densest",
@@ -215,9 +212,6 @@ def summarise(rows: list[dict]) -> dict:
     return out
 
 
-TUBERCULOSIS: set[str] = set()
-
-
 def evaluate(models: dict[str, Path], data: Path | None, limit: int = 0) -> tuple[dict, dict[str, list]]:
     segmenters = {name: LungSegmenter(path, torch.device("cpu")) for name, path in models.items()}
     samples = read_lung_masks(data)
@@ -225,7 +219,6 @@ def evaluate(models: dict[str, Path], data: Path | None, limit: int = 0) -> tupl
     parts = {s.file: part for part, members in split.items() for s in members}
     test = split["test"][:limit] if limit else split["test"]
     films = samples[::max(1, len(samples) // limit)] if limit else samples
-    TUBERCULOSIS.update(s.file for s in samples if s.finding == "tuberculosis")
     dicom = (data or data_dir() / "cxr-lung-masks").parent / "dicom-samples"
     rows: dict[str, list[dict]] = {name: [] for name in models}
     started = time.perf_counter()

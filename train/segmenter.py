@@ -38,9 +38,10 @@ from .datasets import LungSample, load_gray, load_mask, read_lung_masks, stratif
 from .dense_disease import paint_batch, paint_dense_disease, random_spec
 from .engine import FitConfig, History, fit, resolve_device, seed_everything, tensor_batches
 from .losses import batch_dice, dice_bce_loss, dice_iou
+from .synthetic_opacities import DEFAULT_PIXEL_SPACING_MM
 
 MODEL_NAME = "lung-field-unet"
-FILM_WIDTH_MM = 430.0  # the 512 x 512 PNGs cover about 43 cm (train.synthetic_opacities.DEFAULT_PIXEL_SPACING_MM)
+FILM_WIDTH_MM = DEFAULT_PIXEL_SPACING_MM * 512  # the side of the 512 x 512 PNGs, about 43 cm
 
 
 def _stack(samples: list[LungSample], size: int, stretch: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
