@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from . import checkpoint
-from .explain import grad_cam, zone_scores
+from .explain import class_activation_map, zone_scores
 from .lung_crop import CropGeometry, classifier_input
 from .model_info import ModelInfo
 from .normalise import NormalisedImage
@@ -51,18 +51,20 @@ class PneumoconiosisClassifier:
         self.suppress_outside = bool(model_file.get("suppress_outside", False))
         self.model = PneumoconiosisNet()
         self.model.load_state_dict(model_file.state_dict)
-        self.model.eval().to(device)
+        # Inference form: batch norms folded into the convolutions, channels-last (measured in docs/benchmarks.md).
+        self.model.eval().fuse_for_inference().to(device).to(memory_format=torch.channels_last)
         self.device = device
 
     def _forward(self, image: NormalisedImage, labels: np.ndarray
                  ) -> tuple[torch.Tensor, CropGeometry, float, np.ndarray]:
+        """The lung crop through the network once: the probabilities, and layer4's features for the heat map."""
         x, geometry = classifier_input(image, labels, self.input_size, self.margin, self.suppress_outside)
-        tensor = torch.from_numpy(x)[None, None].to(self.device)
+        tensor = torch.from_numpy(x)[None, None].to(self.device).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            out = self.model(tensor)
+            out = self.model.forward_with_feature_map(tensor)
             probability = float(torch.sigmoid(out["binary"])[0])
             categories = torch.softmax(out["profusion"][0].float(), dim=0).cpu().numpy()
-        return tensor, geometry, probability, categories
+        return out["feature_map"], geometry, probability, categories
 
     def probabilities(self, image: NormalisedImage, labels: np.ndarray) -> tuple[float, np.ndarray]:
         """Probability of pneumoconiosis and of categories 0-3, without the heat map (evaluation runs)."""
@@ -71,9 +73,10 @@ class PneumoconiosisClassifier:
 
     def classify(self, image: NormalisedImage, labels: np.ndarray) -> Classification:
         started = time.perf_counter()
-        tensor, geometry, probability, categories = self._forward(image, labels)
+        feature_map, geometry, probability, categories = self._forward(image, labels)
         classified = time.perf_counter()
-        heat = geometry.to_source(grad_cam(self.model, tensor, head="binary"))
+        cam = class_activation_map(feature_map, self.model.binary.weight[0], (self.input_size, self.input_size))
+        heat = geometry.to_source(cam)
         zones = zone_scores(heat, labels)
         return Classification(
             probability=probability, present=probability >= self.threshold, threshold=self.threshold,

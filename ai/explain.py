@@ -1,4 +1,12 @@
-"""Where the classifier looked: Grad-CAM heat maps and their mean in the six ILO lung zones."""
+"""Where the classifier looked: class activation maps and their mean in the six ILO lung zones.
+
+The node's heat map is the class activation map (CAM, Zhou et al. 2016) of the binary head, computed from the
+layer4 features of the same forward pass that gives the probability. The network ends in global average pooling
+and one linear layer, so Grad-CAM's channel weights (the spatial mean of the score's gradient) are exactly the
+linear weights divided by the number of positions (Selvaraju et al. 2017, appendix): after the peak normalisation
+both give the same map, and CAM needs no backward pass (3.5 forward passes' worth of time). ``grad_cam`` stays as
+the reference the CAM is checked against (tests, ``benchmarks/heat_map_methods.py``).
+"""
 
 from __future__ import annotations
 
@@ -13,9 +21,29 @@ from .resnet import PneumoconiosisNet
 ZONES = ("right_upper", "right_middle", "right_lower", "left_upper", "left_middle", "left_lower")
 
 
+def class_activation_map(feature_map: torch.Tensor, weight: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """CAM of one input at ``size`` (the model input's rows, columns), float32 in [0, 1].
+
+    ``feature_map``: (1, C, h, w) layer4 output; ``weight``: (C,) the linear head's weights for the explained
+    output. The ReLU keeps only evidence for the output (as Grad-CAM does); the bias shifts the score, not where it
+    comes from, so it is left out. A map without positive evidence is all zeros, never NaN.
+    """
+    if feature_map.ndim != 4 or feature_map.shape[0] != 1:
+        raise ValueError(f"expected one feature map of shape (1, C, h, w), got {tuple(feature_map.shape)}")
+    if weight.shape != feature_map.shape[1:2]:
+        raise ValueError(f"weight {tuple(weight.shape)} does not match {feature_map.shape[1]} channels")
+    with torch.inference_mode():
+        cam = F.relu(torch.einsum("c,bchw->bhw", weight.float(), feature_map.float()))[:, None]
+        cam = F.interpolate(cam, size=size, mode="bilinear", align_corners=False)[0, 0]
+        peak = float(cam.max())
+        result = (cam / peak) if peak > 0 else torch.zeros_like(cam)
+        return result.cpu().numpy()
+
+
 def grad_cam(model: PneumoconiosisNet, x: torch.Tensor, head: str = "binary", target_class: int | None = None,
              layer: nn.Module | None = None) -> np.ndarray:
-    """Grad-CAM (Selvaraju et al. 2017) of one input at the input's size, float32 in [0, 1].
+    """Grad-CAM (Selvaraju et al. 2017) of one input at the input's size, float32 in [0, 1]: the reference for
+    ``class_activation_map`` (the node itself no longer runs a backward pass).
 
     layer4 is the last place with spatial resolution, so its gradient-weighted channels are the coarsest map that
     still says where; the ReLU keeps only evidence for the output. For ``head="profusion"`` the map explains

@@ -114,3 +114,32 @@ class PneumoconiosisNet(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         f = self.dropout(self.features(x))
         return {"binary": self.binary(f)[:, 0], "profusion": self.profusion(f)}
+
+    def forward_with_feature_map(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``forward`` plus layer4's output under ``"feature_map"``: the class activation map is computed from it
+        and the binary head's weights, so the heat map costs no second pass."""
+        feature_map = self.trunk(x)
+        f = self.dropout(torch.flatten(self.pool(feature_map), 1))
+        return {"binary": self.binary(f)[:, 0], "profusion": self.profusion(f), "feature_map": feature_map}
+
+    def fuse_for_inference(self) -> PneumoconiosisNet:
+        """Fold every batch norm of the trunk into the convolution before it (eval mode only; the same function up
+        to float rounding): fewer passes over the feature maps at inference. Returns self."""
+        from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+        if self.training:
+            raise RuntimeError("fuse_for_inference needs eval mode (batch norm running statistics)")
+        def fused(conv: Any, bn: Any) -> nn.Conv2d:
+            if not isinstance(conv, nn.Conv2d) or not isinstance(bn, nn.BatchNorm2d):
+                raise TypeError("expected a convolution followed by a batch norm")
+            return fuse_conv_bn_eval(conv, bn)
+
+        trunk = self.trunk
+        trunk.conv1, trunk.bn1 = fused(trunk.conv1, trunk.bn1), nn.Identity()
+        for name in ("layer1", "layer2", "layer3", "layer4"):
+            for block in trunk.get_submodule(name).children():
+                block.conv1, block.bn1 = fused(block.conv1, block.bn1), nn.Identity()
+                block.conv2, block.bn2 = fused(block.conv2, block.bn2), nn.Identity()
+                if isinstance(block.downsample, nn.Sequential):
+                    block.downsample = nn.Sequential(fused(block.downsample[0], block.downsample[1]))
+        return self

@@ -1,5 +1,6 @@
 """Classifier building blocks on tiny synthetic inputs: focal losses against hand-computed values, the ResNet-34's
-shapes and ImageNet initialisation, the lung crop's geometry, Grad-CAM's hygiene and the ILO zone split.
+shapes and ImageNet initialisation, the lung crop's geometry, Grad-CAM's hygiene, the class activation map
+against Grad-CAM, the folded inference form and the ILO zone split.
 
 Fast on purpose (a few seconds on two cores): nothing is trained and no real weights are needed.
 """
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.models import resnet34
 
-from ai.explain import ZONES, grad_cam, zone_scores
+from ai.explain import ZONES, class_activation_map, grad_cam, zone_scores
 from ai.lung_crop import lung_crop
 from ai.resnet import IMAGENET_FILE, PneumoconiosisNet, build_resnet34
 from train.losses import focal_loss_binary, focal_loss_multiclass
@@ -229,6 +230,56 @@ def test_grad_cam_shape_range_and_no_leftovers(net):
             net.binary.weight.copy_(saved)
     assert not net.training
     assert np.array_equal(cam, np.zeros((64, 64), dtype=np.float32))
+
+
+def _with_random_batch_norm_statistics(seed: int) -> PneumoconiosisNet:
+    """A fresh net whose batch norms hold non-trivial running statistics and affine terms, as trained ones do
+    (the defaults, mean 0 and variance 1, would make folding them an identity and the test blind)."""
+    torch.manual_seed(seed)
+    model = PneumoconiosisNet()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.1, 0.1)
+        model.binary.weight.normal_()  # evidence of both signs, so the maps are not all zeros
+    return model.eval()
+
+
+def test_class_activation_map_equals_grad_cam_for_the_binary_head():
+    """GAP + one linear layer: Grad-CAM's weights are the head's weights over the number of positions, so after
+    the peak normalisation the two maps are the same (the node computes the cheap one)."""
+    model = _with_random_batch_norm_statistics(1)
+    for seed in range(3):
+        x = torch.rand(1, 1, 96, 96, generator=torch.Generator().manual_seed(seed))
+        with torch.inference_mode():
+            out = model.forward_with_feature_map(x)
+        cam = class_activation_map(out["feature_map"], model.binary.weight[0], (96, 96))
+        reference = grad_cam(model, x, head="binary")
+        assert cam.shape == (96, 96) and cam.dtype == np.float32
+        assert np.abs(cam - reference).max() < 1e-4
+        assert cam.max() == pytest.approx(1.0) and cam.min() >= 0.0
+    silent = class_activation_map(out["feature_map"], torch.zeros(512), (96, 96))  # no evidence: zeros, not NaN
+    assert np.array_equal(silent, np.zeros((96, 96), dtype=np.float32))
+    with pytest.raises(ValueError):
+        class_activation_map(out["feature_map"], torch.zeros(4), (96, 96))
+
+
+def test_folded_channels_last_net_computes_the_same_outputs():
+    reference = _with_random_batch_norm_statistics(2)
+    folded = _with_random_batch_norm_statistics(2).fuse_for_inference().to(memory_format=torch.channels_last)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    x = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        expected = reference.forward_with_feature_map(x)
+        got = folded.forward_with_feature_map(x.contiguous(memory_format=torch.channels_last))
+    for key in ("binary", "profusion", "feature_map"):
+        assert torch.allclose(got[key], expected[key], rtol=1e-4, atol=1e-4), key
+    assert torch.equal(reference(x)["binary"], expected["binary"])  # forward and the feature-map form agree
+    with pytest.raises(RuntimeError):
+        PneumoconiosisNet().train().fuse_for_inference()
 
 
 def test_zone_scores_use_each_lungs_own_thirds():
