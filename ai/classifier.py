@@ -18,7 +18,22 @@ from .explain import class_activation_map, zone_scores
 from .lung_crop import CropGeometry, classifier_input
 from .model_info import ModelInfo
 from .normalise import NormalisedImage
+from .onnx_engine import onnx_model_of, use_onnxruntime
 from .resnet import PneumoconiosisNet
+
+OUTPUTS = ("binary", "profusion", "feature_map")
+
+
+class _Outputs(torch.nn.Module):
+    """The network's inference form as a tuple of tensors, which is what an ONNX export needs."""
+
+    def __init__(self, model: PneumoconiosisNet) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model.forward_with_feature_map(x)
+        return tuple(out[name] for name in OUTPUTS)
 
 
 @dataclass
@@ -42,7 +57,7 @@ class PneumoconiosisClassifier:
     trained on and, for demo weights, the notice that must reach every result.
     """
 
-    def __init__(self, path: Path, device: torch.device) -> None:
+    def __init__(self, path: Path, device: torch.device, engine: str = "auto") -> None:
         model_file = checkpoint.load(path, checkpoint.CLASSIFIER_FIELDS)
         self.info: ModelInfo = model_file.info()
         self.threshold = float(model_file["threshold"])
@@ -54,15 +69,23 @@ class PneumoconiosisClassifier:
         # Inference form: batch norms folded into the convolutions, channels-last (measured in docs/benchmarks.md).
         self.model.eval().fuse_for_inference().to(device).to(memory_format=torch.channels_last)
         self.device = device
+        # ONNX Runtime on CPU (ai/onnx_engine.py); the torch model stays for the heat map's head weights.
+        example = torch.zeros(1, 1, self.input_size, self.input_size)
+        self.onnx = (onnx_model_of(_Outputs(self.model), example, OUTPUTS, path)
+                     if use_onnxruntime(engine, device) else None)
+        self.engine = "onnxruntime" if self.onnx is not None else "torch"
 
     def _forward(self, image: NormalisedImage, labels: np.ndarray
                  ) -> tuple[torch.Tensor, CropGeometry, float, np.ndarray]:
         """The lung crop through the network once: the probabilities, and layer4's features for the heat map."""
         x, geometry = classifier_input(image, labels, self.input_size, self.margin, self.suppress_outside)
-        tensor = torch.from_numpy(x)[None, None].to(self.device).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            out = self.model.forward_with_feature_map(tensor)
-            probability = float(torch.sigmoid(out["binary"])[0])
+            if self.onnx is not None:
+                out = {name: torch.from_numpy(value) for name, value in self.onnx(x[None, None]).items()}
+            else:
+                tensor = torch.from_numpy(x)[None, None].to(self.device).contiguous(memory_format=torch.channels_last)
+                out = self.model.forward_with_feature_map(tensor)
+            probability = float(torch.sigmoid(out["binary"].float())[0])
             categories = torch.softmax(out["profusion"][0].float(), dim=0).cpu().numpy()
         return out["feature_map"], geometry, probability, categories
 

@@ -14,7 +14,19 @@ from .geometry import Letterbox
 from .lungs import labels_on_source
 from .model_info import ModelInfo
 from .normalise import NormalisedImage, stretch_contrast
+from .onnx_engine import onnx_model_of, use_onnxruntime
 from .unet import UNet
+
+
+class _Probability(torch.nn.Module):
+    """The U-Net with its sigmoid: the form exported to ONNX Runtime."""
+
+    def __init__(self, model: UNet) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.model(x))
 
 
 @dataclass
@@ -56,7 +68,7 @@ def model_input(image: NormalisedImage, size: int) -> tuple[np.ndarray, Letterbo
 class LungSegmenter:
     """Loads the weights once; ``segment`` takes a batch of normalised images."""
 
-    def __init__(self, weights: Path, device: torch.device) -> None:
+    def __init__(self, weights: Path, device: torch.device, engine: str = "auto") -> None:
         model_file = checkpoint.load(weights, checkpoint.SEGMENTER_FIELDS)
         self.info: ModelInfo = model_file.info()
         self.input_size: int = int(model_file["input_size"])
@@ -66,10 +78,17 @@ class LungSegmenter:
         # on CPU (docs/benchmarks.md).
         self.model.eval().fuse_for_inference().to(device).to(memory_format=torch.channels_last)
         self.device = device
+        # ONNX Runtime on CPU: the same network exported at load (ai/onnx_engine.py).
+        example = torch.zeros(1, 1, self.input_size, self.input_size)
+        self.onnx = (onnx_model_of(_Probability(self.model), example, ("probability",), weights)
+                     if use_onnxruntime(engine, device) else None)
+        self.engine = "onnxruntime" if self.onnx is not None else "torch"
 
     @torch.inference_mode()
     def probabilities(self, inputs: np.ndarray) -> np.ndarray:
         """(N, size, size) model inputs -> (N, size, size) lung probabilities."""
+        if self.onnx is not None:
+            return np.ascontiguousarray(self.onnx(inputs[:, None])["probability"][:, 0])
         tensor = torch.from_numpy(inputs[:, None]).to(self.device).contiguous(memory_format=torch.channels_last)
         return np.ascontiguousarray(torch.sigmoid(self.model(tensor))[:, 0].float().cpu().numpy())
 
