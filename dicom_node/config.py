@@ -171,6 +171,7 @@ SCHEMA: dict[str, Key] = {
     "worker.batch_size": Key(int, 4, _range(1, 64)),
     "worker.poll_seconds": Key(float, 0.25, _range(0.05)),
     "worker.device": Key(str, "auto", _one_of(DEVICES)),
+    "worker.threads": Key(int, 0, _range(0, 256)),
     "models.directory": Key(str, ""),
     "results.device_uid": Key(str, "", lambda v: None if not v or _is_uid(v) else "must be a DICOM UID"),
     "results.institution_name": Key(str, ""),
@@ -342,6 +343,7 @@ class WorkerSettings:
     batch_size: int
     poll_seconds: float
     device: str
+    threads: int  # CPU threads of the models in each worker process (0 = torch's default: every core)
 
 
 @dataclass(frozen=True)

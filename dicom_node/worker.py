@@ -8,7 +8,12 @@ archived source (``_read``), *analyse* the readable ones in one call of the inje
 in one fenced transaction (``db.results.finish_job``). Whether a source is one of the node's own results is
 ``dicom_node.results.identity.is_own_result``; the node's identity comes from ``NodeIdentity.from_config``.
 
-One worker is one process (the models load once per process). Before each claim it looks up the registry's
+One worker is one process (the models load once per process, with ``worker.threads`` CPU threads, and are warmed
+with highdicom's tables before the first job). In ``run`` the build, write and record steps of a batch happen on a
+second thread, the *results lane*, while the model thread claims, reads and analyses the next batch: the models
+release the GIL, so on two cores encoding the result objects costs the next analysis almost nothing (measured in
+docs/benchmarks.md). ``run_once`` alone (as the tests call it) stays synchronous. Before each claim it
+looks up the registry's
 champion (``dicom_node.champion``): a promotion or a rollback reaches its next batch without a restart.
 ``dicom-node serve`` supervises ``worker.processes`` of them; ``dicom-node worker`` runs one alone, e.g. on a GPU
 host that shares the database and the storage root. Outcomes per job:
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import socket
 import sys
 import threading
@@ -68,6 +74,10 @@ AnalyseBatch = Callable[..., list[Any]]
 """``ai.analyse_batch``'s signature: (datasets, device=...) -> one AnalysisRecord per dataset, in order."""
 
 BuildObjects = Callable[..., list[ResultObject]]
+
+STOPPING_DATABASE_WAIT_S = 4.0
+"""Once the worker is stopping, the results lane stops waiting for an unavailable database after this backoff step
+(about 7.5 s in all); the jobs in hand then go back to the queue when their leases expire."""
 
 
 @dataclass(frozen=True)
@@ -137,29 +147,91 @@ class Worker:
         self.champion = ChampionWatch(engine, archive.root, device=self.device, model_dir=self.model_dir,
                                       worker=self.owner)
         self.export_routes = config.export.routes  # destination -> result kinds
+        self._lane: queue.Queue[tuple[_Task, Any, float] | None] | None = None  # set while ``run`` runs
 
     # -- loop -------------------------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
-        """Process jobs until ``stop`` is set; finishes the batch in hand before returning."""
+        """Process jobs until ``stop`` is set; finishes the batch in hand, and the results lane's, before returning."""
+        self.warm_up()
+        LOG.info("worker %s ready (device %s, batch %d, %d model thread(s))", escape(self.owner),
+                 self.device or "auto", self.config.worker.batch_size, _model_threads())
+        lane: queue.Queue[tuple[_Task, Any, float] | None] = queue.Queue(maxsize=2 * self.config.worker.batch_size)
+        results = threading.Thread(target=self._results_lane, args=(lane, stop), name="results-lane", daemon=True)
+        results.start()
+        self._lane = lane
+        backoff = DatabaseBackoff()
+        try:
+            while not stop.is_set():
+                try:
+                    claimed = self.run_once()
+                except (OperationalError, InterfaceError, DisconnectionError) as exc:
+                    # locked, busy, connection dropped: the queue is still there; wait and look again, never exit
+                    delay = backoff.next_delay()
+                    LOG.warning("database unavailable (%s); retrying in %.1f s", exception_summary(exc), delay)
+                    stop.wait(delay)
+                    continue
+                backoff.reset()
+                if claimed == 0:
+                    stop.wait(self.config.worker.poll_seconds)
+        finally:
+            self._lane = None
+            lane.put(None)  # after the conclusions already queued: the lane finishes them, then ends
+            results.join()
+
+    def warm_up(self) -> None:
+        """Load the models (``worker.threads`` CPU threads), run each once and build one SR, so that neither the
+        models' first call nor highdicom's lazily loaded standard tables (about 0.3 s) fall into the first job."""
+        import numpy as np
+
         from ai.models import lung_segmenter, pneumoconiosis_classifier
 
-        lung_segmenter(self.device, self.model_dir)  # load the models before the first job, not inside its time
-        pneumoconiosis_classifier(self.device, self.model_dir)
-        LOG.info("worker %s ready (device %s, batch %d)", escape(self.owner), self.device or "auto",
-                 self.config.worker.batch_size)
-        backoff = DatabaseBackoff()
-        while not stop.is_set():
-            try:
-                claimed = self.run_once()
-            except (OperationalError, InterfaceError, DisconnectionError) as exc:
-                # locked, busy, connection dropped: the queue is still there; wait and look again, never exit
-                delay = backoff.next_delay()
-                LOG.warning("database unavailable (%s); retrying in %.1f s", exception_summary(exc), delay)
-                stop.wait(delay)
-                continue
-            backoff.reset()
-            if claimed == 0:
-                stop.wait(self.config.worker.poll_seconds)
+        if self.config.worker.threads:
+            import torch
+
+            torch.set_num_threads(self.config.worker.threads)  # ONNX Runtime sessions take the same number
+        segmenter = lung_segmenter(self.device, self.model_dir)
+        classifier = pneumoconiosis_classifier(self.device, self.model_dir)
+        segmenter.probabilities(np.zeros((1, segmenter.input_size, segmenter.input_size), dtype=np.float32))
+        if classifier is not None:
+            blank = np.zeros((64, 64), dtype=np.float32)
+            labels = np.zeros((64, 64), dtype=np.uint8)
+            labels[8:56, 6:28], labels[8:56, 36:58] = 1, 2
+            from ai.normalise import NormalisedImage
+
+            classifier.probabilities(NormalisedImage(blank, None, "warm-up", []), labels)
+        header = Dataset()
+        header.SOPClassUID, header.Modality = "1.2.840.10008.5.1.4.1.1.1", "CR"
+        header.StudyInstanceUID = header.SeriesInstanceUID = header.SOPInstanceUID = "2.25.1"
+        try:
+            self.builders.last_resort(header, "warm_up", "warm-up", self.identity, [segmenter.info])
+        except Exception as exc:  # only a warm-up: the first job pays the tables' load instead
+            LOG.debug("warm-up SR failed (%s)", exception_summary(exc))
+
+    def _results_lane(self, lane: queue.Queue[tuple[_Task, Any, float] | None], stop: threading.Event) -> None:
+        """Build, write and record each analysed job's result objects, in order, off the model thread. A database
+        that is briefly unavailable is waited for (the job keeps its lease meanwhile); any other error leaves the
+        job to its lease, so it is retried, never lost."""
+        while (item := lane.get()) is not None:
+            task, record, seconds = item
+            backoff = DatabaseBackoff()
+            while True:
+                try:
+                    self._conclude(task, record, seconds)
+                except (OperationalError, InterfaceError, DisconnectionError) as exc:
+                    if stop.is_set() and backoff.current >= STOPPING_DATABASE_WAIT_S:
+                        LOG.warning("job %d: database still unavailable while stopping; its lease expires and it "
+                                    "is retried", task.job.job_id)
+                        break
+                    delay = backoff.next_delay()
+                    LOG.warning("job %d: database unavailable while recording (%s); retrying in %.1f s",
+                                task.job.job_id, exception_summary(exc), delay)
+                    time.sleep(delay)
+                    continue
+                except Exception as exc:  # noqa: BLE001 - the lane must outlive any one job
+                    LOG.error("job %d: concluding it failed (%s); its lease expires and it is retried",
+                              task.job.job_id, exception_summary(exc))
+                    _log_traceback(task.job.job_id)
+                break
 
     def run_once(self) -> int:
         """Claim up to ``worker.batch_size`` waiting jobs and process them; returns how many were claimed.
@@ -197,8 +269,12 @@ class Worker:
         started = time.perf_counter()
         records = self._analyse(tasks)
         seconds = (time.perf_counter() - started) / len(tasks)
+        lane = self._lane
         for task, record in zip(tasks, records, strict=True):
-            self._conclude(task, record, seconds)
+            if lane is not None:
+                lane.put((task, record, seconds))  # blocks only when the lane is two batches behind
+            else:
+                self._conclude(task, record, seconds)
 
     def _source_of(self, job: ClaimedJob) -> _Task | None:
         """Read step: the task to analyse, or None when the job ended here (lost its worker on every attempt,
@@ -379,6 +455,12 @@ class Worker:
         header.SOPClassUID, header.StudyInstanceUID, header.SeriesInstanceUID, header.SOPInstanceUID = uids
         header.Modality = modality_of(uids[0])
         return header
+
+
+def _model_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def modality_of(sop_class_uid: str) -> str:

@@ -41,7 +41,7 @@ from .support.dicom_tools import dciodvfy_errors
 from .support.logs import node_log_output
 from .support.sr_tree import sr_text
 from .test_coerce import FULL
-from .test_worker import Env, assert_no_tmp_leftovers, make_env
+from .test_worker import CHEST, Env, assert_no_tmp_leftovers, make_env
 
 ANALYSIS_INPUTS = ("SOPClassUID", "BodyPartExamined", "ViewPosition", "ImageType", "NumberOfFrames",
                    "PhotometricInterpretation", "SamplesPerPixel", "Rows", "Columns", "BitsAllocated", "BitsStored",
@@ -261,3 +261,38 @@ def test_a_worker_outlives_a_40_second_exclusive_lock(tmp_path, node_log):
     thread.join(30)
     assert env.job(job_id).state == JobState.NOT_ANALYSED
     assert "database unavailable (OperationalError" in node_log.getvalue()
+
+
+def test_results_are_built_off_the_model_thread_while_the_next_job_is_analysed(tmp_path):
+    """``run``'s results lane: job 1's objects are built while job 2 is in the models; stopping drains the lane."""
+    from dicom_node.results import build_results
+
+    env = make_env(tmp_path / "var", worker__batch_size="1", worker__poll_seconds="0.05")
+    events: list[tuple[str, str, float]] = []
+
+    def analyse(sources, device=None, **options):  # type: ignore[no-untyped-def]
+        events.append(("analyse", threading.current_thread().name, time.monotonic()))
+        return ai.analyse_batch(sources, device=device, **options)
+
+    def slow_build(header, record, identity):  # type: ignore[no-untyped-def]
+        events.append(("build", threading.current_thread().name, time.monotonic()))
+        time.sleep(1.5)  # longer than one analysis: the next one must start meanwhile
+        return build_results(header, record, identity)
+
+    job_ids = [env.receive(p)[0] for p in clone_instances(CHEST, tmp_path / "in", 3)]
+    stop = threading.Event()
+    thread = threading.Thread(target=env.worker(analyse=analyse, builders=ResultBuilders(analysed=slow_build)).run,
+                              args=(stop,), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while sum(e[0] == "build" for e in events) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()  # the third build is still sleeping: the lane must finish it before run returns
+    thread.join(60)
+    assert not thread.is_alive()
+    assert [env.job(i).state for i in job_ids] == [JobState.DONE] * 3
+    builds = [e for e in events if e[0] == "build"]
+    analyses = [e for e in events if e[0] == "analyse"]
+    assert {e[1] for e in builds} == {"results-lane"} and "results-lane" not in {e[1] for e in analyses}
+    assert analyses[1][2] < builds[0][2] + 1.5, "the second analysis waited for the first job's results"
+    assert len(env.results(job_id=job_ids[2])) == 3  # SEG + SR + SC of the job in hand at the stop
