@@ -14,4 +14,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # torch/torchvision first and pinned, so that the project's ranges install nothing bigger on top.
 .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-.venv/bin/python -m pip install -q -e ".[test]"
+# The postgres extra (psycopg): the queue, export and worker tests run on PostgreSQL as well as SQLite.
+.venv/bin/python -m pip install -q -e ".[test,postgres]"
