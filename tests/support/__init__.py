@@ -10,5 +10,7 @@
 - ``models``: model directories with and without the pneumoconiosis classifier, and how to install one.
 - ``net``: ``free_port``.
 - ``node``: ``Node`` (a ``dicom-node serve`` subprocess) and ``open_db``.
+- ``postgres``: a throwaway PostgreSQL cluster (``PostgresCluster``), ``Databases`` (new databases of either
+  backend) and ``SQLITE_ONLY``; the fixtures ``db_backend``, ``db_url``, ``databases`` are in the conftest.
 - ``seeds``: seeded randomness whose seed is printed and replayable ($PNEUMO_TEST_SEED).
 """
