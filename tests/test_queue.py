@@ -1,12 +1,13 @@
-"""The queue contract on a real SQLite file: atomic claims across processes, leases, retries, fencing.
+"""The queue contract on a real database, SQLite and PostgreSQL (``db_url``): atomic claims across processes, leases,
+retries, fencing; SQLite's own settings (WAL, lock-free lookups) on SQLite alone.
 
 A job is ended the way the worker ends it: ``db.results.finish_job`` with its result objects (``_finish``)."""
 
 from __future__ import annotations
 
 import multiprocessing as mp
+import multiprocessing.synchronize
 import time
-from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -42,7 +43,15 @@ def _finish(engine, job: queue.ClaimedJob) -> bool:
 
 
 @pytest.fixture
-def engine(tmp_path):
+def engine(db_url):
+    engine = make_engine(db_url)
+    init_schema(engine)
+    return engine
+
+
+@pytest.fixture
+def sqlite_engine(tmp_path):
+    """For what only SQLite has (its journal mode, its write lock)."""
     engine = make_engine(f"sqlite:///{tmp_path / 'q.sqlite'}")
     init_schema(engine)
     return engine
@@ -154,8 +163,11 @@ def test_a_job_out_of_attempts_is_handed_out_for_its_report(engine):
     assert reporting is not None and reporting.report_only
 
 
-def _drain(url: str, worker_id: str, out: mp.Queue[list[int]]) -> None:
+def _drain(url: str, worker_id: str, start: mp.synchronize.Barrier, out: mp.Queue[list[int]]) -> None:
     engine = make_engine(url)
+    with engine.connect():  # connected (and imported) before the race starts
+        pass
+    start.wait(60)
     claimed = []
     while (job := queue.claim(engine, worker_id, 60, MAX_ATTEMPTS)) is not None:
         claimed.append(job.job_id)
@@ -163,22 +175,26 @@ def _drain(url: str, worker_id: str, out: mp.Queue[list[int]]) -> None:
     out.put(claimed)
 
 
-def test_four_worker_processes_claim_each_job_exactly_once(tmp_path):
-    url = f"sqlite:///{tmp_path / 'q.sqlite'}"
-    engine = make_engine(url)
+def test_four_worker_processes_claim_each_job_exactly_once(db_url):
+    """Four processes start claiming at the same moment. On SQLite BEGIN IMMEDIATE serialises the claims; on
+    PostgreSQL they run at once, each skipping the rows the others have locked."""
+    engine = make_engine(db_url)
     init_schema(engine)
     for i in range(200):
         record_new(engine, _record(i))
     ctx = mp.get_context("spawn")
     results: mp.Queue = ctx.Queue()
-    procs = [ctx.Process(target=_drain, args=(url, f"w{i}", results)) for i in range(4)]
+    start = ctx.Barrier(4)
+    procs = [ctx.Process(target=_drain, args=(db_url, f"w{i}", start, results)) for i in range(4)]
     for p in procs:
         p.start()
-    claimed = [job_id for _ in procs for job_id in results.get(timeout=120)]
+    per_worker = [results.get(timeout=120) for _ in procs]
     for p in procs:
         p.join(30)
         assert p.exitcode == 0
+    claimed = [job_id for jobs in per_worker for job_id in jobs]
     assert sorted(claimed) == list(range(1, 201)), "a job was claimed twice or never"
+    assert sum(1 for jobs in per_worker if jobs) > 1, f"one worker drained the queue alone: {per_worker}"
     assert queue.counts_by_state(engine)["done"] == 200
 
 
@@ -191,6 +207,24 @@ def test_postgresql_claim_skips_locked_rows():
     assert "FOR UPDATE" not in str(queue.claim_statement(utcnow()).compile(dialect=sqlite.dialect()))
 
 
+@pytest.mark.postgresql
+def test_postgresql_claims_skip_a_job_another_worker_is_claiming(postgres_url):
+    """While one worker's claim transaction holds the oldest job's row lock, another worker's claim neither waits for
+    it nor takes it: it gets the next job at once."""
+    engine = make_engine(postgres_url)
+    init_schema(engine)
+    for i in range(2):
+        record_new(engine, _record(i))
+    with Session(engine) as first, first.begin():
+        locked = first.scalars(queue.claim_statement(utcnow())).one().id
+        started = time.monotonic()
+        other = queue.claim(engine, "w2", 60, MAX_ATTEMPTS)
+        assert other is not None and other.job_id != locked and time.monotonic() - started < 5
+        assert queue.claim(engine, "w3", 60, MAX_ATTEMPTS) is None  # the only other job is locked
+    mine = queue.claim(engine, "w1", 60, MAX_ATTEMPTS)
+    assert mine is not None and mine.job_id == locked
+
+
 def test_schema_version_mismatch_is_refused(engine):
     with Session(engine) as session, session.begin():
         session.scalars(select(SchemaInfo)).one().version = 999
@@ -198,18 +232,19 @@ def test_schema_version_mismatch_is_refused(engine):
         init_schema(engine)
 
 
-def test_sqlite_runs_in_wal_mode_with_full_sync(engine, tmp_path: Path):
-    with engine.connect() as conn:
+def test_sqlite_runs_in_wal_mode_with_full_sync(sqlite_engine):
+    with sqlite_engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
 
 
-def test_lookups_do_not_wait_for_the_write_lock(engine, tmp_path):
+def test_lookups_do_not_wait_for_the_write_lock(sqlite_engine, tmp_path):
     """A worker holding a write transaction must not stall the intake's duplicate lookup."""
     import sqlite3
 
     from db.instances import find_instance
 
+    engine = sqlite_engine
     record_new(engine, _record(1))
     writer = sqlite3.connect(tmp_path / "q.sqlite", isolation_level=None, timeout=1)
     writer.execute("BEGIN IMMEDIATE")
