@@ -1,5 +1,5 @@
 """Export of result objects to PACS by C-STORE, with persisted retries: real peers (DCMTK storescp, a pynetdicom
-SCP answering chosen statuses), real files, a real SQLite database; no mocks."""
+SCP answering chosen statuses), real files, a real database (SQLite and PostgreSQL: ``db_backend``); no mocks."""
 
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ from dicom_node.scheduler import NodeScheduler
 
 from .conftest import CONFIG, PEER_ENV, REPO, SAMPLES, free_port, require_tool
 from .support.dicom_files import dataset_bytes
+from .support.postgres import SQLITE_ONLY
 
 SR = SAMPLES / "reference-outputs" / "sr_document.dcm"
 SEG = SAMPLES / "reference-outputs" / "seg_image_cr_binary.dcm"
@@ -185,10 +186,16 @@ def closed_destination(name: str = "pacs") -> dict:
 class Site:
     root: Path
     engine: object
+    database_url: str | None = None  # None: the SQLite file where the node finds it from storage_root
     counter: int = 0
 
+    def settings(self) -> dict[str, str]:
+        """Where the node's commands find this site: its storage root and, unless the default, its database."""
+        return {"storage.storage_root": str(self.root),
+                **({"database.url": self.database_url} if self.database_url else {})}
+
     def config(self, destinations: list[dict], **overrides: object):
-        values = {"storage.storage_root": str(self.root), "export.destinations": json.dumps(destinations),
+        values = {**self.settings(), "export.destinations": json.dumps(destinations),
                   "export.retry_initial_seconds": str(INITIAL), "export.retry_max_seconds": "60",
                   "export.poll_seconds": "60", "export.timeout_seconds": "5", "network.ae_title": "PNEUMOCAD",
                   **{k.replace("__", "."): str(v) for k, v in overrides.items()}}
@@ -253,13 +260,17 @@ def scheduled(exporter: Exporter) -> Iterator[NodeScheduler]:
         scheduler.shutdown()
 
 
-@pytest.fixture
-def site(tmp_path) -> Site:
-    root = tmp_path / "var"
+def make_site(root: Path, url: str) -> Site:
     root.mkdir()
-    engine = make_engine(f"sqlite:///{root / 'node.sqlite'}")  # where the CLI finds it from storage_root
+    engine = make_engine(url)
     init_schema(engine)
-    return Site(root, engine)
+    return Site(root, engine, None if url.startswith("sqlite:") else url)
+
+
+@pytest.fixture
+def site(tmp_path, databases) -> Site:
+    root = tmp_path / "var"
+    return make_site(root, databases.url(root / "node.sqlite"))  # SQLite: where the CLI finds it from storage_root
 
 
 def received_by_uid(peer: StoreSCP) -> dict[str, Path]:
@@ -360,6 +371,25 @@ def test_the_lease_reclaim_sweep_takes_back_only_dead_exporters_rows(site):
     assert "FOR UPDATE OF exports SKIP LOCKED" in claim_sql
 
 
+@pytest.mark.postgresql
+def test_postgresql_exporters_skip_the_rows_another_exporter_is_claiming(tmp_path, postgres_url):
+    """While one exporter's claim transaction holds a row lock, another exporter's claim takes the other due rows
+    at once, never the locked one."""
+    site = make_site(tmp_path / "var", postgres_url)
+    dests = [closed_destination()]
+    for sample, kind in ((SR, "sr"), (SEG, "seg"), (J2KR, "sc")):
+        site.add_result(sample, kind, dests)
+    with Session(site.engine) as first, first.begin():
+        ((export, _),) = first.execute(xq.claim_statement(utcnow(), 1)).all()
+        locked = export.id
+        started = time.monotonic()
+        others = xq.claim_due(site.engine, "ex2", lease_seconds=60, limit=10)
+        assert time.monotonic() - started < 5
+        assert len(others) == 2 and locked not in {c.export_id for c in others}
+    (mine,) = xq.claim_due(site.engine, "ex1", lease_seconds=60, limit=10)
+    assert mine.export_id == locked
+
+
 # -- sending to real peers -----------------------------------------------------------------------------------------
 
 def test_sent_once_over_one_association_and_byte_equal_at_the_peer(site, scp_factory):
@@ -439,7 +469,8 @@ def test_dead_after_max_attempts_then_cli_status_and_resend(site, scp_factory):
     assert exporter.run_once() == 0 and site.exports()[0].attempts == 2  # dead stays dead
 
     def cli(*args: str) -> str:
-        sets = ["--set", f"storage.storage_root={site.root}", "--set", f"export.destinations={json.dumps(dests)}"]
+        sets = [arg for key, value in {**site.settings(), "export.destinations": json.dumps(dests)}.items()
+                for arg in ("--set", f"{key}={value}")]
         proc = subprocess.run([sys.executable, "-m", "dicom_node.cli", *args, "--config", str(CONFIG), *sets],
                               cwd=REPO, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
@@ -677,6 +708,7 @@ def our_association_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.is_alive() and ours(t)]
 
 
+@SQLITE_ONLY  # the network's timing; the lanes' claims and retries run on PostgreSQL in the tests above
 def test_a_hung_destination_delays_only_itself(site, scp_factory, hung_peers):
     pacs, hung = scp_factory().start(), hung_peers("silent")
     dests = [hung.destination(), pacs.destination()]  # the hung one first, as the old exporter served them
@@ -743,6 +775,7 @@ def test_a_hung_destination_delays_only_itself(site, scp_factory, hung_peers):
     pacs.stop()
 
 
+@SQLITE_ONLY  # the network's timing; cut attempts and alternates run on PostgreSQL in the tests above
 @pytest.mark.parametrize("stall", ["c_store", "association"])
 def test_a_stalled_association_is_cut_by_the_deadline_however_the_peer_keeps_it_alive(site, scp_factory,
                                                                                       hung_peers, stall):
