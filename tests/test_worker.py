@@ -1,4 +1,5 @@
-"""The analysis worker, called directly (no network, no subprocess): real models, a real SQLite queue, real files.
+"""The analysis worker, called directly (no network, no subprocess): real models, a real queue (SQLite and PostgreSQL:
+``db_backend``), real files.
 
 Instances are queued the way the intake does it: the file placed at its archive path, its row built by the
 intake's own builder (``dicom_node.received.received_instance``) and recorded with ``record_new``; ``Worker.run_once``
@@ -34,6 +35,7 @@ from dicom_node.worker import AnalyseBatch, ResultBuilders, Worker
 from .dicomgen import clone_instances
 from .support.data import CHEST_UNCOMPRESSED as CHEST  # uncompressed: the cheapest chest to decode
 from .support.data import CONFIG, HAND
+from .support.postgres import SQLITE_ONLY, Databases
 from .support.result_checks import assert_not_analysed_sr
 from .support.sr_tree import sr_text
 
@@ -88,13 +90,17 @@ class Env:
         return [(uid, dest, state.value) for uid, dest, state in rows]
 
 
-def make_env(root: Path, **overrides: Any) -> Env:
+def make_env(root: Path, databases: Databases | None = None, **overrides: Any) -> Env:
+    """A node's storage root and its database: the SQLite file under the root (also without ``databases``), or a
+    new PostgreSQL database."""
+    url = f"sqlite:///{root / 'node.sqlite'}" if databases is None else databases.url(root / "node.sqlite")
     sets = {"storage.storage_root": str(root), "storage.free_disk_reserve_mb": "0", "worker.processes": "0",
+            "database.url": url,
             **{k.replace("__", "."): v if isinstance(v, str) else json.dumps(v) for k, v in overrides.items()}}
     config = load_config(CONFIG, sets, environ={})
     archive = Archive(root, 0)
     archive.prepare()
-    engine = make_engine(f"sqlite:///{root / 'node.sqlite'}")
+    engine = make_engine(config.database.url)
     init_schema(engine)
     return Env(root, config, archive, engine)
 
@@ -128,9 +134,9 @@ class CountingAnalyseBatch:
 
 
 @pytest.fixture(scope="module")
-def analysed(tmp_path_factory):
+def analysed(tmp_path_factory, module_databases):
     tmp = tmp_path_factory.mktemp("analysed")
-    env = make_env(tmp / "var", export__destinations=DESTINATIONS)
+    env = make_env(tmp / "var", module_databases, export__destinations=DESTINATIONS)
     [source] = chest_copies(tmp / "in", 1)
     job_id, rec = env.receive(source)
     assert env.worker().run_once() == 1
@@ -168,9 +174,9 @@ def test_a_chest_gets_seg_sr_sc_durably_recorded_with_one_export_per_matching_de
 
 
 @pytest.fixture(scope="module")
-def batched(tmp_path_factory):
+def batched(tmp_path_factory, module_databases):
     tmp = tmp_path_factory.mktemp("batched")
-    env = make_env(tmp / "var", worker__batch_size="4")  # and no destination
+    env = make_env(tmp / "var", module_databases, worker__batch_size="4")  # and no destination
     sources = chest_copies(tmp / "in", 3)
     received = [env.receive(p) for p in sources]
     counter = CountingAnalyseBatch(ai.analyse_batch)
@@ -212,8 +218,8 @@ def test_the_same_instance_analysed_again_gives_the_same_results_and_no_second_r
 # --- 4. refused, 5. corrupted, 6. own result ------------------------------------------------------------------------
 
 
-def test_a_refused_image_ends_not_analysed_with_its_reason_and_one_not_analysed_sr(tmp_path):
-    env = make_env(tmp_path / "var")
+def test_a_refused_image_ends_not_analysed_with_its_reason_and_one_not_analysed_sr(tmp_path, databases):
+    env = make_env(tmp_path / "var", databases)
     [hand] = clone_instances(HAND, tmp_path / "in", 1)
     job_id, rec = env.receive(hand)
     assert not rec.in_scope and rec.scope_reason == "body_part_not_chest"
@@ -226,9 +232,9 @@ def test_a_refused_image_ends_not_analysed_with_its_reason_and_one_not_analysed_
     assert_no_tmp_leftovers(env)
 
 
-def test_corrupted_pixel_data_fails_at_once_with_a_not_analysed_sr(tmp_path):
+def test_corrupted_pixel_data_fails_at_once_with_a_not_analysed_sr(tmp_path, databases):
     """Pixels that cannot be decoded will never decode: a permanent failure, not retried (attempts stay 1 of 2)."""
-    env = make_env(tmp_path / "var", queue__max_attempts="2")
+    env = make_env(tmp_path / "var", databases, queue__max_attempts="2")
     [good] = chest_copies(tmp_path / "in", 1)
     ds = dcmread(good)
     ds.PixelData = ds.PixelData[: len(ds.PixelData) // 3 // 2 * 2]
@@ -247,8 +253,8 @@ def test_corrupted_pixel_data_fails_at_once_with_a_not_analysed_sr(tmp_path):
     assert_no_tmp_leftovers(env)
 
 
-def test_an_archived_file_that_vanished_fails_its_job_with_an_sr_from_the_recorded_uids(tmp_path):
-    env = make_env(tmp_path / "var", queue__max_attempts="1")
+def test_an_archived_file_that_vanished_fails_its_job_with_an_sr_from_the_recorded_uids(tmp_path, databases):
+    env = make_env(tmp_path / "var", databases, queue__max_attempts="1")
     [source] = chest_copies(tmp_path / "in", 1)
     job_id, rec = env.receive(source)
     env.archive.absolute(rec.archive_path).unlink()
@@ -284,8 +290,8 @@ def test_an_own_result_sent_back_is_never_reported_on(analysed, tmp_path):
 # --- 7. lease lost, 8. one bad input in a batch -------------------------------------------------------------------
 
 
-def test_a_worker_that_lost_its_lease_records_nothing(tmp_path):
-    env = make_env(tmp_path / "var", export__destinations=DESTINATIONS)
+def test_a_worker_that_lost_its_lease_records_nothing(tmp_path, databases):
+    env = make_env(tmp_path / "var", databases, export__destinations=DESTINATIONS)
     [source] = chest_copies(tmp_path / "in", 1)
     job_id, _ = env.receive(source)
     worker = env.worker()
@@ -299,8 +305,8 @@ def test_a_worker_that_lost_its_lease_records_nothing(tmp_path):
     assert env.results() == [] and env.exports() == []
 
 
-def test_one_input_that_breaks_the_analysis_does_not_fail_its_batch_mates(tmp_path):
-    env = make_env(tmp_path / "var", worker__batch_size="3", queue__max_attempts="1")
+def test_one_input_that_breaks_the_analysis_does_not_fail_its_batch_mates(tmp_path, databases):
+    env = make_env(tmp_path / "var", databases, worker__batch_size="3", queue__max_attempts="1")
     sources = chest_copies(tmp_path / "in", 3)
     received = [env.receive(p) for p in sources]
     bad_job, bad = received[1]
@@ -320,7 +326,8 @@ def test_one_input_that_breaks_the_analysis_does_not_fail_its_batch_mates(tmp_pa
     assert_no_tmp_leftovers(env)
 
 
-def test_the_site_models_of_models_directory_make_the_results(tmp_path):
+@SQLITE_ONLY  # which model analyses: nothing of the database beyond the tests above
+def test_the_site_models_of_models_directory_make_the_results(tmp_path, databases):
     """A site's own classifier in ``models.directory`` (here: the bundled weights saved with another notice) is the
     one the worker analyses with, and its notice is the one every result carries."""
     from ai import checkpoint
@@ -331,7 +338,7 @@ def test_the_site_models_of_models_directory_make_the_results(tmp_path):
     checkpoint.save(site / CLASSIFIER, bundled.state_dict,
                     {**bundled.fields, "version": "site-test-1", "model_card": "site-classifier.md",
                      "notice": "SITE TEST model, not validated for clinical use."})
-    env = make_env(tmp_path / "var", models__directory=str(site))
+    env = make_env(tmp_path / "var", databases, models__directory=str(site))
     [source] = chest_copies(tmp_path / "in", 1)
     job_id, _ = env.receive(source)
     assert env.worker().run_once() == 1
