@@ -9,6 +9,10 @@ threshold stored in the file. Reported: AUC, accuracy, sensitivity, specificity,
 category and profusion accuracy / QWK where categories are known, and the false-positive rate per finding group
 (e.g. normal, tuberculosis) where a ``finding`` column exists: what the demo model calls "pneumoconiosis" on real
 films that have none.
+
+``--engine`` chooses the inference engine of both models (ai/onnx_engine.py; default as the node: ONNX Runtime on
+CPU); ``--reference`` an earlier evaluation.json of the same images, e.g. one made with ``--engine torch``: the AUC
+difference and every image whose decision or refusal differs are then reported under ``against_reference``.
 """
 
 from __future__ import annotations
@@ -24,16 +28,17 @@ import torch
 
 from ai.classifier import PneumoconiosisClassifier
 from ai.input_check import check_lung_fields
-from ai.models import lung_segmenter
+from ai.models import LUNG_UNET, model_path
 from ai.normalise import normalise
+from ai.segment import LungSegmenter
 
 from .classifier import read_items
 from .metrics import binary_summary, multiclass_metrics
 
 
-def evaluate(model_path: Path, data: Path, part: str | None, split_seed: int) -> dict:
-    classifier = PneumoconiosisClassifier(model_path, torch.device("cpu"))
-    segmenter = lung_segmenter("cpu")
+def evaluate(classifier_file: Path, data: Path, part: str | None, split_seed: int, engine: str = "auto") -> dict:
+    classifier = PneumoconiosisClassifier(classifier_file, torch.device("cpu"), engine)
+    segmenter = LungSegmenter(model_path(LUNG_UNET), torch.device("cpu"), engine)
     items = read_items(data)
     findings: dict[str, str] = {}
     if (data / "labels.csv").is_file() if data.is_dir() else False:
@@ -62,7 +67,8 @@ def evaluate(model_path: Path, data: Path, part: str | None, split_seed: int) ->
     done = [r for r in rows if "probability" in r]
     y = np.array([r["present"] for r in done])
     p = np.array([r["probability"] for r in done])
-    out: dict = {"model": classifier.info.to_json(), "threshold": classifier.threshold, "images": len(rows),
+    out: dict = {"model": classifier.info.to_json(), "engine": classifier.engine, "threshold": classifier.threshold,
+                 "images": len(rows),
                  "refused_by_input_check": len(rows) - len(done), "data": str(data), "part": part}
     if any(r["category"] >= 0 for r in done) and 0 < y.sum() < len(y):  # labelled for this task (synthetic)
         out["binary"] = binary_summary(y, p, classifier.threshold)
@@ -90,6 +96,33 @@ def evaluate(model_path: Path, data: Path, part: str | None, split_seed: int) ->
     return out
 
 
+def against_reference(result: dict, reference: dict) -> dict:
+    """How ``result`` differs from an earlier evaluation of the same images: AUC, and each changed decision."""
+    def decision(row: dict) -> str:
+        if "probability" not in row:
+            return f"refused:{row.get('refused')}"
+        return "present" if row["probability"] >= result["threshold"] else "absent"
+
+    before = {r["file"]: r for r in reference["rows"]}
+    changed = []
+    deltas = []
+    for row in result["rows"]:
+        old = before.get(row["file"])
+        if old is None:
+            continue
+        if "probability" in row and "probability" in old:
+            deltas.append(abs(row["probability"] - old["probability"]))
+        if decision(row) != decision(old):
+            changed.append({"file": row["file"], "before": decision(old), "now": decision(row),
+                            "probability_before": old.get("probability"), "probability_now": row.get("probability")})
+    out: dict[str, Any] = {"images_compared": sum(r["file"] in before for r in result["rows"]),
+                           "decisions_changed": changed,
+                           "max_probability_difference": round(max(deltas), 6) if deltas else None}
+    if "binary" in result and "binary" in reference:
+        out["auc_difference"] = round(result["binary"]["auc"] - reference["binary"]["auc"], 6)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True)
@@ -99,12 +132,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--engine", choices=["auto", "torch", "onnxruntime"], default="auto")
+    parser.add_argument("--reference", type=Path, help="an earlier evaluation.json of the same images")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    result = evaluate(args.model, args.data, args.part, args.split_seed)
+    result = evaluate(args.model, args.data, args.part, args.split_seed, args.engine)
     result["seconds"] = round(time.perf_counter() - started, 1)
+    if args.reference:
+        result["against_reference"] = against_reference(result, json.loads(args.reference.read_text()))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "evaluation.json").write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=1))
