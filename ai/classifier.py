@@ -100,7 +100,7 @@ class PneumoconiosisClassifier:
         classified = time.perf_counter()
         cam = class_activation_map(feature_map, self.model.binary.weight[0], (self.input_size, self.input_size))
         heat = geometry.to_source(cam)
-        zones = zone_scores(heat, labels)
+        zones = zone_scores(heat, labels, geometry.box)  # every lung pixel lies in the crop box
         return Classification(
             probability=probability, present=probability >= self.threshold, threshold=self.threshold,
             category_probabilities=[float(c) for c in categories], most_likely_category=int(categories.argmax()),

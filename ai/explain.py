@@ -82,25 +82,33 @@ def grad_cam(model: PneumoconiosisNet, x: torch.Tensor, head: str = "binary", ta
             module.training = training
 
 
-def zone_scores(heat_native: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+def zone_scores(heat_native: np.ndarray, labels: np.ndarray,
+                box: tuple[int, int, int, int] | None = None) -> dict[str, float]:
     """Mean heat in the six ILO zones: upper, middle and lower thirds of each lung's own height.
 
     The ILO classification reads profusion per zone, and each lung is divided by its own extent because the two
     fields rarely reach the same height (heart, diaphragm, scoliosis). An absent lung or zone scores 0.0.
+    ``box`` (top, left, bottom, right; the classifier's crop) bounds where lung pixels can be: the same means,
+    computed on that part of the grid only. A zone is a band of rows, so each is a slice, not a mask.
     """
     if heat_native.shape != labels.shape:
         raise ValueError(f"heat map {heat_native.shape} and labels {labels.shape} differ in shape")
+    if box is not None:
+        top, left, bottom, right = box
+        heat_native, labels = heat_native[top:bottom, left:right], labels[top:bottom, left:right]
     scores: dict[str, float] = {}
-    row_index = np.arange(labels.shape[0])[:, None]
     for side, value in (("right", RIGHT_LUNG), ("left", LEFT_LUNG)):
         lung = labels == value
         rows = np.flatnonzero(lung.any(axis=1))
         if rows.size == 0:
             scores.update({f"{side}_{z}": 0.0 for z in ("upper", "middle", "lower")})
             continue
-        top, extent = rows[0], rows[-1] - rows[0] + 1
-        third = np.clip((row_index - top) * 3 // extent, 0, 2)  # 0 upper, 1 middle, 2 lower
+        first, extent = int(rows[0]), int(rows[-1] - rows[0] + 1)
         for k, zone in enumerate(("upper", "middle", "lower")):
-            inside = lung & (third == k)
-            scores[f"{side}_{zone}"] = float(heat_native[inside].mean()) if inside.any() else 0.0
+            # rows r with (r - first) * 3 // extent == k (k = 2 also takes any row below, none being lung)
+            start = first + -(-k * extent // 3)
+            stop = first + -(-(k + 1) * extent // 3) if k < 2 else labels.shape[0]
+            inside = lung[start:stop]
+            values = heat_native[start:stop][inside]
+            scores[f"{side}_{zone}"] = float(values.mean()) if values.size else 0.0
     return {name: scores[name] for name in ZONES}
