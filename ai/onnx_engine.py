@@ -81,6 +81,9 @@ class OnnxModel:
         options.intra_op_num_threads = threads or torch.get_num_threads()  # the process's CPU budget, as torch's
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # No busy-waiting after a run: ONNX Runtime's pool threads otherwise spin on the cores that the next steps
+        # (post-processing, result encoding on the results lane, the intake) need (docs/benchmarks.md).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         self.output_names = list(output_names)
 
