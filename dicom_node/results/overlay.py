@@ -28,28 +28,42 @@ WARNING_COLOUR = (255, 210, 0)
 
 
 def heat_colours(heat: np.ndarray) -> np.ndarray:
-    """float32 (rows, columns, 3) colours of a heat map in [0, 1], piecewise linear between the anchors."""
-    position = np.clip(heat, 0.0, 1.0) * (len(HEAT_SCALE) - 1)
-    low = np.minimum(position.astype(np.int64), len(HEAT_SCALE) - 2)
-    fraction = (position - low)[..., None]
-    return HEAT_SCALE[low] * (1 - fraction) + HEAT_SCALE[low + 1] * fraction
+    """float32 (..., 3) colours of a heat map in [0, 1], piecewise linear between the anchors (``np.interp`` per
+    channel: one compiled pass each instead of fancy indexing on every pixel)."""
+    anchors = np.linspace(0.0, 1.0, len(HEAT_SCALE))
+    flat = np.clip(np.asarray(heat, dtype=np.float32), 0.0, 1.0).ravel()
+    out = np.empty((flat.size, 3), dtype=np.float32)
+    for channel in range(3):
+        out[:, channel] = np.interp(flat, anchors, HEAT_SCALE[:, channel])
+    return out.reshape(*np.shape(heat), 3)
 
 
 def composite(grey: np.ndarray, labels: np.ndarray, heat: np.ndarray | None) -> np.ndarray:
-    """uint8 RGB on the native grid: grey radiograph, heat blended inside the lungs only, contours on top."""
+    """uint8 RGB on the native grid: grey radiograph, heat blended inside the lungs only, contours on top.
+
+    The blend is computed for the lung pixels alone (elsewhere its weight is 0, so the grey stays as it is) and each
+    contour on its field's bounding box: the picture of a full-grid computation at a fraction of the cost on large
+    images."""
     base = np.clip(np.asarray(grey, dtype=np.float32), 0.0, 1.0) * 255.0
-    rgb = np.repeat(base[..., None], 3, axis=-1)
+    rgb = np.repeat(np.clip(np.rint(base), 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
     lungs = labels > 0
-    if heat is not None:
-        alpha = (HEAT_ALPHA * np.clip(heat, 0.0, 1.0) * lungs)[..., None]
-        rgb = rgb * (1 - alpha) + heat_colours(heat) * alpha
-    rgb = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+    if heat is not None and lungs.any():
+        inside_heat = np.asarray(heat, dtype=np.float32)[lungs]
+        alpha = (HEAT_ALPHA * np.clip(inside_heat, 0.0, 1.0))[:, None]
+        blended = base[lungs][:, None] * (1 - alpha) + heat_colours(inside_heat) * alpha
+        rgb[lungs] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
     width = max(1, round(max(labels.shape) / 600))  # about 3 px on a 2k image, still visible after downscaling
+    boxes = ndimage.find_objects(labels, max_label=max(CONTOUR_COLOURS))
     for value, colour in CONTOUR_COLOURS.items():
-        field = labels == value
-        if field.any():
-            edge = field & ~ndimage.binary_erosion(field, iterations=width, border_value=0)
-            rgb[edge] = colour
+        box = boxes[value - 1]
+        if box is None:
+            continue
+        # one pixel of margin: the erosion sees the same background as on the whole grid
+        rows = slice(max(box[0].start - 1, 0), box[0].stop + 1)
+        cols = slice(max(box[1].start - 1, 0), box[1].stop + 1)
+        field = labels[rows, cols] == value
+        edge = field & ~ndimage.binary_erosion(field, iterations=width, border_value=0)
+        rgb[rows, cols][edge] = colour
     return rgb
 
 
