@@ -45,7 +45,7 @@ def test_serve_runs_every_periodic_job_on_one_scheduler(node_factory):
     line = re.search(r"INFO dicom_node\.scheduler: scheduler: (.*)", node.log())
     assert line, node.log()[-3000:]
     jobs = dict(re.split(" every | at ", item, maxsplit=1) for item in line.group(1).split(", "))
-    assert jobs == {"export:pacs": "0.5 s", "lease-reclaim": "98.25 s", "database-identity": "2 s",
+    assert jobs == {"export:pacs": "0.2 s", "lease-reclaim": "98.25 s", "database-identity": "2 s",
                     "labels-sr": "60 s", "training": "'30 1 * * *'"}, line.group(1)
     assert node.stop() == 0
     assert "stopped (0 association(s) aborted" in node.log()
