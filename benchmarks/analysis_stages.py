@@ -1,10 +1,12 @@
 """Per-stage analysis time on the Philips CR chest sample: decode, normalise, segment, post-process, input check,
 classifier and heat map (when a classifier is installed), the whole analysis, and the whole minus decode.
 
-    .venv/bin/python benchmarks/analysis_stages.py [--runs 15] [--threads 2] [--file PATH]
+    .venv/bin/python benchmarks/analysis_stages.py [--runs 15] [--threads 2] [--file PATH] [--dx-size 3000]
 
 Median and p90 of several runs after a warm-up, on the CPU with a fixed number of torch threads; prints a Markdown
-table. The data are read from $PNEUMO_DATA_DIR or ../shared/data.
+table. The data are read from $PNEUMO_DATA_DIR or ../shared/data. ``--dx-size N`` analyses instead a 16-bit
+N x N DX made from the sample (its pixels resampled to N x N, full 16-bit range, MONOCHROME2, DX SOP class): the
+native grid that normalisation and post-processing run on at the size of large flat-panel detectors.
 """
 
 from __future__ import annotations
@@ -37,13 +39,49 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def large_dx(source: Path, size: int) -> Path:
+    """A 16-bit ``size`` x ``size`` DX For Presentation made from ``source``'s pixels, in a temporary file."""
+    import tempfile
+
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from pydicom import dcmread
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = dcmread(source)
+    pixels = torch.from_numpy(ds.pixel_array.astype(np.float32))[None, None]
+    big = F.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False)[0, 0].numpy()
+    big = (big - big.min()) / max(float(big.max() - big.min()), 1.0)
+    if ds.PhotometricInterpretation == "MONOCHROME1":
+        big = 1.0 - big
+    ds.PixelData = (big * 65535).astype("<u2").tobytes()
+    ds.Rows = ds.Columns = size
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit, ds.PixelRepresentation, ds.PhotometricInterpretation = 15, 0, "MONOCHROME2"
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.Modality = "DX"
+    ds.WindowCenter, ds.WindowWidth = 32768, 65536
+    for keyword in ("PresentationLUTShape", "RescaleSlope", "RescaleIntercept", "VOILUTSequence"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    path = Path(tempfile.mkdtemp(prefix="pneumo-dx-")) / f"dx_{size}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--file", type=Path, default=DEFAULT_FILE)
+    parser.add_argument("--dx-size", type=int, default=0, help="analyse a 16-bit N x N DX made from --file")
     args = parser.parse_args()
+    if args.dx_size:
+        args.file = large_dx(args.file, args.dx_size)
 
     import torch
 
