@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -229,6 +230,8 @@ def _cmd_worker(rt: Runtime) -> int:
     from .worker import Worker
 
     configure_pynetdicom()  # process-wide, once (a worker sends nothing itself today)
+    if rt.config.worker.nice:
+        os.nice(rt.config.worker.nice)  # the intake keeps answering while the workers are busy (docs/benchmarks.md)
     stop = _stop_on_signals("finishing the batch in hand")
     stop_when_supervisor_exits(stop)
     Worker(rt.config, rt.engine, rt.archive, analyse=analyse_batch).run(stop)

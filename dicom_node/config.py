@@ -172,6 +172,7 @@ SCHEMA: dict[str, Key] = {
     "worker.poll_seconds": Key(float, 0.1, _range(0.05)),
     "worker.device": Key(str, "auto", _one_of(DEVICES)),
     "worker.threads": Key(int, 1, _range(0, 256)),
+    "worker.nice": Key(int, 5, _range(0, 19)),
     "models.directory": Key(str, ""),
     "results.device_uid": Key(str, "", lambda v: None if not v or _is_uid(v) else "must be a DICOM UID"),
     "results.institution_name": Key(str, ""),
@@ -344,6 +345,7 @@ class WorkerSettings:
     poll_seconds: float
     device: str
     threads: int  # CPU threads of the models in each worker process (0 = torch's default: every core)
+    nice: int  # niceness of each worker process: the intake in serve gets the CPU first
 
 
 @dataclass(frozen=True)

@@ -51,11 +51,15 @@ def test_serve_runs_every_periodic_job_on_one_scheduler(node_factory):
     assert "stopped (0 association(s) aborted" in node.log()
 
 
-def test_a_worker_process_that_dies_is_restarted_by_the_schedulers_workers_job(node_factory):
+def test_a_worker_process_runs_niced_and_is_restarted_by_the_schedulers_workers_job_when_it_dies(node_factory):
     node = node_factory(worker__processes="1").start()
     assert re.search(r"scheduler: .*workers every 0\.5 s", node.log()), node.log()[-3000:]
     started = re.findall(r"worker 0 started \(pid (\d+)\)", node.log())
     assert len(started) == 1, node.log()[-3000:]
+    deadline = time.monotonic() + 30  # worker.nice (5): the intake gets the CPU first on a busy node
+    while os.getpriority(os.PRIO_PROCESS, int(started[0])) - os.getpriority(os.PRIO_PROCESS, 0) != 5:
+        assert time.monotonic() < deadline, "the worker process did not lower its priority by worker.nice"
+        time.sleep(0.1)
     os.kill(int(started[0]), signal.SIGKILL)
     deadline = time.monotonic() + 30
     while len(re.findall(r"worker 0 started", node.log())) < 2 and time.monotonic() < deadline:
