@@ -71,7 +71,7 @@ class PneumoconiosisClassifier:
         self.device = device
         # ONNX Runtime on CPU (ai/onnx_engine.py); the torch model stays for the heat map's head weights.
         example = torch.zeros(1, 1, self.input_size, self.input_size)
-        self.onnx = (onnx_model_of(_Outputs(self.model), example, OUTPUTS, path)
+        self.onnx = (onnx_model_of(_Outputs(self.model), example, OUTPUTS, model_file.sha256)
                      if use_onnxruntime(engine, device) else None)
         self.engine = "onnxruntime" if self.onnx is not None else "torch"
 

@@ -5,7 +5,7 @@ layer4 features of the same forward pass that gives the probability. The network
 and one linear layer, so Grad-CAM's channel weights (the spatial mean of the score's gradient) are exactly the
 linear weights divided by the number of positions (Selvaraju et al. 2017, appendix): after the peak normalisation
 both give the same map, and CAM needs no backward pass (3.5 forward passes' worth of time). ``grad_cam`` stays as
-the reference the CAM is checked against (tests, ``benchmarks/heat_map_methods.py``).
+the reference the CAM is checked against (tests, ``benchmarks/inference_engines.py``).
 """
 
 from __future__ import annotations

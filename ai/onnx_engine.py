@@ -1,14 +1,16 @@
 """Inference through ONNX Runtime: the same network, exported from the same checkpoint when the model loads.
 
-Why: on CPU, ONNX Runtime runs the classifier's ResNet-34 and the lung U-Net markedly faster than eager torch, even
-with batch norms folded and channels-last tensors (``benchmarks/inference_engines.py``, docs/benchmarks.md). The
-checkpoint stays the only model file: the export is made from it at load, so a site's retrained champion runs on
-the same engine without an extra file to ship. Exporting takes seconds, so the exported graph is cached per user
-(``$XDG_CACHE_HOME/pneumo-node/onnx``, else ``~/.cache/...``) under a name derived from the checkpoint's SHA-256,
-the torch version and the export's shape: a changed checkpoint can never meet a stale export. An unwritable cache
-only costs the export time. Torch
-stays the engine for training and on GPUs (no CUDA build of ONNX Runtime is installed). ``engine="torch"`` or a
-missing ``onnxruntime`` package falls back to torch; the choice is part of each model's loaded form, not its file.
+Why: on CPU, ONNX Runtime runs the classifier's ResNet-34 and the lung U-Net faster than eager torch, even with
+batch norms folded and channels-last tensors, most clearly on the workers' one thread (``benchmarks/
+inference_engines.py``, docs/benchmarks.md). The checkpoint stays the only model file: the export is made from it
+at load, so a site's retrained champion runs on the same engine without an extra file to ship. Exporting takes
+seconds, so the exported graph is cached per user (``$XDG_CACHE_HOME/pneumo-node/onnx``, else ``~/.cache/...``)
+under a name derived from the checkpoint's SHA-256 (which ``ai.checkpoint.load`` already computed), the torch
+version and the export's shape: a changed checkpoint can never meet a stale export. An unwritable cache only costs
+the export time. The cache keeps the ``CACHE_KEEP`` most recently used exports (each retrained champion would
+otherwise add 85 MB for good). Torch stays the engine for training and on GPUs (no CUDA build of ONNX Runtime is
+installed). ``engine="torch"`` or a missing ``onnxruntime`` package falls back to torch; the choice is part of each
+model's loaded form, not its file.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ LOG = logging.getLogger("ai.onnx_engine")
 
 ENGINES = ("auto", "torch", "onnxruntime")
 OPSET = 17
+CACHE_KEEP = 8
+"""Exports kept in the cache: the installed models, the champion and a few earlier ones (a rollback stays fast)."""
 
 
 def onnxruntime_available() -> bool:
@@ -74,11 +78,11 @@ def export_onnx(module: nn.Module, example: torch.Tensor, output_names: Sequence
 class OnnxModel:
     """One exported network in an ONNX Runtime session: float32 NCHW array in, named float32 arrays out."""
 
-    def __init__(self, model: bytes, output_names: Sequence[str], threads: int | None = None) -> None:
+    def __init__(self, model: bytes, output_names: Sequence[str]) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()  # the process's CPU budget, as torch's
+        options.intra_op_num_threads = torch.get_num_threads()  # the process's CPU budget (worker.threads), as torch's
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # No busy-waiting after a run: ONNX Runtime's pool threads otherwise spin on the cores that the next steps
@@ -97,24 +101,22 @@ def cache_dir() -> Path:
     return Path(base) / "pneumo-node" / "onnx"
 
 
-def _cache_name(checkpoint_file: Path, example: torch.Tensor, output_names: Sequence[str]) -> str:
-    digest = hashlib.sha256()
-    with open(checkpoint_file, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
+def _cache_name(checkpoint_sha256: str, example: torch.Tensor, output_names: Sequence[str]) -> str:
     shape = "x".join(map(str, example.shape[1:]))
     tag = hashlib.sha256(f"{torch.__version__}|{OPSET}|{shape}|{','.join(output_names)}".encode()).hexdigest()
-    return f"{digest.hexdigest()[:32]}-{tag[:12]}.onnx"
+    return f"{checkpoint_sha256[:32]}-{tag[:12]}.onnx"
 
 
 def _cached_export(module: nn.Module, example: torch.Tensor, output_names: Sequence[str],
-                   checkpoint_file: Path | None) -> bytes:
+                   checkpoint_sha256: str | None) -> bytes:
     """The export of ``module``: from the cache when the same checkpoint was exported the same way before."""
-    if checkpoint_file is None:
+    if not checkpoint_sha256:
         return export_onnx(module, example, output_names)
-    path = cache_dir() / _cache_name(checkpoint_file, example, output_names)
+    path = cache_dir() / _cache_name(checkpoint_sha256, example, output_names)
     try:
-        return path.read_bytes()
+        model = path.read_bytes()
+        os.utime(path)  # most recently used: the last to be pruned
+        return model
     except OSError:
         pass
     model = export_onnx(module, example, output_names)
@@ -126,11 +128,24 @@ def _cached_export(module: nn.Module, example: torch.Tensor, output_names: Seque
     except OSError as exc:
         LOG.info("the ONNX export cache %s is not writable (%s): exporting at every start", path.parent,
                  type(exc).__name__)
+    else:
+        _prune(path.parent)
     return model
 
 
+def _prune(folder: Path) -> None:
+    """Remove all but the ``CACHE_KEEP`` most recently used exports (a process reading one that is removed meanwhile
+    just exports again)."""
+    try:
+        exports = sorted(folder.glob("*.onnx"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for stale in exports[CACHE_KEEP:]:
+            stale.unlink(missing_ok=True)
+    except OSError:  # a file removed by another process meanwhile: pruned at the next export
+        pass
+
+
 def onnx_model_of(module: nn.Module, example: torch.Tensor, output_names: Sequence[str],
-                  checkpoint_file: Path | None = None, threads: int | None = None) -> OnnxModel:
-    """``module`` (the network loaded from ``checkpoint_file``) in ONNX Runtime: what the segmenter and the
-    classifier do at load. Without ``checkpoint_file`` nothing is cached."""
-    return OnnxModel(_cached_export(module.eval(), example, output_names, checkpoint_file), output_names, threads)
+                  checkpoint_sha256: str | None = None) -> OnnxModel:
+    """``module`` (the network loaded from the checkpoint whose file has ``checkpoint_sha256``) in ONNX Runtime: what
+    the segmenter and the classifier do at load. Without the digest nothing is cached."""
+    return OnnxModel(_cached_export(module.eval(), example, output_names, checkpoint_sha256), output_names)

@@ -80,7 +80,7 @@ class LungSegmenter:
         self.device = device
         # ONNX Runtime on CPU: the same network exported at load (ai/onnx_engine.py).
         example = torch.zeros(1, 1, self.input_size, self.input_size)
-        self.onnx = (onnx_model_of(_Probability(self.model), example, ("probability",), weights)
+        self.onnx = (onnx_model_of(_Probability(self.model), example, ("probability",), model_file.sha256)
                      if use_onnxruntime(engine, device) else None)
         self.engine = "onnxruntime" if self.onnx is not None else "torch"
 

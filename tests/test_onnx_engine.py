@@ -3,6 +3,8 @@ loads them, against the torch models on real shared radiographs (and a batch, fo
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 import torch
@@ -73,21 +75,40 @@ def test_export_cache_is_keyed_by_the_checkpoint(tmp_path, monkeypatch):
     torch.manual_seed(0)
     first = torch.nn.Conv2d(1, 2, 3)
     torch.save(first.state_dict(), checkpoint)
+    digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()  # what ai.checkpoint.load reports
     x = np.random.default_rng(1).random((2, 1, 8, 8), dtype=np.float32)
     example = torch.zeros(1, 1, 8, 8)
     with torch.inference_mode():
         expected = first(torch.from_numpy(x)).numpy()
-    assert np.allclose(onnx_model_of(first, example, ("y",), checkpoint)(x)["y"], expected, atol=1e-6)
+    assert np.allclose(onnx_model_of(first, example, ("y",), digest)(x)["y"], expected, atol=1e-6)
     cached = list((tmp_path / "cache" / "pneumo-node" / "onnx").glob("*.onnx"))
     assert len(cached) == 1
-    assert np.allclose(onnx_model_of(first, example, ("y",), checkpoint)(x)["y"], expected, atol=1e-6)  # from cache
+    assert np.allclose(onnx_model_of(first, example, ("y",), digest)(x)["y"], expected, atol=1e-6)  # from cache
 
     second = torch.nn.Conv2d(1, 2, 3)  # a retrained checkpoint: a new export, never the stale one
     torch.save(second.state_dict(), checkpoint)
+    digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     with torch.inference_mode():
         retrained = second(torch.from_numpy(x)).numpy()
-    assert np.allclose(onnx_model_of(second, example, ("y",), checkpoint)(x)["y"], retrained, atol=1e-6)
+    assert np.allclose(onnx_model_of(second, example, ("y",), digest)(x)["y"], retrained, atol=1e-6)
     assert len(list(cached[0].parent.glob("*.onnx"))) == 2
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(checkpoint))  # not a folder: no cache, still a working model
-    assert np.allclose(onnx_model_of(second, example, ("y",), checkpoint)(x)["y"], retrained, atol=1e-6)
+    assert np.allclose(onnx_model_of(second, example, ("y",), digest)(x)["y"], retrained, atol=1e-6)
+
+
+def test_export_cache_keeps_only_the_most_recently_used(tmp_path, monkeypatch):
+    from ai.onnx_engine import CACHE_KEEP, cache_dir
+
+    def digest(k: int) -> str:
+        return hashlib.sha256(str(k).encode()).hexdigest()
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    module, example = torch.nn.Conv2d(1, 1, 1), torch.zeros(1, 1, 4, 4)
+    onnx_model_of(module, example, ("y",), "0" * 64)  # the model in use, exported first
+    for k in range(1, CACHE_KEEP + 3):  # retrained checkpoints, one after another
+        onnx_model_of(module, example, ("y",), "0" * 64)  # used again: touched, so it survives the pruning
+        onnx_model_of(module, example, ("y",), digest(k))
+    names = {p.name[:32] for p in cache_dir().glob("*.onnx")}
+    assert len(names) == CACHE_KEEP
+    assert {"0" * 32, digest(CACHE_KEEP + 2)[:32]} <= names and digest(1)[:32] not in names
