@@ -23,9 +23,10 @@ from .models import SCHEMA_VERSION, Base, SchemaInfo
 
 SQLITE_BUSY_TIMEOUT_S = 30
 READ_ONLY_OPTION = "pneumo_read_only"
-UPGRADES_FROM = {1, 2}
+UPGRADES_FROM = {1, 2, 3}
 """Schema versions this one upgrades in place: 1 -> 2 added results and exports; 2 -> 3 added the retraining tables
-and ``instances.patient_key`` (filled from the archived files by ``dicom_node.patient_key`` at start-up)."""
+and ``instances.patient_key`` (filled from the archived files by ``dicom_node.patient_key`` at start-up); 3 -> 4
+added findings, associations and ``events.actor`` (the console)."""
 
 
 class SchemaError(RuntimeError):
@@ -122,7 +123,7 @@ def init_schema(engine: Engine) -> int:
         return info.version
 
 
-ADDED_COLUMNS = {"instances": ("patient_key",)}
+ADDED_COLUMNS = {"instances": ("patient_key",), "events": ("actor",)}
 """Columns added to existing tables since version 1 (nullable, so ALTER TABLE ADD COLUMN is enough)."""
 
 

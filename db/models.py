@@ -28,7 +28,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """Bump when the tables change; start-up upgrades the versions ``db.engine`` knows and refuses any other."""
 
 PATIENT_KEY_LENGTH = 32
@@ -124,6 +124,7 @@ class Event(Base):
     sop_instance_uid: Mapped[str | None] = mapped_column(String(UID_LENGTH), index=True)
     calling_aet: Mapped[str | None] = mapped_column(String(16))
     detail: Mapped[str | None] = mapped_column(Text)
+    actor: Mapped[str | None] = mapped_column(String(64))  # who did it, for actions of a person (console, CLI user)
 
 
 class Result(Base):
@@ -191,6 +192,63 @@ class Export(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow, nullable=False)
 
     result: Mapped[Result] = relationship(back_populates="exports")
+
+
+class Finding(Base):
+    """What the classifier said about one analysed job, kept for the console (probability histograms per model,
+    the readers' agreement with the model) and the metrics: the SR holds the same, this is its queryable copy."""
+
+    __tablename__ = "findings"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), nullable=False, unique=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), nullable=False, index=True)
+    model_name: Mapped[str] = mapped_column(String(64), nullable=False)
+    model_version: Mapped[str] = mapped_column(String(64), nullable=False)
+    model_sha256: Mapped[str] = mapped_column(String(64), nullable=False, default="")
+    probability: Mapped[float] = mapped_column(Float, nullable=False)
+    present: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    threshold: Mapped[float] = mapped_column(Float, nullable=False)
+    category: Mapped[int] = mapped_column(Integer, nullable=False)  # most likely ILO major category 0-3
+    category_probabilities: Mapped[str] = mapped_column(String(128), nullable=False)  # JSON list of 4
+    analysis_seconds: Mapped[float] = mapped_column(Float, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, nullable=False, index=True)
+
+
+class AssociationRecord(Base):
+    """One association requested of the Storage SCP: who, from where, how it ended, what it stored."""
+
+    __tablename__ = "associations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    calling_aet: Mapped[str] = mapped_column(String(16), nullable=False, index=True)
+    called_aet: Mapped[str] = mapped_column(String(16), nullable=False)
+    peer_address: Mapped[str] = mapped_column(String(64), nullable=False)
+    tls: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    accepted: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    outcome: Mapped[str] = mapped_column(String(32), nullable=False)  # open, released, aborted, rejected: <why>
+    stores_ok: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    stores_failed: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    started_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, nullable=False, index=True)
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class WorkerHeartbeat(Base):
+    """One analysis worker process, as it last reported itself: the console's "workers alive" and the readiness
+    check's "models loaded" come from here (workers may run on other hosts)."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)  # the worker's lease owner name
+    host: Mapped[str] = mapped_column(String(128), nullable=False)
+    pid: Mapped[int] = mapped_column(Integer, nullable=False)
+    device: Mapped[str] = mapped_column(String(16), nullable=False)
+    models_ok: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    models_detail: Mapped[str | None] = mapped_column(Text)  # the loaded models, or why they failed (log-safe)
+    jobs_done: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    started_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, nullable=False)
+    last_seen: Mapped[datetime] = mapped_column(DateTime, default=utcnow, nullable=False)
+    stopped_at: Mapped[datetime | None] = mapped_column(DateTime)  # a clean stop; None while running or if it died
 
 
 # --- the retraining loop -------------------------------------------------------------------------------------------

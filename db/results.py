@@ -15,6 +15,7 @@ from sqlalchemy import Engine, func, or_, select
 from sqlalchemy.orm import Session
 
 from .engine import readonly
+from .findings import FindingValues, add_finding
 from .instances import NO_REPORT_REASONS
 from .leases import JOBS, RELEASED
 from .models import Event, Export, Job, JobState, Result, utcnow
@@ -41,10 +42,11 @@ class ResultFile:
 
 def finish_job(engine: Engine, job: ClaimedJob, state: JobState, reason: str | None, detail: str | None,
                results: Sequence[ResultFile], routes: Mapping[str, Collection[str]],
-               notes: Sequence[tuple[str, str]] = ()) -> bool:
+               notes: Sequence[tuple[str, str]] = (), finding: FindingValues | None = None) -> bool:
     """End ``job`` in ``state`` and record ``results`` with one export per destination of ``routes`` (name ->
     result kinds) that takes its kind, and ``notes``
-    (event kind, detail: e.g. the header repairs, by attribute keyword) as audit events of the job.
+    (event kind, detail: e.g. the header repairs, by attribute keyword) as audit events of the job, and the
+    classifier's ``finding`` (analysed jobs).
 
     Returns False (and records nothing) when this worker no longer holds the job's lease.
     """
@@ -70,6 +72,8 @@ def finish_job(engine: Engine, job: ClaimedJob, state: JobState, reason: str | N
             queue_exports(session, row, routes)
         for kind, note in notes:
             session.add(Event(kind=kind, sop_instance_uid=job.sop_instance_uid, detail=f"job {job.job_id}: {note}"))
+        if finding is not None:
+            add_finding(session, job.job_id, job.instance_id, finding)
         kinds = ",".join(r.kind for r in results) or "none"
         session.add(Event(kind=f"job_{state.value}", sop_instance_uid=job.sop_instance_uid,
                           detail=f"job {job.job_id} attempt {job.attempt}: {reason or 'analysed'}; results {kinds}"))

@@ -88,6 +88,15 @@ DEVICES = ("auto", "cpu", "cuda")
 CONSENSUS_RULES = ("latest", "majority")
 
 
+def _check_password_hash(value: str) -> str | None:
+    if not value:
+        return None
+    from .console.passwords import is_password_hash
+
+    return None if is_password_hash(value) else \
+        "is not a password hash: make one with 'dicom-node console hash-password'"
+
+
 def _check_cron(value: str) -> str | None:
     if not value.strip():
         return None
@@ -108,7 +117,7 @@ def _check_destinations(value: list[Any]) -> str | None:
         where = f"entry {i + 1}"
         if not isinstance(dest, Mapping):
             return f"{where} must be a table (name, ae_title, host, port)"
-        unknown = set(dest) - {"name", "ae_title", "host", "port", "types", "alternate"}
+        unknown = set(dest) - {"name", "ae_title", "host", "port", "types", "alternate", "tls"}
         if unknown:
             return f"{where} has unknown field(s) {', '.join(sorted(unknown))}"
         name = dest.get("name")
@@ -131,6 +140,8 @@ def _check_destinations(value: list[Any]) -> str | None:
             port = peer.get("port")
             if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
                 return f"{peer_where} port must be an integer 1-65535"
+        if not isinstance(dest.get("tls", False), bool):
+            return f"{where} tls must be true or false"
         types = dest.get("types", list(RESULT_KINDS))
         if not isinstance(types, list) or not types or any(t not in RESULT_KINDS for t in types):
             return f"{where} types must be a non-empty list of {', '.join(RESULT_KINDS)}"
@@ -147,7 +158,7 @@ class Key:
 SCHEMA: dict[str, Key] = {
     "network.ae_title": Key(str, "PNEUMOCAD", _check_ae_title),
     "network.bind_address": Key(str, "0.0.0.0", lambda v: None if v.strip() else "must not be empty"),
-    "network.port": Key(int, 11112, _range(1, 65535)),
+    "network.port": Key(int, 11112, _range(0, 65535)),  # 0 = no plain Storage SCP (TLS only: tls.port)
     "network.allowed_calling_aets": Key(list, [], _check_ae_list),
     "network.max_associations": Key(int, 10, _range(1, 1000)),
     "network.network_timeout": Key(float, 60.0, _range(1)),
@@ -202,6 +213,18 @@ SCHEMA: dict[str, Key] = {
     "training.nice": Key(int, 10, _range(0, 19)),
     "training.device": Key(str, "auto", _one_of(DEVICES)),
     "training.imagenet_weights": Key(str, ""),
+    "console.enabled": Key(bool, True),
+    "console.bind_address": Key(str, "127.0.0.1", lambda v: None if v.strip() else "must not be empty"),
+    "console.port": Key(int, 11180, _range(1, 65535)),
+    "console.admin_user": Key(str, "admin", lambda v: None if 0 < len(v.strip()) <= 64 else "must be 1-64 characters"),
+    "console.admin_password_hash": Key(str, "", _check_password_hash),
+    "console.session_hours": Key(float, 8.0, _range(0.1, 720)),
+    "tls.port": Key(int, 0, _range(0, 65535)),
+    "tls.certificate": Key(str, ""),
+    "tls.private_key": Key(str, ""),
+    "tls.ca_bundle": Key(str, ""),
+    "tls.require_client_certificate": Key(bool, False),
+    "tls.handshake_timeout": Key(float, 10.0, _range(0.1, 600)),
     "promotion.alpha": Key(float, 0.05, _range(0.001, 0.5)),
     "promotion.min_sensitivity": Key(float, 0.8, _range(0, 1)),
     "promotion.min_specificity": Key(float, 0.8, _range(0, 1)),
@@ -291,6 +314,7 @@ class Destination:
     peer: Peer
     types: tuple[str, ...] = RESULT_KINDS
     alternate: Peer | None = None
+    tls: bool = False  # associations to it (and its alternate) use TLS with the [tls] section's files
 
     @property
     def peers(self) -> tuple[Peer, ...]:
@@ -409,6 +433,43 @@ class PromotionSettings:
     min_specificity: float
 
 
+@dataclass(frozen=True)
+class ConsoleSettings:
+    enabled: bool
+    bind_address: str
+    port: int
+    admin_user: str
+    admin_password_hash: str  # "" = none configured: only a loopback binding is allowed (no login)
+    session_hours: float
+
+    @property
+    def is_local(self) -> bool:
+        """Bound to a loopback address only: the one binding that needs no login."""
+        import ipaddress
+
+        host = self.bind_address.strip().lower()
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    port: int  # 0 = no TLS Storage SCP
+    certificate: Path | None  # resolved; the node's certificate (PEM), for the SCP and as client certificate
+    private_key: Path | None
+    ca_bundle: Path | None  # CAs that sign peers' certificates (clients of the SCP, TLS destinations)
+    require_client_certificate: bool
+    handshake_timeout: float  # seconds a TLS client may take to finish its handshake
+
+    @property
+    def enabled(self) -> bool:
+        return self.port > 0
+
+
 def _peer(table: Mapping[str, Any]) -> Peer:
     return Peer(str(table["ae_title"]), str(table["host"]), int(table["port"]))
 
@@ -417,7 +478,7 @@ def _destination(table: Mapping[str, Any]) -> Destination:
     alternate = table.get("alternate")
     return Destination(name=str(table["name"]), peer=_peer(table),
                        types=tuple(table.get("types") or RESULT_KINDS),
-                       alternate=_peer(alternate) if alternate else None)
+                       alternate=_peer(alternate) if alternate else None, tls=bool(table.get("tls", False)))
 
 
 def _resolve_path(value: str, base_dir: Path) -> Path:
@@ -451,6 +512,8 @@ class NodeConfig:
     labels: LabelsSettings
     training: TrainingSettings
     promotion: PromotionSettings
+    console: ConsoleSettings
+    tls: TlsSettings
     base_dir: Path
     values: Mapping[str, Any]
     sources: Mapping[str, str]
@@ -471,6 +534,9 @@ class NodeConfig:
         training = _section_values(values, "training")
         weights = str(training["imagenet_weights"]).strip()
         training["imagenet_weights"] = _resolve_path(weights, base_dir) if weights else None
+        tls = _section_values(values, "tls")
+        for name in ("certificate", "private_key", "ca_bundle"):
+            tls[name] = _resolve_path(tls[name].strip(), base_dir) if str(tls[name]).strip() else None
         return cls(
             network=NetworkSettings(**_section_values(values, "network")),
             storage=StorageSettings(**storage),
@@ -485,6 +551,8 @@ class NodeConfig:
             labels=LabelsSettings(**_section_values(values, "labels")),
             training=TrainingSettings(**training),
             promotion=PromotionSettings(**_section_values(values, "promotion")),
+            console=ConsoleSettings(**_section_values(values, "console")),
+            tls=TlsSettings(**tls),
             base_dir=base_dir,
             values=MappingProxyType(dict(values)),
             sources=MappingProxyType(dict(sources or {})),
@@ -543,7 +611,27 @@ def load_config(
         problem = check(value) if check else None
         if problem:
             raise ConfigError(f"{key}: {problem} (got {value!r} from {sources[key]})")
+    _check_tls(values, sources)
     return NodeConfig.from_values(values, base_dir, sources)
+
+
+def _check_tls(values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
+    """The [tls] keys that only make sense together: a TLS port or a TLS destination needs the node's certificate
+    and key; requiring client certificates needs the CA bundle that signs them."""
+    uses_tls = values["tls.port"] > 0 or any(isinstance(d, Mapping) and d.get("tls")
+                                               for d in values["export.destinations"])
+    if uses_tls:
+        for key in ("tls.certificate", "tls.private_key"):
+            if not str(values[key]).strip():
+                why = "tls.port is set" if values["tls.port"] > 0 else "an export destination has tls = true"
+                raise ConfigError(f"{key}: must name a PEM file when {why}")
+    if values["tls.require_client_certificate"] and not str(values["tls.ca_bundle"]).strip():
+        raise ConfigError("tls.ca_bundle: must name the CA bundle that signs client certificates when "
+                          f"tls.require_client_certificate is true (from {sources['tls.require_client_certificate']})")
+    if not values["network.port"] and not values["tls.port"]:
+        raise ConfigError("network.port: 0 (no plain Storage SCP) needs tls.port set, else nothing would listen")
+    if values["tls.port"] and values["tls.port"] == values["network.port"]:
+        raise ConfigError(f"tls.port: must differ from network.port ({values['network.port']})")
 
 
 def parse_set_options(items: list[str] | None) -> dict[str, str]:

@@ -55,6 +55,7 @@ from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 from ai.limits import ImageTooLarge, read_dataset_bounded
 from ai.model_info import ModelInfo
 from ai.safe_text import escape, exception_summary
+from db.findings import FindingValues
 from db.instances import instance_uids
 from db.models import JobState
 from db.queue import ClaimedJob, claim, fail
@@ -374,7 +375,7 @@ class Worker:
         state = JobState.DONE if record.in_scope else JobState.NOT_ANALYSED
         reason = None if record.in_scope else record.reason
         if not finish_job(self.engine, task.job, state, reason, None if record.in_scope else record.explanation,
-                          files, self.export_routes, notes):
+                          files, self.export_routes, notes, finding=_finding_values(record, seconds)):
             LOG.warning("job %d: lease lost before recording; the job's new owner records it", task.job.job_id)
             return
         c = record.classification
@@ -455,6 +456,15 @@ class Worker:
         header.SOPClassUID, header.StudyInstanceUID, header.SeriesInstanceUID, header.SOPInstanceUID = uids
         header.Modality = modality_of(uids[0])
         return header
+
+
+def _finding_values(record: Any, seconds: float) -> FindingValues | None:
+    """The classification of an analysed record as the database keeps it; None when there is none."""
+    c, info = record.classification, record.classifier
+    if not record.in_scope or c is None or info is None:
+        return None
+    return FindingValues(info.name, info.version, info.sha256, c.probability, c.present, c.threshold,
+                         c.most_likely_category, list(c.category_probabilities), seconds)
 
 
 def _model_threads() -> int:
