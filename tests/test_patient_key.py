@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 import dicom_node.patient_key as pk
 from db.engine import init_schema, make_engine
 from db.instances import record_new
-from db.models import Instance
+from db.models import SCHEMA_VERSION, Instance
 from dicom_node.archive import Archive, sha256_of
 from dicom_node.intake import SUCCESS, Intake
 from dicom_node.patient_key import (
@@ -266,7 +266,7 @@ def test_an_upgraded_database_gets_every_key_from_the_archive(tmp_path, monkeypa
 
     engine = make_engine(url)
     assert "patient_key" not in {c["name"] for c in inspect(engine).get_columns("instances")}
-    assert init_schema(engine) == 3
+    assert init_schema(engine) == SCHEMA_VERSION
     assert set(_keys(engine).values()) == {None}
     secret = load_or_create_secret(archive.root)
     monkeypatch.setattr(pk, "BACKFILL_BATCH", 2)  # several batches

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 
 import ai
 from db.engine import init_schema, make_engine
+from db.findings import finding_of_job
 from db.instances import ReceivedInstance, record_new, record_replacement
 from db.models import Export, Job, JobState, Result
 from db.queue import claim
@@ -168,6 +169,12 @@ def test_a_chest_gets_seg_sr_sc_durably_recorded_with_one_export_per_matching_de
     by_kind = {r.kind: r.sop_instance_uid for r in rows}
     assert sorted(env.exports()) == sorted(
         [(by_kind[k], "pacs", "pending") for k in ("seg", "sr", "sc")] + [(by_kind["sr"], "reports", "pending")])
+    finding = finding_of_job(env.engine, job_id)  # the SR's answer, queryable for the console and the metrics
+    sr = dcmread(env.root / next(r.archive_path for r in rows if r.kind == "sr"))
+    assert finding is not None and finding.instance_id == job.instance_id and finding.analysis_seconds > 0
+    assert 0 <= finding.probability <= 1 and finding.present == (finding.probability >= finding.threshold)
+    assert 0 <= finding.category <= 3 and len(finding.category_probabilities) == 4
+    assert finding.model_version in str(sr.ContentSequence) or finding.model_version in str(sr)
 
 
 # --- 2. batching, and 3. idempotence --------------------------------------------------------------------------------
@@ -228,6 +235,7 @@ def test_a_refused_image_ends_not_analysed_with_its_reason_and_one_not_analysed_
     assert (job.state, job.reason, job.attempts) == (JobState.NOT_ANALYSED, "body_part_not_chest", 1)
     [row] = env.results()
     assert row.job_id == job_id
+    assert finding_of_job(env.engine, job_id) is None  # nothing was classified
     assert_not_analysed_sr(env.root / row.archive_path, hand, "body_part_not_chest", row=row)
     assert_no_tmp_leftovers(env)
 
