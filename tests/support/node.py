@@ -23,9 +23,11 @@ class Node:
     log_path: Path | None = None
 
     def args(self, command: str) -> list[str]:
-        # No analysis workers unless a test asks for them: intake tests must not pay for model loading.
+        # No analysis workers unless a test asks for them: intake tests must not pay for model loading. No console
+        # unless asked (nodes of several tests run at once and would all want its port 11180).
         sets = {"network.port": str(self.port), "storage.storage_root": str(self.root / "var"),
-                "storage.free_disk_reserve_mb": "0", "worker.processes": "0", **self.overrides}
+                "storage.free_disk_reserve_mb": "0", "worker.processes": "0", "console.enabled": "false",
+                **self.overrides}
         args = [sys.executable, "-m", "dicom_node.cli", command, "--config", str(CONFIG)]
         for key, value in sets.items():
             args += ["--set", f"{key}={value}"]
