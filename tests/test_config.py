@@ -71,7 +71,7 @@ def test_precedence_file_then_environment_then_command_line(tmp_path):
 @pytest.mark.parametrize(
     ("toml", "overrides", "env", "message"),
     [
-        ('[network]\nport = 70000\n', {}, {}, "network.port: must be between 1 and 65535"),
+        ('[network]\nport = 70000\n', {}, {}, "network.port: must be between 0 and 65535"),
         ('[network]\nport = "eleven"\n', {}, {}, "network.port: expected int"),
         ('[network]\nae_title = "A_TITLE_FAR_TOO_LONG"\n', {}, {}, "network.ae_title: must be at most 16"),
         ('[network]\nprot = 1\n', {}, {}, "network.prot: unknown key"),
