@@ -13,6 +13,7 @@ Values in, values out: no configuration objects, no files. Only in-scope images 
 
 from __future__ import annotations
 
+import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,12 @@ from .models import Instance, Label, LabelSource, Result
 CONSENSUS_RULES = ("latest", "majority")
 IDENTIFIER_COLUMNS = ("sop_instance_uid", "accession_number", "study_instance_uid")
 NOT_AN_IMAGE_REASON = "sop_class_not_radiograph"
+# the values a read may hold: the CSV import (dicom_node.labels_csv) and the readers' feedback (db.feedback) check
+# against these same lists
+SUBCATEGORIES = ("0/-", "0/0", "0/1", "1/0", "1/1", "1/2", "2/1", "2/2", "2/3", "3/2", "3/3", "3/+")
+SHAPE_PATTERN = re.compile(r"^[pqrstu](/[pqrstu])?$")
+LARGE_OPACITIES = ("0", "A", "B", "C")
+READER_LENGTH = 64  # Label.reader's column length
 _IN_CHUNK = 500  # values per IN (...) list: well below SQLite's bound-parameter limit
 
 

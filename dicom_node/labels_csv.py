@@ -20,17 +20,24 @@ from sqlalchemy.orm import Session
 
 from ai.safe_text import SafeMessage, escape
 from db.engine import readonly
-from db.labels import IDENTIFIER_COLUMNS, ImageRef, Read, add_reads, find_images, stored_read_exists
+from db.labels import (  # the value lists are db.labels' so that every way a read comes in checks the same
+    IDENTIFIER_COLUMNS,
+    LARGE_OPACITIES,
+    READER_LENGTH,
+    SHAPE_PATTERN,
+    SUBCATEGORIES,
+    ImageRef,
+    Read,
+    add_reads,
+    find_images,
+    stored_read_exists,
+)
 from db.models import LabelSource
 
 REQUIRED_COLUMNS = ("present", "category")
 OPTIONAL_COLUMNS = ("subcategory", "shape", "large_opacities", "reader", "read_date")
 PRESENT_VALUES = {"yes": True, "true": True, "1": True, "no": False, "false": False, "0": False}
-SUBCATEGORIES = ("0/-", "0/0", "0/1", "1/0", "1/1", "1/2", "2/1", "2/2", "2/3", "3/2", "3/3", "3/+")
-SHAPE_PATTERN = re.compile(r"^[pqrstu](/[pqrstu])?$")
-LARGE_OPACITIES = ("0", "A", "B", "C")
 DATE_PATTERN = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-READER_LENGTH = 64
 MAX_FILE_BYTES = 64 * 2**20  # a labels file is text: far below this even for a large archive
 
 
