@@ -28,6 +28,10 @@ host that shares the database and the storage root. Outcomes per job:
 - a job whose worker died or hung (lease expired) is retried alone, and after its last attempt gets its "not
   analysed" SR without being analysed again.
 
+Each worker keeps a heartbeat row (``db.workers``): written at start with whether its models loaded (a worker
+whose models fail to load keeps running, so its jobs still end with "not analysed" SRs, and the readiness check
+reports it), refreshed at most every ``HEARTBEAT_SECONDS`` from the loop, stopped on a clean stop.
+
 Only if even the last-resort SR cannot be written does a job end without an object; ``db.results`` then records an
 audit event and ``dicom-node status`` counts it. Nothing here logs or stores an exception's own text: pydicom,
 highdicom and the decoders quote dataset values in theirs (``ai.safe_text.exception_summary``).
@@ -50,7 +54,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from sqlalchemy import Engine
-from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError, SQLAlchemyError
 
 from ai.limits import ImageTooLarge, read_dataset_bounded
 from ai.model_info import ModelInfo
@@ -60,6 +64,8 @@ from db.instances import instance_uids
 from db.models import JobState
 from db.queue import ClaimedJob, claim, fail
 from db.results import ResultFile, finish_job
+from db.workers import HEARTBEAT_SECONDS, beat, models_json, upsert
+from db.workers import stop as stop_heartbeat
 
 from .archive import Archive
 from .champion import ChampionWatch
@@ -114,6 +120,43 @@ class DatabaseBackoff:
         self.current = 0.0
 
 
+class Heartbeat:
+    """This worker's row in ``db.workers``. Every write is best effort: a database error is logged once per
+    outage (type only) and never stops the worker (the queue's own calls notice an outage anyway)."""
+
+    def __init__(self, engine: Engine, name: str, device: str) -> None:
+        self.engine, self.name, self.device = engine, name, device
+        self.jobs_done = 0
+        self._due = 0.0
+        self._failing = False
+
+    def _write(self, action: Callable[[], None]) -> None:
+        try:
+            action()
+        except SQLAlchemyError as exc:
+            if not self._failing:
+                LOG.warning("worker heartbeat not recorded (%s)", exception_summary(exc))
+            self._failing = True
+            return
+        self._failing = False
+
+    def start(self, models_ok: bool, models_detail: str) -> None:
+        self._due = time.monotonic() + HEARTBEAT_SECONDS
+        self._write(lambda: upsert(self.engine, self.name, host=socket.gethostname(), pid=os.getpid(),
+                                   device=self.device, models_ok=models_ok, models_detail=models_detail))
+
+    def tick(self, jobs: int = 0) -> None:
+        """Called from the loop: counts ``jobs``; writes only when a heartbeat is due."""
+        self.jobs_done += jobs
+        now = time.monotonic()
+        if now >= self._due:
+            self._due = now + HEARTBEAT_SECONDS
+            self._write(lambda: beat(self.engine, self.name, self.jobs_done))
+
+    def stop(self) -> None:
+        self._write(lambda: stop_heartbeat(self.engine, self.name, self.jobs_done))
+
+
 @dataclass
 class _Task:
     job: ClaimedJob
@@ -153,7 +196,16 @@ class Worker:
     # -- loop -------------------------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
         """Process jobs until ``stop`` is set; finishes the batch in hand, and the results lane's, before returning."""
-        self.warm_up()
+        heartbeat = Heartbeat(self.engine, self.owner, _device_name(self.device))
+        try:
+            models = self.warm_up()
+        except Exception as exc:  # noqa: BLE001 - a broken model file: keep running, its jobs get "not analysed" SRs
+            reason = exception_summary(exc, message="the models failed to load")
+            LOG.error("worker %s: the models failed to load (%s); its jobs will end with 'not analysed' SRs",
+                      escape(self.owner), reason)
+            heartbeat.start(False, reason)
+        else:
+            heartbeat.start(True, models_json(models))
         LOG.info("worker %s ready (device %s, batch %d, %d model thread(s))", escape(self.owner),
                  self.device or "auto", self.config.worker.batch_size, _model_threads())
         lane: queue.Queue[tuple[_Task, Any, float] | None] = queue.Queue(maxsize=2 * self.config.worker.batch_size)
@@ -163,6 +215,7 @@ class Worker:
         backoff = DatabaseBackoff()
         try:
             while not stop.is_set():
+                heartbeat.tick()
                 try:
                     claimed = self.run_once()
                 except (OperationalError, InterfaceError, DisconnectionError) as exc:
@@ -172,16 +225,19 @@ class Worker:
                     stop.wait(delay)
                     continue
                 backoff.reset()
+                heartbeat.jobs_done += claimed
                 if claimed == 0:
                     stop.wait(self.config.worker.poll_seconds)
         finally:
             self._lane = None
             lane.put(None)  # after the conclusions already queued: the lane finishes them, then ends
             results.join()
+        heartbeat.stop()  # a clean stop only: a worker that raised out of here is left to look dead
 
-    def warm_up(self) -> None:
+    def warm_up(self) -> list[dict[str, str]]:
         """Load the models (``worker.threads`` CPU threads), run each once and build one SR, so that neither the
-        models' first call nor highdicom's lazily loaded standard tables (about 0.3 s) fall into the first job."""
+        models' first call nor highdicom's lazily loaded standard tables (about 0.3 s) fall into the first job.
+        Returns the loaded models as the heartbeat names them (role, name, version, sha256)."""
         import numpy as np
 
         from ai.models import lung_segmenter, pneumoconiosis_classifier
@@ -207,6 +263,9 @@ class Worker:
             self.builders.last_resort(header, "warm_up", "warm-up", self.identity, [segmenter.info])
         except Exception as exc:  # only a warm-up: the first job pays the tables' load instead
             LOG.debug("warm-up SR failed (%s)", exception_summary(exc))
+        loaded = [("segmenter", segmenter.info)] + ([("classifier", classifier.info)] if classifier else [])
+        return [{"role": role, "name": info.name, "version": info.version, "sha256": info.sha256}
+                for role, info in loaded]
 
     def _results_lane(self, lane: queue.Queue[tuple[_Task, Any, float] | None], stop: threading.Event) -> None:
         """Build, write and record each analysed job's result objects, in order, off the model thread. A database
@@ -465,6 +524,16 @@ def _finding_values(record: Any, seconds: float) -> FindingValues | None:
         return None
     return FindingValues(info.name, info.version, info.sha256, c.probability, c.present, c.threshold,
                          c.most_likely_category, list(c.category_probabilities), seconds)
+
+
+def _device_name(device: str | None) -> str:
+    """The device the models run on ("cpu", "cuda", "cuda:1"), as the heartbeat shows it."""
+    try:
+        from ai.models import select_device
+
+        return str(select_device(device))[:16]
+    except Exception:  # noqa: BLE001 - only a label
+        return (device or "auto")[:16]
 
 
 def _model_threads() -> int:
