@@ -154,8 +154,8 @@ def parse_svg(text: str) -> ET.Element:
     return root
 
 
-def test_the_plots_are_valid_svg_on_an_empty_database_and_count_what_was_stored(tmp_path):
-    engine = make_engine(f"sqlite:///{tmp_path / 'empty.sqlite'}")
+def test_the_plots_are_valid_svg_on_an_empty_database_and_count_what_was_stored(db_url):
+    engine = make_engine(db_url)
     init_schema(engine)
     for svg in (plots.hourly_svg(engine), plots.latency_svg(engine), plots.probability_svg(engine)):
         parse_svg(svg)
@@ -365,3 +365,42 @@ def test_disagreements_page_with_agreement_rates_model_filter_and_paging(env):
     assert 'rel="next"' in first and f'/jobs/{jobs[3]}"' in first.split('class="disagreements"')[1]
     second = env["client"].get("/disagreements?per_page=1&page=2").text
     assert 'rel="prev"' in second and f'/jobs/{jobs[2]}"' in second.split('class="disagreements"')[1]
+
+
+def test_c_echo_of_a_tls_destination_verifies_the_pacs_certificate(tmp_path):
+    """storescp +tls with a certificate of the site CA answers; one of another CA is refused, with the reason."""
+    from .support.certs import make_certificates
+
+    require_tool("storescp")
+    certs = make_certificates(tmp_path / "certs")
+    procs, destinations = [], []
+    try:
+        for name, pair in (("tls-pacs", certs.pacs), ("impostor", certs.wrong_pacs)):
+            port = free_port()
+            procs.append(subprocess.Popen(
+                ["storescp", "-aet", "PACS", "+tls", str(pair.key), str(pair.cert), "+cf", str(certs.ca.cert),
+                 str(port)], env=PEER_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            _wait_listening(port, procs[-1])
+            destinations.append({"name": name, "ae_title": "PACS", "host": "127.0.0.1", "port": port, "tls": True})
+        (tmp_path / "node.toml").write_text("")
+        config = load_config(tmp_path / "node.toml", {
+            "storage.storage_root": str(tmp_path), "export.timeout_seconds": "3",
+            "export.destinations": json.dumps(destinations), "tls.certificate": str(certs.node.cert),
+            "tls.private_key": str(certs.node.key), "tls.ca_bundle": str(certs.ca.cert)}, environ={})
+        engine = make_engine(config.database.url)
+        init_schema(engine)
+        from dicom_node.console.app import build_app
+
+        app = build_app(ConsoleContext(config=config, engine=engine, archive=Archive(tmp_path, 0)))
+        with TestClient(app, follow_redirects=True) as client:
+            token = csrf(client)
+            good = client.post("/destinations/tls-pacs/echo", data={"csrf_token": token}).text
+            assert "C-ECHO of tls-pacs" in good and "success (status 0x0000)" in good
+            bad = client.post("/destinations/impostor/echo", data={"csrf_token": token}).text
+            assert "C-ECHO of impostor" in bad and "TLS handshake failed (CERTIFICATE_VERIFY_FAILED" in bad
+        audited = [d for _, d in events(engine, "echo_test")]
+        assert "success" in audited[0] and "TLS handshake failed" in audited[1]
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(10)

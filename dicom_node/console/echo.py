@@ -20,6 +20,7 @@ from ai.safe_text import escape, exception_summary
 
 from ..config import ConfigError, Destination, NodeConfig, Peer
 from ..store_scu import Watchdog, cut
+from ..tls import RecordingContext, client_context, handshake_failure
 
 
 @dataclass(frozen=True)
@@ -32,14 +33,10 @@ class EchoOutcome:
     milliseconds: int
 
 
-def _tls_args(config: NodeConfig, peer: Peer) -> tuple[object, str] | str:
+def _tls_args(config: NodeConfig, peer: Peer) -> tuple[RecordingContext, str] | str:
     """(context, server host name) for pynetdicom, or why TLS cannot be used."""
     try:
-        from .. import tls
-    except ImportError:  # pragma: no cover - the TLS module ships with the node
-        return "TLS is not available in this installation"
-    try:
-        return tls.client_context(config.tls), peer.host
+        return client_context(config.tls), peer.host
     except ConfigError as exc:
         return f"TLS is not usable: {escape(str(exc), 300)}"
 
@@ -75,7 +72,7 @@ def echo_peer(config: NodeConfig, peer: Peer, *, use_tls: bool, role: str = "pee
                 connected.append(True)
                 dog.watch(event.assoc)
 
-            assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args,  # type: ignore[arg-type]
+            assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args,
                                  evt_handlers=[(evt.EVT_ACSE_RECV, on_acse), (evt.EVT_CONN_OPEN, on_connect)])
             if assoc.is_established and not dog.fired:
                 status = assoc.send_c_echo()
@@ -93,11 +90,8 @@ def echo_peer(config: NodeConfig, peer: Peer, *, use_tls: bool, role: str = "pee
                 cut(assoc)
     except Exception as exc:  # noqa: BLE001 - a broken peer or socket must give an answer, not a 500
         return done(False, "failed", f"the test failed ({exception_summary(exc)})")
-    context = tls_args[0] if tls_args else None
-    handshake = getattr(context, "handshake_error", None)
+    handshake = tls_args[0].handshake_error if tls_args else None
     if handshake is not None:
-        from ..tls import handshake_failure
-
         return done(False, "tls", f"TLS handshake failed ({handshake_failure(handshake)})")
     if dog.fired:
         return done(False, "timeout", f"no answer within {timeout:g} s (export.timeout_seconds): timed out")

@@ -37,6 +37,7 @@ FIGURE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,120}\.png")
 CARD_MAX_BYTES = 256 * 1024
 STATISTICS_HOURS = (24, 48, 168)
 RECENT_ASSOCIATIONS = 100
+LIST_SHOWN = 12  # values of a metric's list shown in a table cell (a curve's points are in the figures)
 
 
 # --- destinations -------------------------------------------------------------------------------------------------
@@ -158,7 +159,8 @@ def _value(value: Any) -> str:
     if isinstance(value, float):
         return "-" if math.isnan(value) else f"{value:.4g}"
     if isinstance(value, list) and all(not isinstance(v, (dict, list)) for v in value):
-        return ", ".join(_value(v) for v in value)
+        shown = ", ".join(_value(v) for v in value[:LIST_SHOWN])
+        return shown + (f", ... ({len(value)} values)" if len(value) > LIST_SHOWN else "")
     if isinstance(value, (dict, list)):
         return json.dumps(value, sort_keys=True)
     return str(value)
