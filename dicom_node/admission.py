@@ -41,8 +41,27 @@ What the node does instead, without patching the library (``AdmissionServer`` is
    there is nothing to finish); ``force_close`` shuts down the sockets of associations still alive after the grace
    period, which wakes an upper-layer thread blocked in ``recv``.
 
-Linux only in practice (``SO_RCVLOWAT`` honoured by ``poll``/``epoll`` for TCP, ``FIONREAD``); no TLS (the node has
-no TLS configuration; the gate peeks the raw TCP stream).
+4. **TLS** (the ``[tls]`` port; contexts from ``dicom_node.tls``). pynetdicom's own TLS (``ssl_context`` on its
+   server) wraps each accepted socket with a *blocking* handshake in the accept loop: one client that connects and
+   never finishes its handshake stops every other connection, plain and TLS. Here the accept loop only wraps the
+   socket (``do_handshake_on_connect=False``, no I/O) after the same per-address cap; the gate drives the
+   handshake, non-blocking, from its selector (``SSLWantReadError``/``SSLWantWriteError`` choose the event it waits
+   for), and closes a connection whose handshake is not complete after ``tls.handshake_timeout`` seconds, or that
+   fails (a WARNING with the peer's address and OpenSSL's reason, e.g. ``PEER_DID_NOT_RETURN_A_CERTIFICATE`` or
+   ``CERTIFICATE_VERIFY_FAILED``). ``MSG_PEEK`` and ``SO_RCVLOWAT`` mean nothing on the encrypted stream, so the
+   request stage *reads* the decrypted A-ASSOCIATE-RQ instead, non-blocking, with the same checks (type, declared
+   size, ``network.association_request_deadline`` counted from the end of the handshake), into a buffer; the socket
+   (a ``PrefixedSSLSocket``: its ``recv`` returns that buffer first and ``pending`` counts it, so pynetdicom's
+   ``ready`` sees it) goes to pynetdicom only with the whole request. A TLS association is therefore admitted
+   exactly like a plain one, and ``isinstance(assoc.dul.socket.socket, ssl.SSLSocket)`` tells it came over TLS.
+   Its socket gets ``settimeout(network.network_timeout)`` rather than kernel timeouts: OpenSSL turns the kernel's
+   timeout into "want read" and Python's blocking ``SSLSocket`` then retries the read, forever.
+
+One gate can serve several servers (``AdmissionServer(..., gate=other.gate)``: the plain and the TLS port share the
+pending budget and the per-address cap, which counts the AE's acceptor associations on both); both servers of one AE
+share ``network.max_associations`` anyway (pynetdicom counts the AE's acceptors).
+
+Linux only in practice (``SO_RCVLOWAT`` honoured by ``poll``/``epoll`` for TCP, ``FIONREAD``).
 """
 
 from __future__ import annotations
@@ -53,6 +72,7 @@ import logging
 import queue
 import selectors
 import socket
+import ssl
 import struct
 import termios
 import threading
@@ -67,7 +87,8 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 
 from ai.safe_text import escape
 
-from .config import NetworkSettings
+from .config import NetworkSettings, TlsSettings
+from .tls import handshake_failure
 
 LOG = logging.getLogger("dicom_node.admission")
 
@@ -95,9 +116,10 @@ class AdmissionPolicy:
     max_per_address: int = 8  # 0 = no cap
     max_pdu_size: int = 131072  # 0 = P-DATA unchecked
     network_timeout: float = 60.0
+    handshake_timeout: float = 10.0  # TLS connections: seconds from accept to a completed handshake
 
     @classmethod
-    def from_settings(cls, network: NetworkSettings) -> AdmissionPolicy:
+    def from_settings(cls, network: NetworkSettings, tls: TlsSettings | None = None) -> AdmissionPolicy:
         return cls(
             request_deadline=network.association_request_deadline,
             max_request_size=network.max_association_request_size,
@@ -105,6 +127,7 @@ class AdmissionPolicy:
             max_per_address=network.max_connections_per_address,
             max_pdu_size=network.max_pdu_size,
             network_timeout=network.network_timeout,
+            **({"handshake_timeout": tls.handshake_timeout} if tls is not None else {}),
         )
 
     def pdu_limit(self, pdu_type: int) -> int | None:
@@ -152,10 +175,61 @@ def _close(sock: socket.socket) -> None:
 
 def _send_quietly(sock: socket.socket, data: bytes) -> None:
     """Best effort, never blocks: the peer may not be reading."""
+    if isinstance(sock, ssl.SSLSocket):  # no flags on an SSLSocket: non-blocking for this one send
+        timeout = sock.gettimeout()
+        try:
+            sock.settimeout(0)
+            sock.send(data)
+        except (OSError, ValueError):
+            pass
+        finally:
+            try:
+                sock.settimeout(timeout)
+            except OSError:
+                pass
+        return
     try:
         sock.send(data, socket.MSG_DONTWAIT)
     except OSError:
         pass
+
+
+class PrefixedSSLSocket(ssl.SSLSocket):
+    """A server-side ``SSLSocket`` whose ``recv`` first returns the bytes the gate already read (the decrypted
+    A-ASSOCIATE-RQ), and whose ``pending`` counts them (pynetdicom's ``ready`` asks it before waiting)."""
+
+    _prefix: bytes = b""
+
+    def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
+        if self._prefix:
+            data, self._prefix = self._prefix[:buflen], self._prefix[buflen:]
+            return data
+        return super().recv(buflen, flags)
+
+    def recv_into(self, buffer: Any, nbytes: int | None = None, flags: int = 0) -> int:
+        if self._prefix:
+            view = memoryview(buffer).cast("B")
+            size = min(len(view) if not nbytes else nbytes, len(self._prefix))
+            view[:size] = self._prefix[:size]
+            self._prefix = self._prefix[size:]
+            return size
+        return super().recv_into(buffer, nbytes or 0, flags)
+
+    def pending(self) -> int:
+        return len(self._prefix) + (super().pending() if getattr(self, "_sslobj", None) is not None else 0)
+
+
+def _header_problem(head: bytes, policy: AdmissionPolicy) -> tuple[str, str, tuple[Any, ...], int] | None:
+    """Why the first bytes of a connection are refused (kind, message, args, A-ABORT reason), or None."""
+    if head and head[0] != A_ASSOCIATE_RQ:
+        reason = ABORT_UNEXPECTED_PDU if head[0] in KNOWN_PDU_TYPES else ABORT_UNRECOGNIZED_PDU
+        return "type", "first PDU has type 0x%02X, not an A-ASSOCIATE-RQ", (head[0],), reason
+    if len(head) >= 6:
+        (length,) = struct.unpack(">L", head[2:6])
+        if length > policy.max_request_size:
+            return ("size", "A-ASSOCIATE-RQ declares %d bytes, more than %d (network.max_association_request_size)",
+                    (length, policy.max_request_size), ABORT_INVALID_PARAMETER)
+    return None
 
 
 def _bytes_available(sock: socket.socket) -> int:
@@ -170,7 +244,12 @@ class _Pending:
     host: str
     address: Any
     deadline: float
+    hand_off: Callable[[socket.socket, Any], None]
     lowat: int = 1
+    tls: bool = False
+    handshaken: bool = False
+    request: bytearray = field(default_factory=bytearray)  # TLS: the decrypted A-ASSOCIATE-RQ read so far
+    events: int = selectors.EVENT_READ
 
 
 @dataclass
@@ -206,8 +285,11 @@ class AdmissionGate(threading.Thread):
 
     # ---------------------------------------------------------------------------------------------- accept thread
 
-    def admit(self, sock: socket.socket, address: Any) -> None:
-        """A newly accepted connection: refused at once over a cap, else held until its request is complete."""
+    def admit(self, sock: socket.socket, address: Any, hand_off: Callable[[socket.socket, Any], None] | None = None,
+              tls_context: ssl.SSLContext | None = None) -> None:
+        """A newly accepted connection: refused at once over a cap, else held until its request is complete (with
+        ``tls_context``: until its TLS handshake, then its request, are complete). ``hand_off``: where it then
+        goes (default: the gate's own)."""
         host = str(address[0])
         with self._lock:
             if self._stopping:
@@ -225,19 +307,38 @@ class AdmissionGate(threading.Thread):
             _close(sock)
             return
         sock.setblocking(False)
-        self._incoming.put(_Pending(sock, host, address, time.monotonic() + self.policy.request_deadline))
+        if tls_context is not None:
+            try:  # no I/O here: the gate drives the handshake
+                sock = tls_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            except (OSError, ValueError) as exc:
+                with self._lock:
+                    self._release(self._counts.pending, host)
+                LOG.debug("connection from %s closed before TLS could start (%s)", escape(host),
+                          handshake_failure(exc))
+                _close(sock)
+                return
+            sock.__class__ = PrefixedSSLSocket
+        wait = self.policy.handshake_timeout if tls_context is not None else self.policy.request_deadline
+        self._incoming.put(_Pending(sock, host, address, time.monotonic() + wait, hand_off or self._hand_off,
+                                    tls=tls_context is not None))
         _send_quietly(self._wake_w, b"\0")
+
+    @staticmethod
+    def _release(counter: Counter[str], host: str) -> None:
+        counter[host] -= 1
+        if counter[host] <= 0:
+            del counter[host]
 
     def handed_off_done(self, host: str) -> None:
         """The connection's ``Association`` thread runs (or it failed): it now counts as a live association."""
         with self._lock:
-            self._counts.handing_off[host] -= 1
-            if self._counts.handing_off[host] <= 0:
-                del self._counts.handing_off[host]
+            self._release(self._counts.handing_off, host)
 
     def stop(self) -> None:
-        """Close every pending connection and end the gate thread."""
+        """Close every pending connection and end the gate thread (again: nothing more happens)."""
         with self._lock:
+            if self._stopping:
+                return
             self._stopping = True
         _send_quietly(self._wake_w, b"\0")
         self.join(timeout=5)
@@ -263,9 +364,13 @@ class AdmissionGate(threading.Thread):
                             self._check_safely(pending)
                 now = time.monotonic()
                 for pending in [p for p in self._pending.values() if p.deadline <= now]:
-                    self._drop(pending, "deadline",
-                               "no complete A-ASSOCIATE-RQ within %.1f s (network.association_request_deadline)",
-                               self.policy.request_deadline)
+                    if pending.tls and not pending.handshaken:
+                        self._drop(pending, "tls-deadline", "TLS handshake not complete within %.1f s "
+                                   "(tls.handshake_timeout)", self.policy.handshake_timeout)
+                    else:
+                        self._drop(pending, "deadline",
+                                   "no complete A-ASSOCIATE-RQ within %.1f s (network.association_request_deadline)",
+                                   self.policy.request_deadline)
         finally:
             self._take_incoming()
             for pending in list(self._pending.values()):
@@ -310,6 +415,10 @@ class AdmissionGate(threading.Thread):
                 self._drop(pending, None, "")
 
     def _check(self, pending: _Pending) -> None:
+        if pending.tls:
+            if pending.handshaken or self._handshake(pending):
+                self._read_tls_request(pending)
+            return
         sock = pending.sock
         try:
             head = sock.recv(6, socket.MSG_PEEK)
@@ -322,26 +431,86 @@ class AdmissionGate(threading.Thread):
             LOG.debug("connection from %s closed before an association request", escape(pending.host))
             self._drop(pending, None, "")
             return
-        if head[0] != A_ASSOCIATE_RQ:
-            reason = ABORT_UNEXPECTED_PDU if head[0] in KNOWN_PDU_TYPES else ABORT_UNRECOGNIZED_PDU
-            self._drop(pending, "type", "first PDU has type 0x%02X, not an A-ASSOCIATE-RQ", head[0],
-                       abort=reason)
+        problem = _header_problem(head, self.policy)
+        if problem is not None:
+            kind, message, args, reason = problem
+            self._drop(pending, kind, message, *args, abort=reason)
             return
         if len(head) < 6:
             self._set_lowat(pending, 6)
             return
         (length,) = struct.unpack(">L", head[2:6])
-        if length > self.policy.max_request_size:
-            self._drop(pending, "size", "A-ASSOCIATE-RQ declares %d bytes, more than %d "
-                       "(network.max_association_request_size)", length, self.policy.max_request_size,
-                       abort=ABORT_INVALID_PARAMETER)
-            return
         need = 6 + length
         if _bytes_available(sock) >= need:
             self._admit(pending)
         elif not self._set_lowat(pending, need):
             self._drop(pending, "size", "A-ASSOCIATE-RQ of %d bytes is more than this host's TCP receive buffer "
                        "can hold", length, abort=ABORT_INVALID_PARAMETER)
+
+    def _want(self, pending: _Pending, events: int) -> None:
+        """Wait for ``events`` on a TLS connection (OpenSSL may need to write while reading, and the reverse)."""
+        if pending.events != events:
+            self._selector.modify(pending.sock, events)
+            pending.events = events
+
+    def _handshake(self, pending: _Pending) -> bool:
+        """One step of a TLS handshake; True once it is complete (the request stage starts, with its deadline)."""
+        sock = pending.sock
+        assert isinstance(sock, ssl.SSLSocket)
+        try:
+            sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._want(pending, selectors.EVENT_READ)
+            return False
+        except ssl.SSLWantWriteError:
+            self._want(pending, selectors.EVENT_WRITE)
+            return False
+        except (ssl.SSLError, OSError) as exc:  # refused certificate, wrong protocol, EOF, reset
+            reason = handshake_failure(exc)
+            kind = str(getattr(exc, "reason", None) or type(exc).__name__)
+            self._drop(pending, f"tls-{kind[:60]}", "TLS handshake failed (%s)", reason)
+            return False
+        pending.handshaken = True
+        pending.deadline = time.monotonic() + self.policy.request_deadline
+        LOG.debug("TLS handshake with %s: %s, %s", escape(pending.host), sock.version(),
+                  escape((sock.cipher() or ("?",))[0]))
+        return True
+
+    def _read_tls_request(self, pending: _Pending) -> None:
+        """Read (no peeking on TLS) the decrypted A-ASSOCIATE-RQ into ``pending.request``, with the plain path's
+        checks; hand the connection on once the whole request is there."""
+        sock = pending.sock
+        buf = pending.request
+        while True:
+            problem = _header_problem(bytes(buf[:6]), self.policy)
+            if problem is not None:
+                kind, message, args, reason = problem
+                self._drop(pending, kind, message, *args, abort=reason)
+                return
+            need = 6 + struct.unpack(">L", buf[2:6])[0] if len(buf) >= 6 else 6
+            if len(buf) >= 6 and len(buf) >= need:
+                break
+            try:
+                chunk = sock.recv(min(need - len(buf), 65536))
+            except ssl.SSLWantReadError:
+                self._want(pending, selectors.EVENT_READ)
+                return
+            except ssl.SSLWantWriteError:
+                self._want(pending, selectors.EVENT_WRITE)
+                return
+            except (ssl.SSLError, OSError) as exc:
+                LOG.debug("TLS connection from %s failed before an association request (%s)", escape(pending.host),
+                          handshake_failure(exc))
+                self._drop(pending, None, "")
+                return
+            if not chunk:
+                LOG.debug("TLS connection from %s closed before an association request", escape(pending.host))
+                self._drop(pending, None, "")
+                return
+            buf += chunk
+        assert isinstance(sock, PrefixedSSLSocket)
+        sock._prefix = bytes(buf)
+        self._admit(pending)
 
     def _set_lowat(self, pending: _Pending, need: int) -> bool:
         """Wake the gate only when ``need`` bytes are buffered; False if the kernel cannot buffer that many."""
@@ -357,9 +526,7 @@ class AdmissionGate(threading.Thread):
         except (KeyError, ValueError):
             pass
         with self._lock:
-            self._counts.pending[pending.host] -= 1
-            if self._counts.pending[pending.host] <= 0:
-                del self._counts.pending[pending.host]
+            self._release(self._counts.pending, pending.host)
 
     def _drop(self, pending: _Pending, kind: str | None, message: str, *args: Any, abort: int | None = None) -> None:
         self._forget(pending)
@@ -377,15 +544,19 @@ class AdmissionGate(threading.Thread):
         try:
             if pending.lowat != 1:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
-            # Blocking, as pynetdicom expects, but a peer that stalls inside a PDU (or stops reading) ends the read
-            # or write after network_timeout. Kernel timeouts rather than settimeout(): those would add a poll()
-            # before every 4 KiB recv of pynetdicom's read loop.
-            sock.setblocking(True)
-            seconds = self.policy.network_timeout
-            timeval = struct.pack("ll", int(seconds), int((seconds % 1) * 1_000_000))
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
-            self._hand_off(sock, pending.address)
+            if pending.tls:
+                # OpenSSL would turn a kernel timeout into "want read", which a blocking SSLSocket retries forever.
+                sock.settimeout(self.policy.network_timeout)
+            else:
+                # Blocking, as pynetdicom expects, but a peer that stalls inside a PDU (or stops reading) ends the
+                # read or write after network_timeout. Kernel timeouts rather than settimeout(): those would add a
+                # poll() before every 4 KiB recv of pynetdicom's read loop.
+                sock.setblocking(True)
+                seconds = self.policy.network_timeout
+                timeval = struct.pack("ll", int(seconds), int((seconds % 1) * 1_000_000))
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+            pending.hand_off(sock, pending.address)
         except Exception:
             LOG.exception("could not start the association from %s", escape(pending.host))
             self.handed_off_done(pending.host)
@@ -457,20 +628,26 @@ class GuardedRequestHandler(RequestHandler):
 class AdmissionServer(ThreadedAssociationServer):
     """pynetdicom's threaded server with the admission gate in front (module docstring).
 
-    Built by ``AE.make_server(..., server_class=AdmissionServer, policy=...)``.
+    Built by ``AE.make_server(..., server_class=AdmissionServer, policy=...)``; ``tls_context``: a TLS port (the
+    gate does the handshake; never pynetdicom's own ``ssl_context``, whose handshake blocks the accept loop);
+    ``gate``: share another server's gate (one pending budget and per-address cap for both ports).
     """
 
     daemon_threads = True  # the short-lived threads that start each Association
 
-    def __init__(self, *args: Any, policy: AdmissionPolicy, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, policy: AdmissionPolicy, tls_context: ssl.SSLContext | None = None,
+                 gate: AdmissionGate | None = None, **kwargs: Any) -> None:
         self.policy = policy
+        self.tls_context = tls_context
         kwargs.setdefault("request_handler", GuardedRequestHandler)
         super().__init__(*args, **kwargs)
-        self.gate = AdmissionGate(policy, self._hand_off, self._associations_from)
-        self.gate.start()
+        if gate is None:
+            gate = AdmissionGate(policy, self._hand_off, self._associations_from)
+            gate.start()
+        self.gate = gate
 
     def process_request(self, request: Any, client_address: Any) -> None:  # the accept loop, per connection
-        self.gate.admit(request, client_address)
+        self.gate.admit(request, client_address, self._hand_off, self.tls_context)
 
     def _hand_off(self, sock: socket.socket, client_address: Any) -> None:  # the gate thread
         ThreadingMixIn.process_request(self, sock, client_address)
@@ -482,10 +659,11 @@ class AdmissionServer(ThreadedAssociationServer):
             self.gate.handed_off_done(str(client_address[0]))
 
     def _associations_from(self, host: str) -> int:
+        """Live acceptor associations of this server's AE (every port it listens on) from ``host``."""
         count = 0
-        for assoc in self.active_associations:
+        for assoc in self.ae.active_associations:
             try:
-                if assoc.is_alive() and str(assoc.requestor.address) == host:
+                if assoc.is_acceptor and assoc.is_alive() and str(assoc.requestor.address) == host:
                     count += 1
             except Exception:  # an Association being torn down
                 continue

@@ -5,7 +5,9 @@ over one association per destination and round, and records every outcome, so a 
 down for hours loses nothing. A failed attempt is retried after ``export.retry_initial_seconds``, doubling up to
 ``export.retry_max_seconds``; after ``export.max_attempts`` failed attempts the export is dead-lettered until
 ``dicom-node resend``. A destination that cannot be reached (connection refused, association rejected, aborted or
-not completed in time) is replaced by its ``alternate``, when it has one, within the same attempt.
+not completed in time) is replaced by its ``alternate``, when it has one, within the same attempt. A destination with
+``tls = true`` (primary and alternate) is sent to over TLS with the ``[tls]`` section's files (``dicom_node.tls``,
+``docs/tls.md``): a PACS certificate that does not verify fails the attempt like an unreachable peer, with the reason.
 
 No head-of-line blocking: every destination is a *lane* of its own, with its own claim (``claim_due`` restricted to
 its name, up to ``batch_size`` exports), its own round and its own thread, so a PACS that is down, slow or hung
@@ -43,9 +45,10 @@ from ai.safe_text import escape
 from db.exports import ClaimedExport, backoff_seconds, claim_due, extend_lease, give_back, mark_sent, schedule_retry
 from db.models import ExportState
 
-from .config import Destination, NodeConfig, Peer
+from .config import Destination, NodeConfig, Peer, TlsSettings
 from .scheduler import NodeScheduler
 from .store_scu import ABORT_GRACE_SECONDS, PeerUnreachable, StoreClient, StoreItem, StoreOutcome
+from .tls import RecordingContext, client_context
 
 LOG = logging.getLogger("dicom_node.export")
 JOB_ID = "export"  # the scheduler job of destination NAME is "export:NAME"
@@ -105,6 +108,9 @@ class Exporter:
         self.batch_size = batch_size
         self.owner = owner or f"exporter-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.client = StoreClient(config.network.ae_title, self.timeout, self.deadline)
+        self.tls: TlsSettings = config.tls
+        if any(d.tls for d in self.destinations.values()):
+            client_context(self.tls)  # a ConfigError naming the key now, not at the first round
         self._lanes = {name: _Lane(name, dest) for name, dest in self.destinations.items()}
         self._stopping = threading.Event()
         self._scheduler: NodeScheduler | None = None
@@ -260,7 +266,8 @@ class Exporter:
                 extend_lease(self.engine, [e.export_id for e in remaining], self.owner, self.lease_seconds)
 
         try:
-            association = self.client.open(lane.peers, [self._item(e) for e in remaining])
+            association = self.client.open(lane.peers, [self._item(e) for e in remaining],
+                                           tls=self._tls_context if lane.destination.tls else None)
         except PeerUnreachable as exc:
             for export in remaining:
                 self._record(export, StoreOutcome(False, error=str(exc)), None)
@@ -278,6 +285,10 @@ class Exporter:
                     self._after_lost_association(lane, export, outcome, remaining, association.peer)
                     break
         return sent
+
+    def _tls_context(self) -> RecordingContext:
+        """A TLS destination's context for one association (``dicom_node.tls.client_context``)."""
+        return client_context(self.tls)
 
     def _after_lost_association(self, lane: _Lane, failed: ClaimedExport, outcome: StoreOutcome,
                                 untried: list[ClaimedExport], peer: Peer) -> None:

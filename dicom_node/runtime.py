@@ -12,6 +12,7 @@ from db.engine import init_schema, make_engine
 from .archive import Archive
 from .config import NodeConfig, default_config_path, load_config, parse_set_options
 from .log_safety import setup_logging
+from .tls import check_files
 
 
 @dataclass
@@ -31,6 +32,8 @@ def open_runtime(config: Path | None, sets: list[str] | None, *, serve: bool = F
     config_path = config if config is not None else default_config_path()
     cfg = load_config(config_path, parse_set_options(sets))
     setup_logging(cfg.logging.level)
+    if serve:  # the TLS files must load (a ConfigError naming the key) before anything listens or exports
+        check_files(cfg.tls, server=cfg.tls.enabled, client=any(d.tls for d in cfg.export.destinations))
     archive = Archive(cfg.storage.storage_root, cfg.storage.free_disk_reserve_bytes)
     archive.prepare() if serve else archive.root.mkdir(parents=True, exist_ok=True)
     engine = make_engine(cfg.database.url)

@@ -8,7 +8,9 @@ to listen without them.
 Connections reach pynetdicom only through the admission gate of ``dicom_node.admission`` (``AdmissionServer``,
 passed to ``AE.make_server`` as its server class): pynetdicom's own server lets half-open connections take the
 association slots and block shutdown, and trusts any declared PDU length; that module's docstring says how and why.
-The called AE title must be ours (``network.ae_title``) unless ``network.accept_any_called_aet`` is set.
+The called AE title must be ours (``network.ae_title``) unless ``network.accept_any_called_aet`` is set. The plain
+port (``network.port``, 0 = off) and the TLS port (``tls.port``, 0 = off; ``docs/tls.md``) are two servers of one AE
+sharing one admission gate: one intake, one ``network.max_associations`` budget, one per-address cap.
 
 Every association requested is recorded in the database (``db.associations``: who, from where, over TLS or not,
 accepted or why rejected, its C-STORE counts, released or aborted) for the console's associations page, by
@@ -43,6 +45,7 @@ from .config import NodeConfig
 from .intake import Intake
 from .netsetup import require_configured
 from .store_metrics import observe_store
+from .tls import server_context
 
 LOG = logging.getLogger("dicom_node.scp")
 
@@ -249,7 +252,7 @@ class StorageServer:
         self.intake = intake
         self.ae = build_ae(config)
         self.history = AssociationHistory(intake.engine)
-        self._server: AdmissionServer | None = None
+        self._servers: list[AdmissionServer] = []  # the plain port's and/or the TLS port's
 
     def start(self) -> None:
         # Datasets stream to files in the archive's tmp/ (same file system, so placing them is a rename).
@@ -263,19 +266,34 @@ class StorageServer:
             *self.history.handlers(),  # association history for the console
             *self.intake.reception.handlers(),  # partial receptions removed at once, reserve checked mid-transfer
         ]
-        address = (self.config.network.bind_address, self.config.network.port)
-        # What AE.start_server(block=False) does, with the admission gate as the server class.
-        server = cast(AdmissionServer, self.ae.make_server(
-            address, evt_handlers=handlers, server_class=AdmissionServer,
-            policy=AdmissionPolicy.from_settings(self.config.network)))
-        threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True).start()
-        self.ae._servers.append(server)  # AssociationServer.shutdown removes it from there
-        self._server = server
+        tls = self.config.tls
+        listeners: list[tuple[int, ssl.SSLContext | None]] = []
+        if self.config.network.port:
+            listeners.append((self.config.network.port, None))
+        if tls.enabled:
+            listeners.append((tls.port, server_context(tls)))  # ConfigError (naming the key) before listening
+        policy = AdmissionPolicy.from_settings(self.config.network, tls)
+        gate = None
+        for port, context in listeners:
+            # What AE.start_server(block=False) does, with the admission gate as the server class.
+            server = cast(AdmissionServer, self.ae.make_server(
+                (self.config.network.bind_address, port), evt_handlers=handlers, server_class=AdmissionServer,
+                policy=policy, tls_context=context, gate=gate))
+            gate = server.gate
+            threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True).start()
+            self.ae._servers.append(server)  # AssociationServer.shutdown removes it from there
+            self._servers.append(server)
+            if context is not None:
+                clients = ("client certificate required" if tls.require_client_certificate else
+                           "client certificate verified when presented" if tls.ca_bundle else
+                           "no client certificate asked for")
+                LOG.info("TLS Storage SCP on %s:%d (TLS 1.2 or later, %s, handshake timeout %g s)",
+                         self.config.network.bind_address, port, clients, tls.handshake_timeout)
 
     @property
     def pending_connections(self) -> int:
-        """Connections still waiting for their complete A-ASSOCIATE-RQ (not associations)."""
-        return self._server.gate.pending_count if self._server else 0
+        """Connections still waiting for their TLS handshake or complete A-ASSOCIATE-RQ (not associations)."""
+        return self._servers[0].gate.pending_count if self._servers else 0
 
     def stop(self, grace_seconds: float) -> int:
         """Close the listening socket and every connection that has not associated yet, wait up to
@@ -285,11 +303,12 @@ class StorageServer:
         stalls inside a PDU cannot even process the abort (its thread is blocked reading), so after one more second
         its socket is shut down. Returns how many were aborted.
         """
-        if self._server is None:
+        if not self._servers:
             return 0
-        server, self._server = self._server, None
-        server.shutdown()
-        active = server.active_associations
+        servers, self._servers = self._servers, []
+        for server in servers:
+            server.shutdown()
+        active = [assoc for server in servers for assoc in server.active_associations]
         deadline = time.monotonic() + grace_seconds
         while time.monotonic() < deadline and any(a.is_alive() for a in active):
             time.sleep(0.05)

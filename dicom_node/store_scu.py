@@ -13,6 +13,11 @@ response received), runs under a watchdog (``Watchdog``, a ``threading.Timer``):
 the association (A-ABORT), wakes the waiting caller and shuts the socket down, so that the step ends within the
 deadline plus ``ABORT_GRACE_SECONDS`` whatever the peer does.
 
+With ``tls`` (a ``tls = true`` destination), each association is opened over TLS: pynetdicom wraps the socket
+before it connects, with the context ``dicom_node.tls.client_context`` builds for that association (PACS certificate
+and host name verified, the node's certificate presented); the handshake is part of the setup step, under the same
+watchdog, and a failed one is reported with OpenSSL's reason (``CERTIFICATE_VERIFY_FAILED: ...``).
+
 Streaming a file as it is needs pynetdicom's process-wide ``STORE_SEND_CHUNKED_DATASET``, set once at start-up
 (``dicom_node.netsetup.configure_pynetdicom``; ``StoreClient`` refuses to work without it). Nothing here knows about
 the database or the retry policy: see ``dicom_node.export``.
@@ -22,9 +27,10 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,8 +44,9 @@ from pynetdicom.presentation import PresentationContext, build_context
 
 from ai.safe_text import escape, exception_summary
 
-from .config import Peer
+from .config import ConfigError, Peer
 from .netsetup import require_configured
+from .tls import RecordingContext, handshake_failure
 
 LOG = logging.getLogger("dicom_node.store_scu")
 
@@ -199,13 +206,20 @@ class StoreClient:
         self.ae.dimse_timeout = timeout
         self.ae.network_timeout = timeout
 
-    def open(self, peers: Sequence[Peer], items: Sequence[StoreItem]) -> StoreAssociation:
-        """Associate with the first peer of ``peers`` that accepts; raises PeerUnreachable naming every failure."""
+    def open(self, peers: Sequence[Peer], items: Sequence[StoreItem],
+             tls: Callable[[], ssl.SSLContext] | None = None) -> StoreAssociation:
+        """Associate with the first peer of ``peers`` that accepts; raises PeerUnreachable naming every failure.
+        ``tls``: over TLS, with a context from this factory for each peer tried."""
         contexts = requested_contexts(items)
         problems = []
         for peer in peers:
             rejection: list[str] = []
             connected: list[bool] = []
+            try:
+                tls_context = tls() if tls is not None else None
+            except ConfigError as exc:  # a certificate file removed or replaced by a bad one since start-up
+                problems.append(f"{peer.safe}: no TLS context ({exc})")
+                continue
 
             def _on_acse(event: evt.Event, rejection: list[str] = rejection) -> None:
                 primitive = event.primitive  # type: ignore[attr-defined]
@@ -219,7 +233,8 @@ class StoreClient:
 
                 assoc = self.ae.associate(peer.host, peer.port, contexts=contexts, ae_title=peer.ae_title,
                                           evt_handlers=[(evt.EVT_ACSE_RECV, _on_acse),
-                                                        (evt.EVT_CONN_OPEN, _on_connect)])
+                                                        (evt.EVT_CONN_OPEN, _on_connect)],
+                                          tls_args=(tls_context, peer.host) if tls_context is not None else None)
                 established = bool(assoc.is_established) and not dog.fired
             if established:
                 return StoreAssociation(assoc, peer, self.deadline, self.timeout)
@@ -228,6 +243,9 @@ class StoreClient:
             if dog.fired:
                 problems.append(f"{peer.safe} did not complete the association within {self.deadline:g} s "
                                 "(export.deadline_seconds): aborted")
+            elif isinstance(tls_context, RecordingContext) and tls_context.handshake_error is not None:
+                problems.append(f"{peer.safe}: TLS handshake failed "
+                                f"({handshake_failure(tls_context.handshake_error)})")
             elif not connected:
                 problems.append(f"{peer.safe} could not be reached (connection refused or timed out)")
             elif assoc.is_rejected:
