@@ -83,7 +83,7 @@ async def echo_action(request: Request) -> Response:
 
 async def associations_page(request: Request) -> Response:
     ctx = ctx_of(request)
-    selected = request.query_params.get("calling_aet") or None
+    selected = (request.query_params.get("calling_aet") or "")[:16] or None  # an AE title has at most 16
     callers = db_associations.callers(ctx.engine)
     recent = db_associations.recent_associations(ctx.engine, RECENT_ASSOCIATIONS, selected)
     return render(request, "associations.html", {
