@@ -40,7 +40,8 @@ from .patient_key import PatientKeySecretError, backfill_patient_keys, load_or_c
 from .runtime import Runtime, open_runtime
 
 LOG = logging.getLogger("dicom_node")
-COMMAND_MODULES: list[str] = ["cli_retrain", "cli_models", "cli_labels"]  # dicom_node/<name>.py: _command_modules
+# dicom_node/<name>.py: _command_modules
+COMMAND_MODULES: list[str] = ["cli_retrain", "cli_models", "cli_labels", "cli_console"]
 EXIT_CONFIG = 2
 EXIT_INCONSISTENT = 1  # dicom-node check: something was missing from the archive or the database
 
@@ -67,6 +68,19 @@ def _cmd_serve(rt: Runtime) -> int:
     from .scp import StorageServer
 
     cfg = rt.config
+    console = None
+    if cfg.console.enabled:
+        from .console.app import ConsoleConfigError, check_startup
+        from .console.context import ConsoleContext
+        from .console.server import ConsoleServer
+
+        try:
+            check_startup(cfg)
+        except ConsoleConfigError as exc:
+            print(f"dicom-node: configuration error: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        console = ConsoleServer(ConsoleContext(cfg, rt.engine, rt.archive, in_serve=True,
+                                               config_path=rt.config_path, overrides=rt.overrides))
     configure_pynetdicom(rt.archive.tmp_dir)  # process-wide, once: received datasets stream into tmp/
     if not cfg.network.allowed_calling_aets:
         LOG.warning("network.allowed_calling_aets is empty: every calling AE title is accepted")
@@ -76,7 +90,14 @@ def _cmd_serve(rt: Runtime) -> int:
     scheduler = NodeScheduler()  # every periodic task of this process is one of its jobs
     intake = Intake(rt.archive, rt.engine, cfg.storage.duplicate_policy, cfg.limits, patient_key_secret=secret)
     server = StorageServer(cfg, intake)
-    server.start()
+    if console is not None:
+        console.start()  # a port in use raises OSError here, before the DICOM port listens
+    try:
+        server.start()
+    except BaseException:
+        if console is not None:
+            console.stop()
+        raise
     supervisor = None
     if cfg.worker.processes > 0:
         from .supervisor import WorkerSupervisor
@@ -128,6 +149,8 @@ def _cmd_serve(rt: Runtime) -> int:
     while not stop.wait(1.0):  # only waits for the signal (with a timeout, so that its handler runs promptly)
         pass
     aborted = server.stop(grace_seconds=cfg.network.dimse_timeout)
+    if console is not None:
+        console.stop()
     if supervisor is not None:
         supervisor.stop(grace_seconds=cfg.network.dimse_timeout)
     if exporter is not None:
@@ -403,6 +426,10 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_CONFIG
         return _cmd_analyse(args.files, args.json, args.mask_out, args.device or config.worker.device,
                             config.limits, config.models.directory)
+    for module in _command_modules():  # commands that need neither configuration nor database
+        early = getattr(module, "run_early", None)
+        if args.command in module.COMMANDS and early is not None and (code := early(args)) is not None:
+            return int(code)
     try:
         rt = open_runtime(args.config, args.set, serve=args.command == 'serve')
     except ConfigError as exc:
