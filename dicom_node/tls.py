@@ -1,8 +1,9 @@
 """TLS for DICOM connections (PS3.15 Annex B; BCP 195): the ``ssl.SSLContext`` of the Storage SCP's TLS port and of
 TLS export destinations, built from the ``[tls]`` section.
 
-Both sides: TLS 1.2 or later (``minimum_version``), Python's default cipher selection (forward-secret AEAD suites;
-no RC4, 3DES, export or anonymous suites), compression and renegotiation off. The node's certificate and private key
+Both sides: TLS 1.2 or later (``minimum_version``); for TLS 1.2 only BCP 195's suites, forward-secret (ECDHE, DHE)
+with AEAD ciphers (AES-GCM, ChaCha20-Poly1305: ``TLS12_CIPHERS``); TLS 1.3's own suites as OpenSSL offers them;
+compression and renegotiation off. The node's certificate and private key
 (``tls.certificate``, ``tls.private_key``) are its server certificate and the client certificate it presents to a
 PACS. ``tls.ca_bundle`` holds the CAs that sign the peers' certificates: the clients of the TLS port (verified when
 presented, required with ``tls.require_client_certificate``) and the PACS of a ``tls = true`` destination (always
@@ -24,6 +25,8 @@ from ai.safe_text import escape
 from .config import ConfigError, TlsSettings
 
 MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL"
+"""OpenSSL's names for the TLS 1.2 suites allowed (``set_ciphers`` leaves TLS 1.3's suites alone)."""
 
 
 def _load(key: str, path: Path | None, action: Callable[[], None]) -> None:
@@ -43,6 +46,7 @@ def _load(key: str, path: Path | None, action: Callable[[], None]) -> None:
 
 def _harden(context: ssl.SSLContext) -> None:
     context.minimum_version = MINIMUM_VERSION
+    context.set_ciphers(TLS12_CIPHERS)
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
 
 

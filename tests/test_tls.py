@@ -70,6 +70,14 @@ def tls_flags(certs: TestCertificates, pair=None) -> list[str]:
     return ["+tls", str(pair.key), str(pair.cert), "+cf", str(certs.ca.cert)]
 
 
+def s_client(node: Node, certs: TestCertificates, *flags: str) -> subprocess.CompletedProcess:
+    """openssl s_client with the modality's certificate: the handshake, then EOF (no association request)."""
+    return subprocess.run(
+        [require_tool("openssl"), "s_client", "-connect", f"127.0.0.1:{tls_port(node)}", "-CAfile", str(certs.ca.cert),
+         "-cert", str(certs.modality.cert), "-key", str(certs.modality.key), "-verify_return_error", *flags],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+
+
 def wait_for(predicate, within: float) -> bool:
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
@@ -109,6 +117,10 @@ def test_storescu_over_tls_is_stored_and_recorded_as_tls(tls_node, certs, small_
         f":{tls_port(tls_node)} (TLS 1.2 or later, client certificate required" in tls_node.log()
     result = storescu(tls_port(tls_node), small_files[:1], *tls_flags(certs), aet="TLSMOD", timeout=30)
     assert result.statuses == [(str(small_files[0]), "Success")], result.output
+    tls12 = s_client(tls_node, certs, "-tls1_2")  # BCP 195's TLS 1.2 suites: forward secrecy, AEAD
+    assert tls12.returncode == 0 and "Protocol  : TLSv1.2" in tls12.stdout, tls12.stdout + tls12.stderr
+    assert "Cipher    : ECDHE-" in tls12.stdout and "GCM" in tls12.stdout, tls12.stdout
+    assert s_client(tls_node, certs, "-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-SHA256").returncode != 0  # CBC
     plain = storescu(tls_node.port, small_files[1:2], aet="PLAINMOD", timeout=30)  # the plain port beside it
     assert plain.statuses == [(str(small_files[1]), "Success")], plain.output
 
@@ -132,8 +144,12 @@ def test_wrong_or_missing_client_certificate_is_refused(tls_node, certs, small_f
                          timeout=30)
     for result in (wrong, anonymous):
         assert result.returncode != 0 and not result.statuses, result.output
+    # TLS 1.1, with the client's own security level lowered so that it offers it
+    old_protocol = s_client(tls_node, certs, "-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0")
+    assert old_protocol.returncode != 0, old_protocol.stdout
     assert wait_for(lambda: "TLS handshake failed (CERTIFICATE_VERIFY_FAILED" in tls_node.log()
-                    and "TLS handshake failed (PEER_DID_NOT_RETURN_A_CERTIFICATE" in tls_node.log(), 5), \
+                    and "TLS handshake failed (PEER_DID_NOT_RETURN_A_CERTIFICATE" in tls_node.log()
+                    and "TLS handshake failed (UNSUPPORTED_PROTOCOL" in tls_node.log(), 5), \
         tls_node.log()[-3000:]
     line = next(x for x in tls_node.log().splitlines() if "CERTIFICATE_VERIFY_FAILED" in x)
     assert " WARNING dicom_node.admission: connection from 127.0.0.1 closed: TLS handshake failed" in line
