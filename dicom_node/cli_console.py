@@ -96,6 +96,6 @@ def status_lines(rt: Runtime) -> list[str]:
 
     console = rt.config.console
     if not console.enabled:
-        return ["console : disabled (console.enabled = false)"]
-    login = "no login (loopback)" if console.is_local else "admin login"
-    return [f"console : {console_url(console.bind_address, console.port)} ({login})"]
+        return [f"{'console':<13}: disabled (console.enabled = false)"]
+    login = "loopback: no login" if console.is_local else "admin login"
+    return [f"{'console':<13}: {console_url(console.bind_address, console.port)} ({login})"]
