@@ -140,8 +140,10 @@ def _cmd_serve(rt: Runtime) -> int:
 
         guard.on_trip(database_lost)
     scheduler.start()
-    LOG.info("dicom-node %s: AE %s listening on %s:%d; archive %s; database %s; free %.1f GiB (reserve %.0f MiB)",
-             __version__, cfg.network.ae_title, cfg.network.bind_address, cfg.network.port,
+    ports = [str(cfg.network.port)] if cfg.network.port else []
+    ports += [f"{cfg.tls.port} (TLS)"] if cfg.tls.enabled else []
+    LOG.info("dicom-node %s: AE %s listening on %s:%s; archive %s; database %s; free %.1f GiB (reserve %.0f MiB)",
+             __version__, cfg.network.ae_title, cfg.network.bind_address, " and ".join(ports),
              rt.archive.archive_dir, rt.engine.url.render_as_string(hide_password=True),
              rt.archive.free_bytes() / 2**30, cfg.storage.free_disk_reserve_mb)
 
