@@ -213,7 +213,7 @@ class PrefixedSSLSocket(ssl.SSLSocket):
             view[:size] = self._prefix[:size]
             self._prefix = self._prefix[size:]
             return size
-        return super().recv_into(buffer, nbytes or 0, flags)
+        return super().recv_into(buffer, nbytes, flags)
 
     def pending(self) -> int:
         return len(self._prefix) + (super().pending() if getattr(self, "_sslobj", None) is not None else 0)
