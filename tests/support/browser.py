@@ -65,9 +65,11 @@ def chromium(window: tuple[int, int] = WINDOW) -> Iterator:  # type: ignore[type
 
 def full_page_png(driver, path: Path, width: int = WINDOW[0], max_height: int = 2400) -> Path:  # type: ignore[no-untyped-def]
     """A screenshot of the whole page (not just the window), ``width`` px wide, at most ``max_height`` tall."""
-    height = driver.execute_script(
-        "return Math.max(document.body.scrollHeight, document.documentElement.scrollHeight)")
-    driver.set_window_size(width, min(max(int(height), 400), max_height))
+    height, chrome = driver.execute_script(
+        "return [Math.ceil(document.body.getBoundingClientRect().bottom + window.scrollY) + 16,"
+        " window.outerHeight - window.innerHeight]")
+    # the window's size includes the browser's own frame; the page gets what is left of it
+    driver.set_window_size(width, min(max(int(height), 300), max_height) + max(int(chrome), 0))
     path.parent.mkdir(parents=True, exist_ok=True)
     driver.save_screenshot(str(path))
     driver.set_window_size(*WINDOW)
