@@ -219,6 +219,8 @@ SCHEMA: dict[str, Key] = {
     "console.admin_user": Key(str, "admin", lambda v: None if 0 < len(v.strip()) <= 64 else "must be 1-64 characters"),
     "console.admin_password_hash": Key(str, "", _check_password_hash),
     "console.session_hours": Key(float, 8.0, _range(0.1, 720)),
+    "console.require_login": Key(bool, False),
+    "console.secure_cookie": Key(bool, False),
     "tls.port": Key(int, 0, _range(0, 65535)),
     "tls.certificate": Key(str, ""),
     "tls.private_key": Key(str, ""),
@@ -441,6 +443,8 @@ class ConsoleSettings:
     admin_user: str
     admin_password_hash: str  # "" = none configured: only a loopback binding is allowed (no login)
     session_hours: float
+    require_login: bool  # also on loopback (behind a reverse proxy on this host)
+    secure_cookie: bool  # the session cookie only over HTTPS (behind a TLS-terminating proxy)
 
     @property
     def is_local(self) -> bool:

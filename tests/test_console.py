@@ -309,6 +309,18 @@ def test_login_gate_wrong_and_right_password_and_patient_data_for_the_admin(data
                                        "next": "https://evil.example/"}).headers["location"] == "/"
 
 
+def test_require_login_closes_a_loopback_console_and_secure_cookie_marks_the_session(data, password_hash):
+    cfg = data.rt.config
+    with pytest.raises(ConsoleConfigError, match="console.require_login.*console.admin_password_hash"):
+        check_startup(dataclasses.replace(cfg, console=dataclasses.replace(cfg.console, require_login=True)))
+    client = _client(data, require_login=True, admin_password_hash=password_hash)  # e.g. behind a local proxy
+    answer = client.get("/jobs")
+    assert answer.status_code == 303 and answer.headers["location"].startswith("/login")
+    assert "secure" not in client.get("/login").headers["set-cookie"].lower()
+    secure = _client(data, secure_cookie=True).get("/login").headers["set-cookie"].lower()
+    assert "secure" in secure and "httponly" in secure and "samesite=strict" in secure
+
+
 def test_serve_runs_the_console_on_its_port(tmp_path):
     port = free_port()
     node = Node(root=tmp_path, port=free_port(), overrides={"console.enabled": "true", "console.port": str(port)})

@@ -9,9 +9,7 @@ without FastAPI's pydantic layer, a JavaScript framework or a front-end build; e
 
 from __future__ import annotations
 
-import importlib
 import logging
-from collections.abc import Callable
 from typing import Any
 
 from starlette.applications import Starlette
@@ -27,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ai.safe_text import SafeMessage, escape, exception_summary
 
 from ..config import NodeConfig
-from . import auth, pages_jobs, web
+from . import auth, health, metrics, pages_jobs, pages_ops, web
 from .context import ConsoleContext
 
 LOG = logging.getLogger("dicom_node.console")
@@ -41,7 +39,6 @@ SECURITY_HEADERS = [
      b"frame-ancestors 'none'; form-action 'self'; base-uri 'none'"),
 ]
 # Modules of other parts of the console, each with a function (ctx) -> list of routes; mounted when present.
-OPTIONAL_ROUTES = (("pages_ops", "routes"), ("health", "health_routes"), ("metrics", "metrics_routes"))
 
 
 class ConsoleConfigError(SafeMessage, ValueError):
@@ -49,28 +46,18 @@ class ConsoleConfigError(SafeMessage, ValueError):
 
 
 def check_startup(config: NodeConfig) -> None:
-    """Raise ``ConsoleConfigError`` for a console bound beyond loopback without ``console.admin_password_hash``."""
+    """Raise ``ConsoleConfigError`` for a console bound beyond loopback, or told to require a login, without
+    ``console.admin_password_hash``."""
     console = config.console
+    if console.require_login and not console.admin_password_hash:
+        raise ConsoleConfigError(
+            "console.require_login is true, which needs an admin login: set console.admin_password_hash to the "
+            "output of 'dicom-node console hash-password'")
     if not console.is_local and not console.admin_password_hash:
         raise ConsoleConfigError(
             f"console.bind_address = {console.bind_address!r} is reachable from other hosts, which needs an admin "
             "login: set console.admin_password_hash to the output of 'dicom-node console hash-password' "
             "(or bind the console to 127.0.0.1)")
-
-
-def _optional_routes(ctx: ConsoleContext) -> list[BaseRoute]:
-    routes: list[BaseRoute] = []
-    for module_name, function in OPTIONAL_ROUTES:
-        try:
-            module = importlib.import_module(f"{__package__}.{module_name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__package__}.{module_name}":
-                raise
-            LOG.info("console: %s is not installed; its pages are missing", module_name)
-            continue
-        make: Callable[[ConsoleContext], list[BaseRoute]] = getattr(module, function)
-        routes.extend(make(ctx))
-    return routes
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -87,12 +74,14 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 def build_app(ctx: ConsoleContext) -> Starlette:
     """The Starlette application; ``ctx`` is on ``app.state.ctx`` for every handler."""
     secret = auth.session_secret(ctx.archive.root)
-    routes: list[BaseRoute] = [*auth.routes(), *pages_jobs.routes(), *_optional_routes(ctx),
+    routes: list[BaseRoute] = [*auth.routes(), *pages_jobs.routes(), *pages_ops.routes(ctx),
+                               *health.health_routes(ctx), *metrics.metrics_routes(ctx),
                                Mount("/static", app=StaticFiles(directory=str(web.STATIC_DIR)), name="static")]
     middleware = [
         Middleware(SecurityHeaders),
         Middleware(SessionMiddleware, secret_key=secret, session_cookie=SESSION_COOKIE,
-                   max_age=int(ctx.config.console.session_hours * 3600), same_site="strict", https_only=False),
+                   max_age=int(ctx.config.console.session_hours * 3600), same_site="strict",
+                   https_only=ctx.config.console.secure_cookie),
         Middleware(auth.LoginGate),
     ]
     app = Starlette(routes=routes, middleware=middleware, exception_handlers={HTTPException: _http_error})

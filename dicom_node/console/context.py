@@ -23,5 +23,6 @@ class ConsoleContext:
 
     @property
     def requires_login(self) -> bool:
-        """Bound to anything but a loopback address: every page needs the admin's login."""
-        return not self.config.console.is_local
+        """Bound to anything but a loopback address, or told so (a reverse proxy on this host makes a loopback
+        binding reachable from the network): every page needs the admin's login."""
+        return self.config.console.require_login or not self.config.console.is_local
