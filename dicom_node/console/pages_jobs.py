@@ -23,14 +23,14 @@ from starlette.responses import RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ai.safe_text import escape, exception_summary
-from db import browse
+from db import browse, feedback
 from db.exports import export_counts, resend
 from db.findings import finding_of_job
 from db.models import ExportState, JobState
 from db.queue import counts_by_state
 from db.registry import champion, list_models
 
-from . import web
+from . import plots, web
 
 LOG = logging.getLogger("dicom_node.console")
 HEATMAP_MAX_PIXELS = 1024
@@ -137,10 +137,6 @@ def _workers(request: Request) -> dict[str, Any]:
 
 
 def _hourly_svg(request: Request) -> str | None:
-    try:
-        from . import plots
-    except ImportError:
-        return None
     try:
         return plots.hourly_svg(web.ctx_of(request).engine, hours=24)
     except Exception as exc:  # a plot must not take the overview down
@@ -291,17 +287,9 @@ def _job_context(request: Request, job_id: int) -> dict[str, Any]:
         "results": results, "has_heatmap": any(r.kind == "sc" for r in results),
         "events": browse.events_of_instance(engine, job.sop_instance_uid),
         "labels": browse.labels_of_instance(engine, job.instance_id),
-        "feedback_available": _feedback_module() is not None,
         "form": {"reader": web.current_user(request) or ""}, "feedback_error": None,
     }
 
-
-def _feedback_module() -> Any:
-    try:
-        from db import feedback
-    except ImportError:
-        return None
-    return feedback
 
 
 async def job_page(request: Request) -> Response:
@@ -348,7 +336,7 @@ async def heatmap_png(request: Request) -> Response:
     return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
 
 
-def _reading_of(form: FormData, feedback: Any, action: str) -> Any:
+def _reading_of(form: FormData, action: str) -> feedback.Reading | None:
     """The form's own reading: required for "reading", optional detail for accept/reject."""
     present_text = _text(form.get("present"), 8)
     category_text = _text(form.get("category"), 8)
@@ -377,15 +365,12 @@ def _reading_of(form: FormData, feedback: Any, action: str) -> Any:
 async def feedback_action(request: Request) -> Response:
     job_id = _job_id(request)
     form = await web.checked_form(request)
-    feedback = _feedback_module()
-    if feedback is None:
-        raise HTTPException(404, "reader feedback is not available in this build")
     action = _text(form.get("action"), 16)
     reader = _text(form.get("reader"), 200)
     try:
         if action not in feedback.ACTIONS:
             raise feedback.FeedbackError(f"action: choose one of {', '.join(feedback.ACTIONS)}", "action")
-        reading = _reading_of(form, feedback, action)
+        reading = _reading_of(form, action)
         label_id = await run_in_threadpool(lambda: feedback.add_feedback(
             web.ctx_of(request).engine, job_id=job_id, reader=reader, action=action, reading=reading,
             actor=web.actor(request)))
