@@ -121,24 +121,35 @@ class DatabaseBackoff:
 
 
 class Heartbeat:
-    """This worker's row in ``db.workers``. Every write is best effort: a database error is logged once per
-    outage (type only) and never stops the worker (the queue's own calls notice an outage anyway)."""
+    """This worker's row in ``db.workers``. Every write is best effort and off the worker's thread: a locked or
+    unreachable database (a write may wait out SQLite's 30 s busy timeout) never delays the queue, a database error
+    is logged once per outage (type only), and while one write waits the next beats are dropped, not queued."""
 
     def __init__(self, engine: Engine, name: str, device: str) -> None:
         self.engine, self.name, self.device = engine, name, device
         self.jobs_done = 0
         self._due = 0.0
         self._failing = False
+        self._writes: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=1)
+        self._thread = threading.Thread(target=self._writer, name="heartbeat", daemon=True)
+        self._thread.start()
+
+    def _writer(self) -> None:
+        while (action := self._writes.get()) is not None:
+            try:
+                action()
+            except SQLAlchemyError as exc:
+                if not self._failing:
+                    LOG.warning("worker heartbeat not recorded (%s)", exception_summary(exc))
+                self._failing = True
+                continue
+            self._failing = False
 
     def _write(self, action: Callable[[], None]) -> None:
         try:
-            action()
-        except SQLAlchemyError as exc:
-            if not self._failing:
-                LOG.warning("worker heartbeat not recorded (%s)", exception_summary(exc))
-            self._failing = True
-            return
-        self._failing = False
+            self._writes.put_nowait(action)
+        except queue.Full:  # the previous write still waits for the database: this beat is dropped
+            pass
 
     def start(self, models_ok: bool, models_detail: str) -> None:
         self._due = time.monotonic() + HEARTBEAT_SECONDS
@@ -153,8 +164,16 @@ class Heartbeat:
             self._due = now + HEARTBEAT_SECONDS
             self._write(lambda: beat(self.engine, self.name, self.jobs_done))
 
-    def stop(self) -> None:
-        self._write(lambda: stop_heartbeat(self.engine, self.name, self.jobs_done))
+    def stop(self, timeout: float = 5.0) -> None:
+        """Record the clean stop (waiting up to ``timeout`` for a write in hand) and end the writer thread."""
+        done = self.jobs_done
+        try:
+            self._writes.put(lambda: stop_heartbeat(self.engine, self.name, done), timeout=timeout)
+            self._writes.put(None, timeout=timeout)
+        except queue.Full:  # the database has not answered for the whole timeout: the row will look dead
+            LOG.warning("worker heartbeat: the clean stop could not be recorded (database busy)")
+            return
+        self._thread.join(timeout)
 
 
 @dataclass
