@@ -29,6 +29,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 import ai
+import db.engine
 from db.models import Event, Job, JobState, utcnow
 from db.queue import NO_RESULT_EVENT, claim
 from db.results import count_without_result
@@ -239,7 +240,10 @@ def test_a_job_with_no_result_object_is_counted_and_audited(tmp_path):
     assert "1 image(s) have no result object" in status.stdout
 
 
-def test_a_worker_outlives_a_40_second_exclusive_lock(tmp_path, node_log):
+def test_a_worker_outlives_an_exclusive_lock_longer_than_the_busy_timeout(tmp_path, node_log, monkeypatch):
+    # The node waits SQLITE_BUSY_TIMEOUT_S (30 s) for a lock; scaled down here so that a lock held 4x as long
+    # (what a 2-minute backup or a stuck admin shell would be in production) costs seconds, not minutes.
+    monkeypatch.setattr(db.engine, "SQLITE_BUSY_TIMEOUT_S", 1.5)
     env = make_env(tmp_path / "var", worker__poll_seconds="0.1")
     lock = sqlite3.connect(env.root / "node.sqlite", timeout=1, isolation_level=None)
     lock.execute("BEGIN EXCLUSIVE")
@@ -248,7 +252,7 @@ def test_a_worker_outlives_a_40_second_exclusive_lock(tmp_path, node_log):
     thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
     thread.start()
     try:
-        time.sleep(40)
+        time.sleep(4 * db.engine.SQLITE_BUSY_TIMEOUT_S)
         assert thread.is_alive(), "the worker died on the locked database"
     finally:
         lock.execute("COMMIT")
