@@ -18,10 +18,7 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import re
-import secrets
-import tempfile
 import unicodedata
 import warnings
 from pathlib import Path
@@ -39,7 +36,7 @@ from ai.safe_text import SafeMessage, escape, exception_summary
 from db.models import PATIENT_KEY_LENGTH
 from db.patient_keys import KeylessInstance, instances_without_patient_key, set_patient_keys
 
-from .archive import fsync_path
+from .secret_files import create_secret_file
 
 LOG = logging.getLogger("dicom_node.patient_key")
 
@@ -73,23 +70,9 @@ def load_or_create_secret(storage_root: Path) -> bytes:
 
 
 def _create_secret(path: Path) -> None:
-    """A complete file or none at the path: written to a temporary file, fsynced, then hard-linked into place
-    (``os.link`` fails if the path exists, so the first process to link wins and the others read its secret)."""
+    """A complete file or none at the path (``create_secret_file``), or PatientKeySecretError."""
     try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".patient-key.")  # mode 0600
-        try:
-            with os.fdopen(fd, "w", encoding="ascii") as fh:
-                fh.write(secrets.token_hex(SECRET_BYTES) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                return  # another process was first: its secret is the node's
-            fsync_path(path.parent)
-        finally:
-            os.unlink(tmp)
+        create_secret_file(path, SECRET_BYTES)
     except OSError as exc:
         raise PatientKeySecretError(
             f"the patient-key secret {escape(path, 300)} cannot be created ({type(exc).__name__})") from None

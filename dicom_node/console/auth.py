@@ -11,10 +11,8 @@ cookies.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import secrets
-import tempfile
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -25,7 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ai.safe_text import SafeMessage, escape
 
-from ..archive import fsync_path
+from ..secret_files import create_secret_file
 from . import web
 from .passwords import verify_password
 
@@ -53,20 +51,7 @@ def session_secret(storage_root: Path) -> str:
     where = escape(path, 300)
     try:
         if not path.exists():
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".console-session.")  # mode 0600
-            try:
-                with os.fdopen(fd, "w", encoding="ascii") as fh:
-                    fh.write(secrets.token_hex(SECRET_BYTES) + "\n")
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                try:
-                    os.link(tmp, path)
-                    fsync_path(path.parent)
-                except FileExistsError:
-                    pass
-            finally:
-                os.unlink(tmp)
+            create_secret_file(path, SECRET_BYTES)
         value = path.read_text(encoding="ascii").strip()
     except (OSError, UnicodeDecodeError) as exc:
         raise SessionSecretError(f"the console's session secret {where} cannot be created or read "
