@@ -38,20 +38,34 @@ def heat_colours(heat: np.ndarray) -> np.ndarray:
     return out.reshape(*np.shape(heat), 3)
 
 
-def composite(grey: np.ndarray, labels: np.ndarray, heat: np.ndarray | None) -> np.ndarray:
-    """uint8 RGB on the native grid: grey radiograph, heat blended inside the lungs only, contours on top.
+def grey_levels(grey: np.ndarray) -> np.ndarray:
+    """uint8 grey levels of a normalised image in [0, 1] (uint8 input is taken as it is)."""
+    if grey.dtype == np.uint8:
+        return grey
+    return np.rint(np.clip(np.asarray(grey, dtype=np.float32), 0.0, 1.0) * 255.0).astype(np.uint8)
 
-    The blend is computed for the lung pixels alone (elsewhere its weight is 0, so the grey stays as it is) and each
-    contour on its field's bounding box: the picture of a full-grid computation at a fraction of the cost on large
-    images."""
-    base = np.clip(np.asarray(grey, dtype=np.float32), 0.0, 1.0) * 255.0
-    rgb = np.repeat(np.clip(np.rint(base), 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
+
+HEAT_LEVELS = 256  # the heat map is blended through 8-bit lookup tables (a step of 0.4 % of the scale)
+
+
+def composite(grey: np.ndarray, labels: np.ndarray, heat: np.ndarray | None) -> np.ndarray:
+    """uint8 RGB: grey radiograph (``grey_levels``), heat blended inside the lungs only, contours on top.
+
+    The heat map is quantised to 8 bits and blended by Pillow in C: its colours through a palette, its weight
+    (``HEAT_ALPHA`` x heat, 0 outside the lungs) through a lookup table, and ``Image.composite`` mixes the two
+    pictures; each contour is drawn on its field's bounding box."""
+    levels = grey_levels(grey)
+    picture = Image.fromarray(levels, mode="L").convert("RGB")
     lungs = labels > 0
     if heat is not None and lungs.any():
-        inside_heat = np.asarray(heat, dtype=np.float32)[lungs]
-        alpha = (HEAT_ALPHA * np.clip(inside_heat, 0.0, 1.0))[:, None]
-        blended = base[lungs][:, None] * (1 - alpha) + heat_colours(inside_heat) * alpha
-        rgb[lungs] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+        heat8 = np.rint(np.clip(np.asarray(heat, dtype=np.float32), 0.0, 1.0) * (HEAT_LEVELS - 1)).astype(np.uint8)
+        scale = np.linspace(0.0, 1.0, HEAT_LEVELS)
+        colours = Image.fromarray(heat8, mode="P")
+        colours.putpalette(np.clip(np.rint(heat_colours(scale)), 0, 255).astype(np.uint8).ravel().tobytes())
+        weight_table = np.rint(255.0 * HEAT_ALPHA * scale).astype(np.uint8)
+        weight = np.where(lungs, weight_table[heat8], np.uint8(0))
+        picture = Image.composite(colours.convert("RGB"), picture, Image.fromarray(weight, mode="L"))
+    rgb = np.array(picture, dtype=np.uint8)
     width = max(1, round(max(labels.shape) / 600))  # about 3 px on a 2k image, still visible after downscaling
     boxes = ndimage.find_objects(labels, max_label=max(CONTOUR_COLOURS))
     for value, colour in CONTOUR_COLOURS.items():
@@ -98,12 +112,35 @@ def banner_strip(cols: int, lines: Sequence[tuple[str, tuple[int, int, int]]]) -
     return np.asarray(banner, dtype=np.uint8)
 
 
+def _size(shape: tuple[int, ...], factor: float) -> tuple[int, int]:
+    """(width, height) of ``shape`` scaled by ``factor``, as Pillow takes it."""
+    return max(1, round(shape[1] * factor)), max(1, round(shape[0] * factor))
+
+
 def resize(image: np.ndarray, factor: float) -> np.ndarray:
+    """An RGB picture scaled by ``factor`` (Lanczos); unchanged when ``factor`` >= 1."""
     if factor >= 1:
         return image
-    rows, cols = image.shape[:2]
-    size = (max(1, round(cols * factor)), max(1, round(rows * factor)))
-    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.LANCZOS), dtype=np.uint8)
+    return np.asarray(Image.fromarray(image).resize(_size(image.shape, factor), Image.Resampling.LANCZOS),
+                      dtype=np.uint8)
+
+
+def downscaled_inputs(grey: np.ndarray, labels: np.ndarray, heat: np.ndarray | None,
+                      factor: float) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The picture's inputs on the output grid: the grey levels by Lanczos (one 8-bit channel), the heat map
+    bilinearly (it is smooth: upsampled from the classifier's 12 x 12 features), the labels by nearest neighbour (a
+    pixel is one field or the other, never a blend). Compositing then runs on the output grid: one channel resized
+    instead of three, and a blend and contours over fewer pixels (a 2.5k Philips CR: 0.39 -> 0.2 s); the contours
+    are drawn at the output resolution, so they keep one width however large the source."""
+    if factor >= 1:
+        return grey, labels, heat
+    size = _size(labels.shape, factor)
+    small_grey = np.asarray(Image.fromarray(grey_levels(grey), mode="L").resize(size, Image.Resampling.LANCZOS))
+    small_labels = np.asarray(Image.fromarray(np.asarray(labels, dtype=np.uint8), mode="L")
+                              .resize(size, Image.Resampling.NEAREST))
+    small_heat = None if heat is None else np.asarray(
+        Image.fromarray(np.asarray(heat, dtype=np.float32), mode="F").resize(size, Image.Resampling.BILINEAR))
+    return small_grey, small_labels, small_heat
 
 
 def render(grey: np.ndarray, labels: np.ndarray, heat: np.ndarray | None,
@@ -116,7 +153,7 @@ def render(grey: np.ndarray, labels: np.ndarray, heat: np.ndarray | None,
     if round(rows * factor) + strip.shape[0] > max_side:  # make room for the banner: one resize, not two
         factor = (max_side - strip.shape[0]) / rows
         strip = banner_strip(max(1, round(cols * factor)), banner)
-    picture = resize(composite(grey, labels, heat), factor)
+    picture = composite(*downscaled_inputs(grey, labels, heat, factor))
     if picture.shape[1] != strip.shape[1]:
         strip = banner_strip(picture.shape[1], banner)
     return np.concatenate([strip, picture], axis=0)

@@ -74,6 +74,19 @@ def reference_header(source: Dataset, record: AnalysisRecord) -> Dataset:
     return header
 
 
+def segment_label_map(labels: np.ndarray) -> np.ndarray:
+    """(1, rows, cols) uint8 of segment numbers (0 = neither lung). highdicom splits a label map into the BINARY
+    SEG's frames as it does a (1, rows, cols, segments) stack, but checks it with one max() where the stack costs a
+    full-grid sum to rule out overlaps (about 90 ms of a 2.5k x 2k radiograph's 110 ms); the two lungs never
+    overlap."""
+    if all(number == value for number, value, *_ in SEGMENTS) and (labels.size == 0 or labels.max() <= len(SEGMENTS)):
+        return np.ascontiguousarray(labels, dtype=np.uint8)[None]  # the label values are the segment numbers
+    label_map = np.zeros(labels.shape, dtype=np.uint8)
+    for number, value, *_ in SEGMENTS:
+        label_map[labels == value] = number
+    return label_map[None]
+
+
 def build_seg(source: Dataset, record: AnalysisRecord, node: NodeIdentity) -> Segmentation:
     if record.labels is None:
         raise ValueError("a SEG needs the lung labels of an analysed record")
@@ -82,9 +95,8 @@ def build_seg(source: Dataset, record: AnalysisRecord, node: NodeIdentity) -> Se
         raise ValueError(f"labels {labels.shape} are not on the source grid {(source.Rows, source.Columns)}")
     versions = model_versions(record.models)
     uid = str(source.SOPInstanceUID)
-    mask = np.stack([labels == value for _n, value, *_ in SEGMENTS], axis=-1)[None]  # (1, rows, cols, 2)
     seg = Segmentation(
-        source_images=[reference_header(source, record)], pixel_array=mask.astype(np.uint8),
+        source_images=[reference_header(source, record)], pixel_array=segment_label_map(labels),
         segmentation_type=SegmentationTypeValues.BINARY,
         segment_descriptions=segment_descriptions(segmenter_model(record)),
         series_instance_uid=result_series_uid(uid, "seg", versions), series_number=SERIES_NUMBER,
