@@ -13,6 +13,7 @@ from sqlalchemy import Engine, Select, and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from .engine import readonly
+from .exports import ExportRow, export_row
 from .models import Event, Export, ExportState, Finding, Instance, Job, JobState, Label, Result
 
 T = TypeVar("T")
@@ -80,24 +81,6 @@ class JobDetail:
 
 
 @dataclass(frozen=True)
-class ExportListRow:
-    export_id: int
-    result_id: int
-    job_id: int
-    kind: str
-    sop_instance_uid: str
-    destination: str
-    state: str
-    attempts: int
-    next_attempt_at: datetime
-    last_status: int | None
-    last_error: str | None
-    sent_to: str | None
-    sent_at: datetime | None
-    updated_at: datetime
-
-
-@dataclass(frozen=True)
 class ResultWithExports:
     result_id: int
     kind: str
@@ -106,7 +89,7 @@ class ResultWithExports:
     analysed: bool
     reason: str
     created_at: datetime
-    exports: tuple[ExportListRow, ...]
+    exports: tuple[ExportRow, ...]
 
 
 @dataclass(frozen=True)
@@ -207,20 +190,15 @@ def job_detail(engine: Engine, job_id: int) -> JobDetail | None:
                          i.archive_path, i.size_bytes, i.transfer_syntax_uid, i.in_scope, i.scope_reason)
 
 
-def _export_row(e: Export, r: Result) -> ExportListRow:
-    return ExportListRow(e.id, r.id, r.job_id, r.kind, r.sop_instance_uid, e.destination, e.state.value, e.attempts,
-                         e.next_attempt_at, e.last_status, e.last_error, e.sent_to, e.sent_at, e.updated_at)
-
-
 def results_of_job(engine: Engine, job_id: int) -> list[ResultWithExports]:
     """The job's result objects, each with its exports (two queries)."""
     with Session(readonly(engine)) as session:
         results = session.scalars(select(Result).where(Result.job_id == job_id).order_by(Result.id)).all()
-        exports: dict[int, list[ExportListRow]] = {}
+        exports: dict[int, list[ExportRow]] = {}
         if results:
             by_id = {r.id: r for r in results}
             for e in session.scalars(select(Export).where(Export.result_id.in_(list(by_id))).order_by(Export.id)):
-                exports.setdefault(e.result_id, []).append(_export_row(e, by_id[e.result_id]))
+                exports.setdefault(e.result_id, []).append(export_row(e, by_id[e.result_id]))
         return [ResultWithExports(r.id, r.kind, r.sop_instance_uid, r.archive_path, r.analysed, r.reason,
                                   r.created_at, tuple(exports.get(r.id, ()))) for r in results]
 
@@ -245,14 +223,14 @@ def _export_conditions(state: ExportState | None, destination: str | None) -> li
 
 
 def exports(engine: Engine, state: ExportState | None = None, destination: str | None = None, limit: int = 50,
-            offset: int = 0) -> Page[ExportListRow]:
+            offset: int = 0) -> Page[ExportRow]:
     """Newest first."""
     conditions = _export_conditions(state, destination)
     with Session(readonly(engine)) as session:
         total = session.scalar(select(func.count()).select_from(Export).where(*conditions)) or 0
         rows = session.execute(select(Export, Result).join(Result, Export.result_id == Result.id).where(*conditions)
                                .order_by(Export.id.desc()).limit(_bounded(limit)).offset(max(0, offset))).all()
-        return Page([_export_row(e, r) for e, r in rows], total)
+        return Page([export_row(e, r) for e, r in rows], total)
 
 
 def _resendable(state: ExportState | None, destination: str | None, export_ids: Sequence[int] | None) -> list[Any]:

@@ -283,6 +283,7 @@ def export_counts(engine: Engine) -> dict[str, int]:
 class ExportRow:
     export_id: int
     result_id: int
+    job_id: int
     kind: str
     sop_instance_uid: str
     destination: str
@@ -303,8 +304,10 @@ def list_exports(engine: Engine, state: ExportState | str | None = None, limit: 
             .order_by(Export.id.desc()).limit(limit)
         if state is not None:
             stmt = stmt.where(Export.state == ExportState(state))
-        return [
-            ExportRow(e.id, r.id, r.kind, r.sop_instance_uid, e.destination, e.state.value, e.attempts,
-                      e.next_attempt_at, e.last_status, e.last_error, e.sent_to, e.sent_at, e.updated_at)
-            for e, r in session.execute(stmt).all()
-        ]
+        return [export_row(e, r) for e, r in session.execute(stmt).all()]
+
+
+def export_row(e: Export, r: Result) -> ExportRow:
+    """The row of an export and its result, as the CLI and the console list it."""
+    return ExportRow(e.id, r.id, r.job_id, r.kind, r.sop_instance_uid, e.destination, e.state.value, e.attempts,
+                     e.next_attempt_at, e.last_status, e.last_error, e.sent_to, e.sent_at, e.updated_at)

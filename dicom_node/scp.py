@@ -45,6 +45,7 @@ from .config import NodeConfig
 from .intake import Intake
 from .netsetup import require_configured
 from .store_metrics import observe_store
+from .store_scu import is_stored
 from .tls import server_context
 
 LOG = logging.getLogger("dicom_node.scp")
@@ -74,11 +75,6 @@ def _handle_echo(event: evt.Event) -> int:
 UNHANDLED_STATUS = 0xC211  # what pynetdicom answers when the handler raises
 
 
-def _is_ok(status: int) -> bool:
-    """Success or a warning (0xB000-0xBFFF, 0x0107, 0x0116): the instance was stored."""
-    return status == 0x0000 or 0xB000 <= status <= 0xBFFF or status in (0x0107, 0x0116)
-
-
 def _handle_store(event: evt.Event, intake: Intake, history: AssociationHistory) -> int | Dataset:
     request = cast(C_STORE, event.request)
     started = time.perf_counter()
@@ -94,7 +90,7 @@ def _handle_store(event: evt.Event, intake: Intake, history: AssociationHistory)
         status = outcome.status
     finally:
         observe_store(status, time.perf_counter() - started)
-        history.count(event.assoc, _is_ok(status))
+        history.count(event.assoc, is_stored(status))
     if status == 0x0000:
         return 0x0000
     response = Dataset()
