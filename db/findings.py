@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from .engine import readonly
@@ -73,35 +73,3 @@ def finding_of_job(engine: Engine, job_id: int) -> FindingRow | None:
     with Session(readonly(engine)) as session:
         f = session.scalars(select(Finding).where(Finding.job_id == job_id)).first()
         return None if f is None else _row(f)
-
-
-def latest_finding_of_instance(engine: Engine, instance_id: int) -> FindingRow | None:
-    """The newest finding of an instance (the one a reader sees and judges)."""
-    with Session(readonly(engine)) as session:
-        f = session.scalars(select(Finding).where(Finding.instance_id == instance_id)
-                            .order_by(Finding.id.desc()).limit(1)).first()
-        return None if f is None else _row(f)
-
-
-def findings(engine: Engine, since: datetime | None = None, limit: int = 100_000) -> list[FindingRow]:
-    """Findings, newest first (``since``: created at or after it)."""
-    query = select(Finding).order_by(Finding.id.desc()).limit(limit)
-    if since is not None:
-        query = query.where(Finding.created_at >= since)
-    with Session(readonly(engine)) as session:
-        return [_row(f) for f in session.scalars(query)]
-
-
-def analysis_seconds_by_model(engine: Engine) -> dict[tuple[str, str], list[float]]:
-    """Analysis times per (model name, version), for the metrics' histogram."""
-    out: dict[tuple[str, str], list[float]] = {}
-    with Session(readonly(engine)) as session:
-        for name, version, seconds in session.execute(
-                select(Finding.model_name, Finding.model_version, Finding.analysis_seconds)):
-            out.setdefault((name, version), []).append(float(seconds))
-    return out
-
-
-def count_findings(engine: Engine) -> int:
-    with Session(readonly(engine)) as session:
-        return int(session.scalar(select(func.count()).select_from(Finding)) or 0)

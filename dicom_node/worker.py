@@ -156,9 +156,8 @@ class Heartbeat:
         self._write(lambda: upsert(self.engine, self.name, host=socket.gethostname(), pid=os.getpid(),
                                    device=self.device, models_ok=models_ok, models_detail=models_detail))
 
-    def tick(self, jobs: int = 0) -> None:
-        """Called from the loop: counts ``jobs``; writes only when a heartbeat is due."""
-        self.jobs_done += jobs
+    def tick(self) -> None:
+        """Called from the loop: writes only when a heartbeat is due."""
         now = time.monotonic()
         if now >= self._due:
             self._due = now + HEARTBEAT_SECONDS

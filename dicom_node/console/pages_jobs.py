@@ -23,7 +23,7 @@ from starlette.responses import RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ai.safe_text import escape, exception_summary
-from db import browse, feedback
+from db import browse, feedback, workers
 from db.exports import export_counts, resend
 from db.findings import finding_of_job
 from db.models import ExportState, JobState
@@ -128,11 +128,7 @@ def _disk(request: Request) -> dict[str, Any]:
 
 
 def _workers(request: Request) -> dict[str, Any]:
-    try:
-        from db import workers
-    except ImportError:  # not in this build
-        return {"available": False, "alive": []}
-    return {"available": True, "alive": workers.list_alive(web.ctx_of(request).engine),
+    return {"alive": workers.list_alive(web.ctx_of(request).engine),
             "configured": web.ctx_of(request).config.worker.processes}
 
 

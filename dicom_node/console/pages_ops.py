@@ -24,7 +24,7 @@ from starlette.routing import Route
 
 from ai.safe_text import escape, exception_summary
 from db import associations as db_associations
-from db import registry, stats, training
+from db import feedback, registry, stats, training
 from db.models import utcnow
 
 from . import plots
@@ -263,8 +263,6 @@ async def rollback_action(request: Request) -> Response:
 
 
 async def disagreements_page(request: Request) -> Response:
-    from db import feedback
-
     ctx = ctx_of(request)
     limit, offset = page_args(request)
     model = request.query_params.get("model") or None
