@@ -60,6 +60,7 @@ def _stop_on_signals(what_happens: str) -> threading.Event:
 
 
 def _cmd_serve(rt: Runtime) -> int:
+    from .doorbell import ServeBells
     from .export import export_lease_seconds
     from .intake import Intake
     from .labels_sr import import_new_sr_labels
@@ -88,7 +89,10 @@ def _cmd_serve(rt: Runtime) -> int:
     if secret is None or not _reconcile_at_start_up(rt, secret) or not _backfill_patient_keys(rt, secret):
         return 1
     scheduler = NodeScheduler()  # every periodic task of this process is one of its jobs
-    intake = Intake(rt.archive, rt.engine, cfg.storage.duplicate_policy, cfg.limits, patient_key_secret=secret)
+    # serve and its workers wake each other instead of waiting for their polls (dicom_node.doorbell)
+    bells = ServeBells() if cfg.worker.processes > 0 else None
+    intake = Intake(rt.archive, rt.engine, cfg.storage.duplicate_policy, cfg.limits, patient_key_secret=secret,
+                    on_queued=bells.ring_workers if bells is not None else None)
     server = StorageServer(cfg, intake)
     if console is not None:
         console.start()  # a port in use raises OSError here, before the DICOM port listens
@@ -102,7 +106,7 @@ def _cmd_serve(rt: Runtime) -> int:
     if cfg.worker.processes > 0:
         from .supervisor import WorkerSupervisor
 
-        supervisor = WorkerSupervisor(cfg.worker.processes, rt.config_path, rt.overrides)
+        supervisor = WorkerSupervisor(cfg.worker.processes, rt.config_path, rt.overrides, bells)
         supervisor.start(scheduler)
     else:
         LOG.info("worker.processes = 0: no analysis here; run 'dicom-node worker' on a host sharing the database")
@@ -112,6 +116,8 @@ def _cmd_serve(rt: Runtime) -> int:
 
         exporter = Exporter(cfg, rt.engine, rt.archive.root)
         exporter.start(scheduler)
+        if bells is not None:
+            bells.on_results(exporter.wake)
         LOG.info("exporting results to %s", ", ".join(
             f"{d.name} ({d.peer})" for d in cfg.export.destinations))
     else:
@@ -157,6 +163,8 @@ def _cmd_serve(rt: Runtime) -> int:
         supervisor.stop(grace_seconds=cfg.network.dimse_timeout)
     if exporter is not None:
         exporter.stop()
+    if bells is not None:
+        bells.close()
     scheduler.shutdown()
     LOG.info("stopped (%d association(s) aborted after the grace period)", aborted)
     return 0
@@ -251,6 +259,7 @@ def _cmd_worker(rt: Runtime) -> int:
     """One analysis worker in the foreground until SIGTERM/SIGINT (it finishes the batch in hand)."""
     from ai import analyse_batch  # torch loads here: only a worker process needs it
 
+    from .doorbell import WorkerBells
     from .supervisor import stop_when_supervisor_exits
     from .worker import Worker
 
@@ -259,7 +268,7 @@ def _cmd_worker(rt: Runtime) -> int:
         os.nice(rt.config.worker.nice)  # the intake keeps answering while the workers are busy (docs/benchmarks.md)
     stop = _stop_on_signals("finishing the batch in hand")
     stop_when_supervisor_exits(stop)
-    Worker(rt.config, rt.engine, rt.archive, analyse=analyse_batch).run(stop)
+    Worker(rt.config, rt.engine, rt.archive, analyse=analyse_batch, bells=WorkerBells.from_environment()).run(stop)
     return 0
 
 

@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,8 +62,11 @@ class Intake:
     """Stores received datasets durably and queues them; one instance serves every association thread."""
 
     def __init__(self, archive: Archive, engine: Engine, duplicate_policy: str,
-                 limits: ImageLimits = DEFAULT_LIMITS, patient_key_secret: bytes | None = None) -> None:
+                 limits: ImageLimits = DEFAULT_LIMITS, patient_key_secret: bytes | None = None,
+                 on_queued: Callable[[], None] | None = None) -> None:
         self.archive = archive
+        # called after a new job is committed (serve: ring the workers' doorbell, dicom_node.doorbell)
+        self.on_queued = on_queued
         self.engine = engine
         self.duplicate_policy = duplicate_policy
         self.limits = limits
@@ -161,6 +165,7 @@ class Intake:
             self.archive.remove(target)
             return StoreOutcome(DATABASE_UNAVAILABLE, "database commit failed",
                                 f"file removed from the archive; {exception_summary(exc)}")
+        self._queued()
         return StoreOutcome(SUCCESS, f"stored, job {job_id}, {record.scope_reason}")
 
     def _store_duplicate(self, tmp_file: Path, record: ReceivedInstance, existing: StoredInstance) -> StoreOutcome:
@@ -210,7 +215,15 @@ class Intake:
                 self.archive.place(aside, old)
             return StoreOutcome(DATABASE_UNAVAILABLE, "database commit failed",
                                 f"replacement undone; {exception_summary(exc)}")
+        self._queued()
         return StoreOutcome(SUCCESS, f"replaced archived copy, job {job_id}")
+
+    def _queued(self) -> None:
+        if self.on_queued is not None:
+            try:
+                self.on_queued()
+            except Exception as exc:  # noqa: BLE001 - only a wake-up: the workers' poll finds the job anyway
+                LOG.warning("waking the workers failed (%s)", exception_summary(exc))
 
     def _audit(self, kind: str, record: ReceivedInstance, detail: str) -> bool:
         try:

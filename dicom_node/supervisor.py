@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .doorbell import ServeBells
 from .scheduler import WORKERS_JOB, NodeScheduler
 
 LOG = logging.getLogger("dicom_node.supervisor")
@@ -38,8 +39,10 @@ class _Slot:
 
 
 class WorkerSupervisor:
-    def __init__(self, count: int, config_path: Path | None, overrides: list[str]) -> None:
+    def __init__(self, count: int, config_path: Path | None, overrides: list[str],
+                 bells: ServeBells | None = None) -> None:
         self.count = count
+        self.bells = bells  # handed to every worker (dicom_node.doorbell); None: the workers only poll
         self.command = [sys.executable, "-m", "dicom_node.cli", "worker"]
         if config_path is not None:
             self.command += ["--config", str(config_path)]
@@ -60,7 +63,11 @@ class WorkerSupervisor:
     def _spawn(self, slot: _Slot) -> None:
         # The worker stops by itself when this process disappears (even by SIGKILL): no orphaned workers.
         env = {**os.environ, SUPERVISOR_PID_ENV: str(os.getpid())}
-        slot.process = subprocess.Popen(self.command, env=env)
+        fds: tuple[int, ...] = ()
+        if self.bells is not None:
+            env.update(self.bells.child_environment())
+            fds = self.bells.child_fds()
+        slot.process = subprocess.Popen(self.command, env=env, pass_fds=fds)
         slot.started_at = time.monotonic()
         LOG.info("worker %d started (pid %d)", slot.index, slot.process.pid)
 

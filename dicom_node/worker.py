@@ -48,6 +48,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,7 @@ from db.workers import stop as stop_heartbeat
 from .archive import Archive
 from .champion import ChampionWatch
 from .config import NodeConfig
+from .doorbell import WorkerBells
 from .log_safety import format_exception_safely
 from .result_store import ResultStore
 from .results import NodeIdentity, ResultObject, build_last_resort_sr, build_results, coerce_header
@@ -81,6 +83,10 @@ AnalyseBatch = Callable[..., list[Any]]
 """``ai.analyse_batch``'s signature: (datasets, device=...) -> one AnalysisRecord per dataset, in order."""
 
 BuildObjects = Callable[..., list[ResultObject]]
+
+EXPORT_ORDER = {"sr": 0, "seg": 1, "sc": 2}
+"""The order in which a job's result objects are recorded, hence exported: the report first (what the radiologist
+reads, and what says "not analysed"), the lung fields next, the largest object (the 2k RGB picture) last."""
 
 STOPPING_DATABASE_WAIT_S = 4.0
 """Once the worker is stopping, the results lane stops waiting for an unavailable database after this backoff step
@@ -189,7 +195,8 @@ class Worker:
     torch loads only where a worker runs); ``builders`` the result object builders."""
 
     def __init__(self, config: NodeConfig, engine: Engine, archive: Archive, owner: str | None = None, *,
-                 analyse: AnalyseBatch, builders: ResultBuilders = ResultBuilders()) -> None:
+                 analyse: AnalyseBatch, builders: ResultBuilders = ResultBuilders(),
+                 bells: WorkerBells | None = None) -> None:
         self.config = config
         self.engine = engine
         self.archive = archive
@@ -209,6 +216,8 @@ class Worker:
         self.champion = ChampionWatch(engine, archive.root, device=self.device, model_dir=self.model_dir,
                                       worker=self.owner)
         self.export_routes = config.export.routes  # destination -> result kinds
+        self.bells = bells  # serve's doorbells (dicom_node.doorbell); None: poll only
+        self._writers = ThreadPoolExecutor(max_workers=len(EXPORT_ORDER), thread_name_prefix="result-write")
         self._lane: queue.Queue[tuple[_Task, Any, float] | None] | None = None  # set while ``run`` runs
 
     # -- loop -------------------------------------------------------------------------------------------------
@@ -245,12 +254,25 @@ class Worker:
                 backoff.reset()
                 heartbeat.jobs_done += claimed
                 if claimed == 0:
-                    stop.wait(self.config.worker.poll_seconds)
+                    self._wait_for_jobs(stop)
+                else:
+                    self._results_recorded()  # jobs that ended on this thread (unreadable, lost): exports are due
         finally:
             self._lane = None
             lane.put(None)  # after the conclusions already queued: the lane finishes them, then ends
             results.join()
         heartbeat.stop()  # a clean stop only: a worker that raised out of here is left to look dead
+
+    def _wait_for_jobs(self, stop: threading.Event) -> None:
+        """The idle wait: until serve rings (a job was queued) or ``worker.poll_seconds`` pass."""
+        if self.bells is None:
+            stop.wait(self.config.worker.poll_seconds)
+        else:
+            self.bells.wait_for_jobs(self.config.worker.poll_seconds)
+
+    def _results_recorded(self) -> None:
+        if self.bells is not None:
+            self.bells.results_recorded()
 
     def warm_up(self) -> list[dict[str, str]]:
         """Load the models (``worker.threads`` CPU threads), run each once and build one SR, so that neither the
@@ -310,6 +332,7 @@ class Worker:
                               task.job.job_id, exception_summary(exc))
                     _log_traceback(task.job.job_id)
                 break
+            self._results_recorded()
 
     def run_once(self) -> int:
         """Claim up to ``worker.batch_size`` waiting jobs and process them; returns how many were claimed.
@@ -441,7 +464,10 @@ class Worker:
     def _write(self, task: _Task, record: Any, objects: list[ResultObject]) -> list[ResultFile] | None:
         """Write step: each object durably under the storage root; None when that failed (a retried attempt)."""
         try:
-            return [self.store.write(o.kind, o.dataset, record.in_scope, record.reason) for o in objects]
+            # one thread per object: each file's write and fsync overlaps the others' (the SC is about 10 MB)
+            written = list(self._writers.map(
+                lambda o: self.store.write(o.kind, o.dataset, record.in_scope, record.reason), objects))
+            return sorted(written, key=lambda f: EXPORT_ORDER.get(f.kind, len(EXPORT_ORDER)))
         except Exception as exc:  # disk full, I/O error: transient
             self._failed(task, "result_write_error", exception_summary(exc, message="writing a result failed"), True)
             return None

@@ -310,6 +310,21 @@ def test_worker_killed_mid_job_is_taken_back_and_completed_once(node_factory, or
     assert "restarting" in node.log()
 
 
+def test_doorbells_wake_the_worker_and_the_exporter_long_before_their_polls(node_factory, orthanc, tmp_path):
+    """serve rings its worker when a job is committed and the worker rings serve when the results are recorded
+    (dicom_node.doorbell): with both polls at a minute, the results still reach PACS within seconds."""
+    sources = clone_instances(CHEST_UNCOMPRESSED, tmp_path / "send", 1)
+    node = node_factory(**node_settings(orthanc, worker__poll_seconds="60", export__poll_seconds="60")).start()
+    wait_for(lambda: "ready" in node.log(), 120, "worker start", node)
+    time.sleep(0.5)  # the worker's first look at the empty queue is over: it now waits on its doorbell
+    sent_at = time.monotonic()
+    assert [s for _, s in storescu(node.port, sources).statuses] == ["Success"]
+    study = str(dcmread(sources[0], stop_before_pixels=True).StudyInstanceUID)
+    wait_for(lambda: len(results_in(orthanc, study)) == 3, 40, "results without waiting for the polls", node,
+             interval=0.1)
+    assert time.monotonic() - sent_at < 40  # either poll alone would have taken 60 s
+
+
 def test_workers_stop_when_serve_is_killed(node_factory):
     """kill -9 of serve must not leave orphaned workers polling the queue (a restart would add more)."""
     node = node_factory(worker__processes="1").start()
