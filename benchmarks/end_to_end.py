@@ -7,8 +7,9 @@
 Phases, with fresh copies of a chest radiograph (new SOP Instance UIDs):
 0. cold start: from starting ``dicom-node serve`` to its first C-ECHO answer, and to the first analysed SR in
    Orthanc (one image sent as soon as the echo answers);
-1. idle queue (``--idle``): one instance at a time, the next sent only when the previous one's SR is in Orthanc;
-   the time from the start of the send to the SR appearing in Orthanc, p50 and p95;
+1. idle queue (``--idle``): one instance at a time, the next sent only when all three result objects of the
+   previous one (SR, SEG, SC) are in Orthanc, so that the node has nothing else in flight; the time from the start
+   of the send to the SR appearing in Orthanc, p50 and p95;
 2. sustained (``--count``): all instances in one association; images per second from the start of the send until
    the last SR is in Orthanc.
 The modality is pynetdicom, timing each C-STORE from request to response: the intake's latency under load (phase
@@ -128,8 +129,9 @@ class Modality:
             assoc.release()
 
 
-def expected_sr_uids(files: list[Path], model_dir: str | None) -> dict[Path, str]:
-    """The SR UID each source will get: derived from the source UID and the installed models' versions."""
+def expected_result_uids(files: list[Path], model_dir: str | None) -> dict[Path, dict[str, str]]:
+    """The SR, SEG and SC UIDs each source will get: derived from the source UID and the installed models'
+    versions."""
     from pydicom import dcmread
 
     from ai.models import lung_segmenter, pneumoconiosis_classifier
@@ -140,7 +142,8 @@ def expected_sr_uids(files: list[Path], model_dir: str | None) -> dict[Path, str
     if classifier is not None:
         models.append(classifier.info)
     versions = model_versions(models)
-    return {f: result_uid(str(dcmread(f, stop_before_pixels=True).SOPInstanceUID), "sr", versions) for f in files}
+    uids = {f: str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
+    return {f: {kind: result_uid(uid, kind, versions) for kind in ("sr", "seg", "sc")} for f, uid in uids.items()}
 
 
 def echo_answers(port: int) -> bool:
@@ -177,6 +180,8 @@ def main() -> int:
     parser.add_argument("--postgres", action="store_true", help="share a temporary PostgreSQL cluster")
     parser.add_argument("--external-workers", type=int, default=0,
                         help="also run this many 'dicom-node worker' processes beside serve")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="any other configuration override (e.g. worker.nice=10), as 'dicom-node --set' takes it")
     parser.add_argument("--file", type=Path, default=DEFAULT_FILE)
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args()
@@ -208,13 +213,16 @@ def main() -> int:
     config_args = ["--config", str(REPO / "config.toml")]
     for key, value in sets.items():
         config_args += ["--set", f"{key}={value}"]
+    for item in args.set:
+        config_args += ["--set", item]
     worker_count = (defaults.worker.processes if args.workers is None else args.workers) + args.external_workers
     log_path = work / "node.log"
     watch = OrthancWatch(pacs)
     processes: list[subprocess.Popen] = []
     idle_files = clone_instances(args.file, work / "idle", args.idle + 1)
     burst_files = clone_instances(args.file, work / "burst", args.count)
-    sr_uid = expected_sr_uids(idle_files + burst_files, defaults.models.directory)
+    result_uids = expected_result_uids(idle_files + burst_files, defaults.models.directory)
+    sr_uid = {f: uids["sr"] for f, uids in result_uids.items()}
     try:
         started = time.monotonic()
         processes.append(subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve", *config_args], cwd=REPO,
@@ -240,6 +248,7 @@ def main() -> int:
             sent = time.monotonic()
             idle.send([f])
             latencies.append(watch.wait([sr_uid[f]], 120) - sent)
+            watch.wait(list(result_uids[f].values()), 120)  # idle: nothing of this one still in flight
 
         burst = Modality(port)
         burst_started = time.monotonic()
@@ -269,7 +278,8 @@ def main() -> int:
     threads = args.threads or defaults.worker.threads or "all"
     print(f"End to end, {args.file.name}: {args.idle} idle + {args.count} sustained; {workers}, batch "
           f"{args.batch_size or defaults.worker.batch_size}, threads {threads}; "
-          f"database {'PostgreSQL' if args.postgres else 'SQLite'}; Orthanc {orthanc_version}")
+          f"database {'PostgreSQL' if args.postgres else 'SQLite'}; Orthanc {orthanc_version}"
+          + (f"; --set {' '.join(args.set)}" if args.set else ""))
     print(f"{cpu_model()}, {os.cpu_count()} cores visible, torch {torch.__version__}, "
           f"CUDA {'yes' if torch.cuda.is_available() else 'no'}, Python {platform.python_version()}, "
           f"{time.strftime('%Y-%m-%d')}; {watch.requests} Orthanc requests in all")

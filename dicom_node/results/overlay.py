@@ -3,7 +3,8 @@ contours, and a banner strip with the result and the model's notice.
 
 Everything is burnt into RGB pixels because a secondary capture is what every PACS viewer shows, including those
 that cannot overlay a SEG or read an SR. The banner is a strip added above the image rather than drawn over it, so
-that it never hides the lung apices; the result is downscaled to at most MAX_SIDE pixels on its long side.
+that it never hides the lung apices; a radiograph larger than MAX_SIDE pixels on its long side is downscaled to
+it first.
 """
 
 from __future__ import annotations
@@ -67,9 +68,8 @@ def composite(grey: np.ndarray, labels: np.ndarray, heat: np.ndarray | None) -> 
         picture = Image.composite(colours.convert("RGB"), picture, Image.fromarray(weight, mode="L"))
     rgb = np.array(picture, dtype=np.uint8)
     width = max(1, round(max(labels.shape) / 600))  # about 3 px on a 2k image, still visible after downscaling
-    boxes = ndimage.find_objects(labels, max_label=max(CONTOUR_COLOURS))
     for value, colour in CONTOUR_COLOURS.items():
-        box = boxes[value - 1]
+        box = field_box(labels, value)
         if box is None:
             continue
         # one pixel of margin: the erosion sees the same background as on the whole grid
@@ -79,6 +79,17 @@ def composite(grey: np.ndarray, labels: np.ndarray, heat: np.ndarray | None) -> 
         edge = field & ~ndimage.binary_erosion(field, iterations=width, border_value=0)
         rgb[rows, cols][edge] = colour
     return rgb
+
+
+def field_box(labels: np.ndarray, value: int) -> tuple[slice, slice] | None:
+    """The bounding box of the pixels equal to ``value`` (None when there are none), from the row and column
+    projections: what ``ndimage.find_objects`` gives, at a tenth of its time on a 2k grid."""
+    field = labels == value
+    rows = np.flatnonzero(field.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(field[rows[0]:rows[-1] + 1].any(axis=0))
+    return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
 
 
 def font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -145,15 +156,11 @@ def downscaled_inputs(grey: np.ndarray, labels: np.ndarray, heat: np.ndarray | N
 
 def render(grey: np.ndarray, labels: np.ndarray, heat: np.ndarray | None,
            banner: Sequence[tuple[str, tuple[int, int, int]]], max_side: int = MAX_SIDE) -> np.ndarray:
-    """The whole secondary-capture picture, at most ``max_side`` pixels on its long side banner included. The
-    picture is downscaled before the banner is drawn, so the text is drawn at the final resolution."""
+    """The whole secondary-capture picture: the radiograph at most ``max_side`` pixels on its long side, and the
+    banner strip added above it at the picture's final width (the text is drawn at the final resolution). A
+    radiograph within ``max_side`` keeps its own grid: no resampling at all (which was a third of the picture's
+    time on a 1955 x 1841 CR, for a 5 % reduction that only made room for the banner)."""
     rows, cols = labels.shape
     factor = min(1.0, max_side / max(rows, cols))
-    strip = banner_strip(max(1, round(cols * factor)), banner)
-    if round(rows * factor) + strip.shape[0] > max_side:  # make room for the banner: one resize, not two
-        factor = (max_side - strip.shape[0]) / rows
-        strip = banner_strip(max(1, round(cols * factor)), banner)
     picture = composite(*downscaled_inputs(grey, labels, heat, factor))
-    if picture.shape[1] != strip.shape[1]:
-        strip = banner_strip(picture.shape[1], banner)
-    return np.concatenate([strip, picture], axis=0)
+    return np.concatenate([banner_strip(picture.shape[1], banner), picture], axis=0)
