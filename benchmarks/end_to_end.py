@@ -152,6 +152,26 @@ def echo_answers(port: int) -> bool:
     return done.returncode == 0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and of its descendants (serve's workers, their decoder processes),
+    the children already reaped included, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        children = {c for task in Path(f"/proc/{pid}/task").iterdir()  # a child belongs to the thread that forked it
+                    for c in (task / "children").read_text().split()}
+    except OSError:
+        return 0.0
+    # utime, stime, cutime, cstime (fields 14-17 of proc(5), counted after the command name)
+    own = sum(int(fields[k]) for k in (11, 12, 13, 14)) / tick
+    return own + sum(cpu_seconds(int(c)) for c in children)
+
+
+def cpu_snapshot(node_pids: list[int], orthanc_pid: int) -> dict[str, float]:
+    return {"node": sum(cpu_seconds(p) for p in node_pids), "orthanc": cpu_seconds(orthanc_pid),
+            "benchmark": sum(os.times()[:2])}
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
@@ -251,10 +271,13 @@ def main() -> int:
             watch.wait(list(result_uids[f].values()), 120)  # idle: nothing of this one still in flight
 
         burst = Modality(port)
+        assert pacs.proc is not None
+        cpu_before = cpu_snapshot([p.pid for p in processes], pacs.proc.pid)
         burst_started = time.monotonic()
         burst.send(burst_files)
         burst_sent = time.monotonic()
         finished = watch.wait([sr_uid[f] for f in burst_files], 60 + 30 * args.count)
+        cpu_after = cpu_snapshot([p.pid for p in processes], pacs.proc.pid)
         rate = args.count / (finished - burst_started)
         claims = claims_per_job(db_url)
     finally:
@@ -299,6 +322,10 @@ def main() -> int:
     print(f"| intake C-STORE latency during the sustained run, p50 / p95 ({len(busy_store)}) | "
           f"{statistics.median(busy_store) * 1000:.0f} / {busy_p95 * 1000:.0f} ms | <= 2x idle p95 "
           f"({'met' if busy_p95 <= 2 * idle_p95 else 'NOT met'}) |")
+    per_image = {k: (cpu_after[k] - cpu_before[k]) / args.count for k in cpu_after}
+    print(f"| sustained: CPU per image, node (serve + workers) / Orthanc / this benchmark | "
+          f"{per_image['node']:.2f} / {per_image['orthanc']:.2f} / {per_image['benchmark']:.2f} core-s | "
+          f"{2 / GOAL_RATE:.2f} core-s in all on 2 cores at the goal |")
     once = sum(1 for n in claims.values() if n == 1)
     print(f"| jobs claimed exactly once | {once} / {len(claims)} | all |")
     if not args.keep:

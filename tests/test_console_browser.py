@@ -139,13 +139,25 @@ def analysed(console) -> tuple[int, int]:
 def submit(driver, button) -> None:  # type: ignore[no-untyped-def]
     """Click a form's submit ``button`` and wait until the page it leads to (after the POST's redirect) replaced
     this one."""
+    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.wait import WebDriverWait
 
     page = driver.find_element(By.TAG_NAME, "html")
     button.click()
-    WebDriverWait(driver, WAIT_SECONDS).until(expected_conditions.staleness_of(page))
+
+    def replaced(_driver) -> bool:  # type: ignore[no-untyped-def]
+        try:
+            page.is_enabled()
+        except StaleElementReferenceException:
+            return True
+        except WebDriverException as exc:  # chromedriver answers this when the page goes away during the call
+            if "does not belong to the document" in str(exc):
+                return True
+            raise
+        return False
+
+    WebDriverWait(driver, WAIT_SECONDS).until(replaced)
 
 
 def counts(driver, table_id: str) -> dict[str, str]:  # type: ignore[no-untyped-def]
