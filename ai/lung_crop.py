@@ -11,6 +11,7 @@ import torch
 from scipy import ndimage
 
 from .geometry import Letterbox
+from .lungs import bounding_box
 from .normalise import NormalisedImage, stretch_contrast
 
 
@@ -44,14 +45,14 @@ def lung_crop(image: np.ndarray, labels: np.ndarray, size: int, margin: float = 
     if image.shape != labels.shape:
         raise ValueError(f"image {image.shape} and labels {labels.shape} differ in shape")
     lung = labels > 0
-    rows = np.flatnonzero(lung.any(axis=1))
-    cols = np.flatnonzero(lung.any(axis=0))
-    if rows.size == 0:
+    extent = bounding_box(lung)
+    if extent is None:
         raise ValueError("no lung pixels in the mask: the input check should have refused this image")
-    height, width = rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
+    first_row, first_col, end_row, end_col = extent
+    height, width = end_row - first_row, end_col - first_col
     pad_r, pad_c = round(margin * height), round(margin * width)
-    top, bottom = max(0, rows[0] - pad_r), min(image.shape[0], rows[-1] + 1 + pad_r)
-    left, right = max(0, cols[0] - pad_c), min(image.shape[1], cols[-1] + 1 + pad_c)
+    top, bottom = max(0, first_row - pad_r), min(image.shape[0], end_row + pad_r)
+    left, right = max(0, first_col - pad_c), min(image.shape[1], end_col + pad_c)
     crop = np.array(image[top:bottom, left:right], dtype=np.float32)
     if suppress_outside:
         radius = (margin if dilation is None else dilation) * max(height, width)

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from .engine import readonly
 from .exports import ExportRow, export_row
-from .models import Event, Export, ExportState, Finding, Instance, Job, JobState, Label, Result
+from .models import Event, Export, ExportState, Finding, Instance, Job, JobState, Result
 
 T = TypeVar("T")
 MAX_LIMIT = 1000
@@ -306,24 +306,3 @@ def error_events(engine: Engine, limit: int = 10, kinds: Sequence[str] = ERROR_E
         return [_event_row(e) for e in rows]
 
 
-@dataclass(frozen=True)
-class LabelOfInstance:
-    label_id: int
-    present: bool
-    category: int
-    subcategory: str | None
-    shape: str | None
-    large_opacities: str | None
-    reader: str | None
-    read_date: date | None
-    source: str
-    imported_at: datetime
-
-
-def labels_of_instance(engine: Engine, instance_id: int, limit: int = 200) -> list[LabelOfInstance]:
-    """The stored reads of one image, newest first."""
-    with Session(readonly(engine)) as session:
-        rows = session.scalars(select(Label).where(Label.instance_id == instance_id).order_by(Label.id.desc())
-                               .limit(limit)).all()
-        return [LabelOfInstance(r.id, r.present, r.category, r.subcategory, r.shape, r.large_opacities, r.reader,
-                                r.read_date, r.source.value, r.imported_at) for r in rows]

@@ -258,10 +258,14 @@ def labels_since(engine: Engine, label_id: int) -> int:
         return int(session.scalar(select(func.count()).select_from(Label).where(Label.id > label_id)) or 0)
 
 
-def list_labels(engine: Engine, limit: int | None = None, *, oldest_first: bool = False) -> list[LabelRow]:
-    """Stored reads, newest first (``oldest_first`` for an export); ``limit`` None: all of them."""
+def list_labels(engine: Engine, limit: int | None = None, *, oldest_first: bool = False,
+                instance_id: int | None = None) -> list[LabelRow]:
+    """Stored reads, newest first (``oldest_first`` for an export); ``limit`` None: all of them; ``instance_id``:
+    only that image's."""
     stmt = (select(Label, Instance.sop_instance_uid).join(Instance, Instance.id == Label.instance_id)
             .order_by(Label.id if oldest_first else Label.id.desc()))
+    if instance_id is not None:
+        stmt = stmt.where(Label.instance_id == instance_id)
     if limit is not None:
         stmt = stmt.limit(limit)
     with Session(readonly(engine)) as session:

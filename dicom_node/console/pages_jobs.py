@@ -26,6 +26,7 @@ from ai.safe_text import escape, exception_summary
 from db import browse, feedback, workers
 from db.exports import export_counts, resend
 from db.findings import finding_of_job
+from db.labels import list_labels
 from db.models import ExportState, JobState
 from db.queue import counts_by_state
 from db.registry import champion, list_models
@@ -34,6 +35,7 @@ from . import plots, web
 
 LOG = logging.getLogger("dicom_node.console")
 HEATMAP_MAX_PIXELS = 1024
+LABELS_SHOWN = 200  # reads of one image listed on its page, newest first
 RESEND_EVENT = "console_resend"
 FEEDBACK_FAILED_EVENT = "console_feedback_refused"
 CSV_COLUMNS = ("job_id", "sop_instance_uid", "state", "reason", "attempts", "modality", "calling_aet", "received_at",
@@ -282,7 +284,7 @@ def _job_context(request: Request, job_id: int) -> dict[str, Any]:
         "model": _model_notes(engine, finding.model if finding else None), "notice": _sc_notice(request, results),
         "results": results, "has_heatmap": any(r.kind == "sc" for r in results),
         "events": browse.events_of_instance(engine, job.sop_instance_uid),
-        "labels": browse.labels_of_instance(engine, job.instance_id),
+        "labels": list_labels(engine, LABELS_SHOWN, instance_id=job.instance_id),
         "form": {"reader": web.current_user(request) or ""}, "feedback_error": None,
     }
 
