@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+RESAMPLE_MODES = ("area", "triangle")
+
 
 @dataclass(frozen=True)
 class Letterbox:
@@ -34,10 +36,22 @@ class Letterbox:
         """Model pixels per source pixel along rows and columns."""
         return self.content_shape[0] / self.source_shape[0], self.content_shape[1] / self.source_shape[1]
 
-    def to_model(self, image: np.ndarray) -> np.ndarray:
-        """float32 (size, size): the image resized with area averaging (antialiased) and padded with 0."""
+    def to_model(self, image: np.ndarray, resample: str = "area") -> np.ndarray:
+        """float32 (size, size): the image resized and padded with 0.
+
+        ``resample`` is the antialiasing filter, and it must be the one the model's training images were made
+        with: ``"area"`` averages the source pixels under each model pixel (``ai.lung_crop``, as the classifier was
+        trained); ``"triangle"`` is the antialiased bilinear (tent) filter of PIL's BILINEAR resize, with which the
+        lung U-Net's training images were shrunk (``train.datasets.load_gray``). The triangle is the softer of the
+        two; fed the sharper area-averaged images, the U-Net lost 0.001 of mean Dice (docs/analysis.md)."""
+        if resample not in RESAMPLE_MODES:
+            raise ValueError(f"unknown resample filter {resample!r} (one of {', '.join(RESAMPLE_MODES)})")
         tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
-        resized = F.interpolate(tensor, size=self.content_shape, mode="area")[0, 0].numpy()
+        if resample == "area":
+            resized = F.interpolate(tensor, size=self.content_shape, mode="area")[0, 0].numpy()
+        else:
+            resized = F.interpolate(tensor, size=self.content_shape, mode="bilinear", align_corners=False,
+                                    antialias=True)[0, 0].numpy()
         out = np.zeros((self.size, self.size), dtype=np.float32)
         top, left = self.offset
         out[top:top + self.content_shape[0], left:left + self.content_shape[1]] = resized

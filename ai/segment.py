@@ -17,6 +17,9 @@ from .normalise import NormalisedImage, stretch_contrast
 from .onnx_engine import onnx_model_of, use_onnxruntime
 from .unet import UNet
 
+# train.datasets.load_gray shrinks the training films with PIL's BILINEAR filter: Letterbox's "triangle"
+TRAINING_RESAMPLE = "triangle"
+
 
 class _Probability(torch.nn.Module):
     """The U-Net with its sigmoid: the form exported to ONNX Runtime."""
@@ -53,15 +56,16 @@ def confidence(prob: np.ndarray, box: Letterbox) -> dict[str, float]:
 
 
 def model_input(image: NormalisedImage, size: int) -> tuple[np.ndarray, Letterbox]:
-    """Letterbox to ``size`` and standardise contrast inside the content (padding stays black)."""
+    """Letterbox to ``size`` with the filter the U-Net's training images were shrunk with, and standardise
+    contrast inside the content (padding stays black)."""
     box = Letterbox.fit(image.pixels.shape, size)
     pixels = image.pixels
-    small = box.to_model(pixels)
+    small = box.to_model(pixels, resample=TRAINING_RESAMPLE)
     valid = np.zeros_like(small, dtype=bool)
     top, left = box.offset
     valid[top:top + box.content_shape[0], left:left + box.content_shape[1]] = True
     if image.padding_mask is not None:
-        valid &= box.to_model(~image.padding_mask) > 0.5
+        valid &= box.to_model(~image.padding_mask, resample=TRAINING_RESAMPLE) > 0.5
     return stretch_contrast(small, valid), box
 
 

@@ -556,6 +556,31 @@ def test_to_model_keeps_a_known_pattern_and_pads_with_zero():
     np.testing.assert_allclose(box.to_model(checker)[64:192], 0.5, atol=1e-6)
 
 
+def test_triangle_resample_is_the_filter_the_lung_unet_was_trained_with(tmp_path):
+    # The U-Net's training films were shrunk from 512 to 256 px by PIL's BILINEAR resize (train.datasets.load_gray);
+    # the node's segmentation input must be made with the same filter, not the sharper area average.
+    from ai.normalise import NormalisedImage
+    from ai.segment import TRAINING_RESAMPLE, model_input
+    from train.datasets import load_gray
+
+    rng = np.random.default_rng(7)
+    film = np.clip(ellipse((512, 512)) * 0.6 + rng.normal(0.3, 0.15, (512, 512)), 0, 1)
+    png = (film * 255).round().astype(np.uint8)
+    path = tmp_path / "film.png"
+    Image.fromarray(png).save(path)
+    trained = load_gray(path, 256)  # what training saw
+    native = png.astype(np.float32) / 255
+    box = Letterbox.fit(native.shape, 256)
+    triangle, area = box.to_model(native, resample="triangle"), box.to_model(native)
+    assert np.abs(triangle - trained).max() <= 1 / 255 + 1e-6  # PIL rounds to 8 bits
+    assert np.abs(area - trained).mean() > 10 * np.abs(triangle - trained).mean()
+    assert TRAINING_RESAMPLE == "triangle"
+    np.testing.assert_allclose(model_input(NormalisedImage(native, None, "png", ["picture"]), 256)[0],
+                               stretch_contrast(triangle), atol=1e-6)
+    with pytest.raises(ValueError, match="unknown resample"):
+        box.to_model(native, resample="lanczos")
+
+
 def ellipse(shape: tuple[int, int]) -> np.ndarray:
     rows, cols = shape
     r, c = np.ogrid[:rows, :cols]

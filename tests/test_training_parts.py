@@ -389,3 +389,20 @@ def test_folding_batch_norms_keeps_the_unet_function():
         assert torch.allclose(channels_last(x.contiguous(memory_format=torch.channels_last)), expected, atol=1e-4)
     with pytest.raises(RuntimeError, match="eval mode"):
         UNet(base_width=4).fuse_for_inference()
+
+
+def test_cosine_learning_rate_falls_from_lr_to_its_floor_and_resumes_on_the_same_curve():
+    from train.engine import COSINE_FLOOR, FitConfig, epoch_lr
+
+    constant = FitConfig(epochs=5, lr=3e-4)
+    assert [epoch_lr(constant, e) for e in range(5)] == [3e-4] * 5
+    cosine = FitConfig(epochs=5, lr=3e-4, lr_schedule="cosine")
+    rates = [epoch_lr(cosine, e) for e in range(5)]
+    assert rates[0] == pytest.approx(3e-4) and rates[-1] == pytest.approx(COSINE_FLOOR * 3e-4)
+    assert rates[2] == pytest.approx(3e-4 * (COSINE_FLOOR + (1 - COSINE_FLOOR) / 2))  # half way down
+    assert all(a > b for a, b in zip(rates, rates[1:], strict=False))
+    # a pure function of the epoch: a run resumed after epoch 3 gets epoch 3's rate again
+    assert epoch_lr(FitConfig(epochs=5, lr=3e-4, lr_schedule="cosine"), 3) == rates[3]
+    assert epoch_lr(FitConfig(epochs=1, lr=1e-3, lr_schedule="cosine"), 0) == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="unknown lr schedule"):
+        epoch_lr(FitConfig(lr_schedule="step"), 0)

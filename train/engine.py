@@ -34,6 +34,7 @@ class FitConfig:
     out_dir: Path = Path("runs/train")
     progress: bool = True
     higher_is_better: bool = True
+    lr_schedule: str = "constant"  # or "cosine": see ``epoch_lr``
 
 
 @dataclass
@@ -91,6 +92,8 @@ def fit(
     seed_everything(cfg.seed + start_epoch)
     started = time.perf_counter() - history.seconds
     for epoch in range(start_epoch, cfg.epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = epoch_lr(cfg, epoch)
         trained = train_one_epoch(model, train_batches(epoch), loss_fn, optimizer, scaler, device,
                                   transform=train_transform, accuracy_fn=accuracy_fn, use_amp=use_amp,
                                   description=f"epoch {epoch + 1}/{cfg.epochs}", progress=cfg.progress)
@@ -117,6 +120,21 @@ def fit(
     (cfg.out_dir / "history.json").write_text(json.dumps(asdict(history), indent=2))
     model.load_state_dict(checkpoint.read(best_path, map_location=device)["model"])
     return history
+
+
+COSINE_FLOOR = 0.02  # the cosine schedule's last epochs still learn a little: lr never falls below this share
+
+
+def epoch_lr(cfg: FitConfig, epoch: int) -> float:
+    """The learning rate of ``epoch`` (0-based): ``cfg.lr`` throughout, or with ``"cosine"`` decayed along half a
+    cosine from ``cfg.lr`` in the first epoch towards ``COSINE_FLOOR * cfg.lr`` in the last. A pure function of the
+    epoch, so a resumed run continues the same schedule without storing a scheduler's state."""
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    if cfg.lr_schedule != "cosine":
+        raise ValueError(f"unknown lr schedule {cfg.lr_schedule!r} (constant or cosine)")
+    progress = epoch / max(cfg.epochs - 1, 1)
+    return cfg.lr * (COSINE_FLOOR + (1 - COSINE_FLOOR) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def train_one_epoch(

@@ -5,6 +5,8 @@
         --dense-fraction 0 --export ai/models/lung_unet.pt
     python -m train.segmenter --out runs/dense256 --size 256 --epochs 14 --init ai/models/lung_unet.pt \
         --lr 3e-4 --patience 5 --dense-fraction 0.5 --export ai/models/lung_unet.pt --version 1.1.0
+    python -m train.segmenter --out runs/cos256 --size 256 --epochs 8 --init ai/models/lung_unet.pt \
+        --lr 3e-4 --lr-schedule cosine --patience 99 --dense-fraction 0.5
 
 A seeded split stratified by source (train / validation / test = 80 / 10 / 10 %); Dice + BCE loss; intensity and
 small geometric augmentation (no left-right flips); synthetic dense disease painted inside the true lung mask on a
@@ -134,6 +136,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--patience", type=int, default=8)
+    parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                        help="learning rate per epoch: constant, or half a cosine from --lr down to 2 %% of it")
     parser.add_argument("--seed", type=int, default=2026)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
@@ -186,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     model = initial_model(args.base_width, args.init)
     aug = AugmentConfig()
     cfg = FitConfig(epochs=args.epochs, lr=args.lr, patience=args.patience, device=args.device, seed=args.seed,
-                    out_dir=args.out, progress=not args.no_progress)
+                    out_dir=args.out, progress=not args.no_progress, lr_schedule=args.lr_schedule)
     started = time.perf_counter()
     history = fit(
         model,
@@ -219,6 +223,7 @@ def run_report(model: UNet, args: argparse.Namespace, split: dict[str, list[Lung
         "augmentation": asdict(aug), "dense_fraction": args.dense_fraction,
         "validation": "clean + dense copies" if args.dense_fraction > 0 else "clean",
         "init": str(args.init) if args.init else None,
+        "lr": args.lr, "lr_schedule": args.lr_schedule,
         "test": test_report(model, split["test"], args.size, resolve_device(args.device)),
     }
 
