@@ -178,7 +178,7 @@ SCHEMA: dict[str, Key] = {
     "database.identity_check_seconds": Key(float, 2.0, _range(0.1, 60)),
     "queue.lease_seconds": Key(float, 300.0, _range(1)),
     "queue.max_attempts": Key(int, 3, _range(1, 100)),
-    "worker.processes": Key(int, 2, _range(0, 64)),
+    "worker.processes": Key(int, 1, _range(0, 64)),
     "worker.batch_size": Key(int, 4, _range(1, 64)),
     "worker.poll_seconds": Key(float, 0.1, _range(0.05)),
     "worker.device": Key(str, "auto", _one_of(DEVICES)),
