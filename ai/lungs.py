@@ -65,6 +65,39 @@ def split_joined_lungs(binary: np.ndarray) -> np.ndarray:
     return out
 
 
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``ndimage.binary_fill_holes`` by one labelling of the background inside the mask's box: the holes are the
+    background components that do not touch the box's edge. The same result at about a sixth of the time (the
+    scipy function dilates the border inwards until nothing changes)."""
+    box = bounding_box(mask)
+    if box is None:
+        return mask.copy()
+    top, left, bottom, right = box
+    inner = mask[top:bottom, left:right]
+    background, count = ndimage.label(~inner)
+    if count == 0:
+        return mask.copy()
+    edge = np.zeros(count + 1, dtype=bool)
+    for border in (background[0], background[-1], background[:, 0], background[:, -1]):
+        edge[border] = True
+    edge[0] = True  # label 0 is the mask itself
+    out = mask.copy()
+    out[top:bottom, left:right] |= ~edge[background]
+    return out
+
+
+def repeat_nearest(small: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """``F.interpolate(mode="nearest")`` of a 2-D array to ``shape``, by repeating whole columns and then whole
+    rows: row copies are memory copies, a fifth of the time of torch's nearest on a 2k grid. The source index is
+    torch's, ``floor(i * (in / out))`` in single precision."""
+    counts = []
+    for n_in, n_out in zip(small.shape, shape, strict=True):
+        scale = np.float32(n_in) / np.float32(n_out)
+        index = np.minimum(np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.intp), n_in - 1)
+        counts.append(np.bincount(index, minlength=n_in))
+    return np.repeat(np.repeat(small, counts[1], axis=1), counts[0], axis=0)
+
+
 def postprocess_probability(prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     """uint8 label mask (0 background, 1 right lung, 2 left lung) from a probability map of any size."""
     binary = split_joined_lungs(prob > threshold)
@@ -74,10 +107,10 @@ def postprocess_probability(prob: np.ndarray, threshold: float = 0.5) -> np.ndar
         return labels
     sizes = ndimage.sum_labels(binary, components, index=np.arange(1, count + 1))
     keep = (np.argsort(sizes)[::-1][:2] + 1).tolist()
-    centres = {k: ndimage.center_of_mass(components == k)[1] for k in keep}
+    centres = dict(zip(keep, (c[1] for c in ndimage.center_of_mass(binary, components, keep)), strict=True))
     ordered = sorted(keep, key=lambda k: centres[k])  # image-left first
     for label_value, component in zip((RIGHT_LUNG, LEFT_LUNG), ordered, strict=False):
-        filled = ndimage.binary_fill_holes(components == component)
+        filled = fill_holes(components == component)
         labels[filled & (labels == BACKGROUND)] = label_value
     if len(ordered) == 1:  # a single field: name it by the side of the image it lies on
         side = RIGHT_LUNG if centres[ordered[0]] < prob.shape[1] / 2 else LEFT_LUNG
@@ -105,7 +138,8 @@ def labels_on_source(prob_model: np.ndarray, letterbox: Letterbox) -> np.ndarray
     grown = ndimage.grey_dilation(small, size=3)  # boundary pixels of the native mask still find their side
     size = letterbox.source_shape
     prob = F.interpolate(torch.from_numpy(clean)[None, None], size=size, mode="bilinear", align_corners=False)
-    # uint8 throughout and in place: on a 3000 x 3000 grid the float side map and torch.where cost more than the
-    # interpolation itself (docs/benchmarks.md)
-    side = F.interpolate(torch.from_numpy(grown.astype(np.uint8))[None, None], size=size, mode="nearest")
-    return side.mul_(prob > 0.5)[0, 0].numpy()
+    # uint8 throughout and in place, the side map by whole-row copies: on a 3000 x 3000 grid a float side map,
+    # torch.where or torch's nearest interpolation cost more than the bilinear one itself (docs/benchmarks.md)
+    side = repeat_nearest(grown.astype(np.uint8), size)
+    side *= (prob > 0.5)[0, 0].numpy()
+    return side
