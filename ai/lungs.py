@@ -75,8 +75,6 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     top, left, bottom, right = box
     inner = mask[top:bottom, left:right]
     background, count = ndimage.label(~inner)
-    if count == 0:
-        return mask.copy()
     edge = np.zeros(count + 1, dtype=bool)
     for border in (background[0], background[-1], background[:, 0], background[:, -1]):
         edge[border] = True

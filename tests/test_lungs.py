@@ -51,9 +51,7 @@ def two_lungs(size: int = 256) -> np.ndarray:
     rows, cols = np.ogrid[:size, :size]
     right = ((rows - 0.5 * size) / (0.3 * size)) ** 2 + ((cols - 0.3 * size) / (0.12 * size)) ** 2 <= 1
     left = ((rows - 0.5 * size) / (0.3 * size)) ** 2 + ((cols - 0.7 * size) / (0.12 * size)) ** 2 <= 1
-    prob = ndimage.gaussian_filter((right | left).astype(np.float32), 2)
-    prob[int(0.5 * size), int(0.3 * size)] = 0.0  # a one-pixel hole: filled
-    return prob
+    return ndimage.gaussian_filter((right | left).astype(np.float32), 2)
 
 
 def test_native_labels_keep_the_fields_sides_and_size():
@@ -63,6 +61,8 @@ def test_native_labels_keep_the_fields_sides_and_size():
     rows, cols = box.content_shape
     prob[top:top + rows, left:left + cols] = F.interpolate(torch.from_numpy(two_lungs())[None, None],
                                                            size=(rows, cols), mode="bilinear")[0, 0].numpy()
+    hole = (rows // 2, int(0.3 * cols))  # a 3 x 3 hole in the right lung, in content coordinates: filled
+    prob[top + hole[0] - 1:top + hole[0] + 2, left + hole[1] - 1:left + hole[1] + 2] = 0.0
     labels = labels_on_source(prob, box)
     assert labels.shape == (1955, 1841) and labels.dtype == np.uint8
     assert set(np.unique(labels)) == {0, RIGHT_LUNG, LEFT_LUNG}
@@ -72,4 +72,5 @@ def test_native_labels_keep_the_fields_sides_and_size():
     small = postprocess_probability(prob[top:top + rows, left:left + cols])
     native_share = np.count_nonzero(labels) / labels.size
     assert native_share == pytest.approx(np.count_nonzero(small) / small.size, rel=0.02)
-    assert labels[int(0.5 * 1955), int(0.3 * 1841)] == RIGHT_LUNG  # the hole is filled on the native grid too
+    native_hole = tuple(int((h + 0.5) * n / c) for h, n, c in zip(hole, (1955, 1841), (rows, cols), strict=True))
+    assert labels[native_hole] == RIGHT_LUNG  # the hole is filled on the native grid too
