@@ -14,7 +14,6 @@ from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-from scipy import ndimage
 
 from ai.lungs import LEFT_LUNG, RIGHT_LUNG, bounding_box
 
@@ -54,32 +53,50 @@ def composite(grey: np.ndarray, labels: np.ndarray, heat: np.ndarray | None) -> 
 
     The heat map is quantised to 8 bits and blended by Pillow in C: its colours through a palette, its weight
     (``HEAT_ALPHA`` x heat, 0 outside the lungs) through a lookup table, and ``Image.composite`` mixes the two
-    pictures; each contour is drawn on its field's bounding box."""
-    levels = grey_levels(grey)
-    picture = Image.fromarray(levels, mode="L").convert("RGB")
-    lungs = labels > 0
-    if heat is not None and lungs.any():
-        heat8 = np.rint(np.clip(np.asarray(heat, dtype=np.float32), 0.0, 1.0) * (HEAT_LEVELS - 1)).astype(np.uint8)
-        scale = np.linspace(0.0, 1.0, HEAT_LEVELS)
-        colours = Image.fromarray(heat8, mode="P")
-        colours.putpalette(np.clip(np.rint(heat_colours(scale)), 0, 255).astype(np.uint8).ravel().tobytes())
-        weight_table = np.rint(255.0 * HEAT_ALPHA * scale).astype(np.uint8)
-        weight = np.where(lungs, weight_table[heat8], np.uint8(0))
-        picture = Image.composite(colours.convert("RGB"), picture, Image.fromarray(weight, mode="L"))
+    pictures. All of that runs on the lungs' bounding box only (outside it the weight is 0 and the picture is the
+    grey radiograph), and each contour is drawn on its own field's box."""
+    picture = Image.fromarray(grey_levels(grey), mode="L").convert("RGB")
+    box = bounding_box(labels > 0)
+    if heat is not None and box is not None:
+        top, left, bottom, right = box
+        region = (left, top, right, bottom)
+        picture.paste(_blend_heat(picture.crop(region), labels[top:bottom, left:right] > 0,
+                                  heat[top:bottom, left:right]), region)
     rgb = np.array(picture, dtype=np.uint8)
     width = max(1, round(max(labels.shape) / 600))  # about 3 px on a 2k image, still visible after downscaling
     for value, colour in CONTOUR_COLOURS.items():
-        box = bounding_box(labels == value)
-        if box is None:
+        field_box = bounding_box(labels == value)
+        if field_box is None:
             continue
-        top, left, bottom, right = box
+        top, left, bottom, right = field_box
         # one pixel of margin: the erosion sees the same background as on the whole grid
         rows = slice(max(top - 1, 0), bottom + 1)
         cols = slice(max(left - 1, 0), right + 1)
-        field = labels[rows, cols] == value
-        edge = field & ~ndimage.binary_erosion(field, iterations=width, border_value=0)
-        rgb[rows, cols][edge] = colour
+        rgb[rows, cols][inner_edge(labels[rows, cols] == value, width)] = colour
     return rgb
+
+
+def _blend_heat(picture: Image.Image, lungs: np.ndarray, heat: np.ndarray) -> Image.Image:
+    """``picture`` with the heat map's colours blended in, weight ``HEAT_ALPHA`` x heat inside ``lungs``."""
+    heat8 = np.rint(np.clip(np.asarray(heat, dtype=np.float32), 0.0, 1.0) * (HEAT_LEVELS - 1)).astype(np.uint8)
+    scale = np.linspace(0.0, 1.0, HEAT_LEVELS)
+    colours = Image.fromarray(heat8, mode="P")
+    colours.putpalette(np.clip(np.rint(heat_colours(scale)), 0, 255).astype(np.uint8).ravel().tobytes())
+    weight_table = np.rint(255.0 * HEAT_ALPHA * scale).astype(np.uint8)
+    weight = np.asarray(Image.fromarray(heat8, mode="L").point(weight_table.tolist()), dtype=np.uint8) * lungs
+    return Image.composite(colours.convert("RGB"), picture, Image.fromarray(weight, mode="L"))
+
+
+def inner_edge(field: np.ndarray, width: int) -> np.ndarray:
+    """The pixels of a boolean ``field`` within ``width`` steps (4-connected) of its outside, the outside of the
+    array included: ``field & ~ndimage.binary_erosion(field, iterations=width, border_value=0)``, by whole-array
+    shifts (a tenth of the time on a 2k lung field)."""
+    padded = np.pad(np.asarray(field, dtype=bool), 1)  # the ring stays False: border_value=0
+    core = padded[1:-1, 1:-1]
+    for _ in range(width):
+        eroded = core & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+        padded[1:-1, 1:-1] = eroded
+    return np.asarray(field, dtype=bool) & ~core
 
 
 def font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
