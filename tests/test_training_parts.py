@@ -406,3 +406,33 @@ def test_cosine_learning_rate_falls_from_lr_to_its_floor_and_resumes_on_the_same
     assert epoch_lr(FitConfig(epochs=1, lr=1e-3, lr_schedule="cosine"), 0) == pytest.approx(1e-3)
     with pytest.raises(ValueError, match="unknown lr schedule"):
         epoch_lr(FitConfig(lr_schedule="step"), 0)
+
+
+def test_training_precision_autocasts_as_chosen_and_keeps_float32_weights(tmp_path):
+    import torch
+
+    from ai.unet import UNet
+    from train.engine import FitConfig, amp_dtype, fit
+    from train.losses import batch_dice, dice_bce_loss
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert amp_dtype("auto", cpu) is None and amp_dtype("fp32", cpu) is None and amp_dtype("fp32", cuda) is None
+    assert amp_dtype("auto", cuda) == torch.float16
+    assert amp_dtype("bf16", cpu) == amp_dtype("bf16", cuda) == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        amp_dtype("fp8", cpu)
+
+    seen: list[torch.dtype] = []
+    model = UNet(base_width=4)
+    model.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 1, 32, 32, generator=generator)
+    y = (x > 0.5).float()
+    before = [p.detach().clone() for p in model.parameters()]
+    history = fit(model, lambda _epoch: [(x, y)], lambda: [(x, y)], dice_bce_loss, batch_dice,
+                  FitConfig(epochs=1, lr=1e-3, device="cpu", out_dir=tmp_path, progress=False, precision="bf16"))
+    assert seen[0] == torch.bfloat16  # the training pass ran in bfloat16 ...
+    assert seen[-1] == torch.float32  # ... the validation in float32
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))  # it learned
+    assert math.isfinite(history.epochs[0]["train_loss"])

@@ -1,5 +1,6 @@
 """The training loop shared by the segmenter and the classifier: epochs, validation, checkpoints, resume,
-early stopping, a progress bar; CPU or CUDA (with mixed precision on CUDA). Readable top to bottom on purpose.
+early stopping, a progress bar; CPU or CUDA (mixed precision: float16 on CUDA by default, bfloat16 on request, which
+CPUs with AMX or AVX-512 BF16 run 2-3x faster than float32). Readable top to bottom on purpose.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class FitConfig:
     progress: bool = True
     higher_is_better: bool = True
     lr_schedule: str = "constant"  # or "cosine": see ``epoch_lr``
+    precision: str = "auto"  # "auto" (float16 autocast on CUDA, float32 on CPU), "fp32" or "bf16": see ``amp_dtype``
 
 
 @dataclass
@@ -83,8 +85,9 @@ def fit(
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    use_amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    dtype = amp_dtype(cfg.precision, device)
+    # Only float16 needs loss scaling: bfloat16 has float32's exponent range.
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     best_path, last_path = cfg.out_dir / "best.pt", cfg.out_dir / "last.pt"
     history = resume(last_path, model, optimizer, device, cfg.progress)
     start_epoch = len(history.epochs)
@@ -95,7 +98,7 @@ def fit(
         for group in optimizer.param_groups:
             group["lr"] = epoch_lr(cfg, epoch)
         trained = train_one_epoch(model, train_batches(epoch), loss_fn, optimizer, scaler, device,
-                                  transform=train_transform, accuracy_fn=accuracy_fn, use_amp=use_amp,
+                                  transform=train_transform, accuracy_fn=accuracy_fn, amp=dtype,
                                   description=f"epoch {epoch + 1}/{cfg.epochs}", progress=cfg.progress)
         validated = validate(model, val_batches(), loss_fn, score_fn, device, accuracy_fn)
         record = {"epoch": epoch + 1, "train_loss": trained["loss"], "val_loss": validated["loss"],
@@ -120,6 +123,21 @@ def fit(
     (cfg.out_dir / "history.json").write_text(json.dumps(asdict(history), indent=2))
     model.load_state_dict(checkpoint.read(best_path, map_location=device)["model"])
     return history
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast type of the training passes, or None for plain float32. The weights and the optimizer stay in
+    float32 whatever the choice (autocast casts per operation), so the checkpoints are the same kind of file."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r} ({', '.join(PRECISIONS)})")
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "auto" and device.type == "cuda":
+        return torch.float16
+    return None
 
 
 COSINE_FLOOR = 0.02  # the cosine schedule's last epochs still learn a little: lr never falls below this share
@@ -147,11 +165,11 @@ def train_one_epoch(
     *,
     transform: Callable[[torch.Tensor, torch.Tensor], Batch] | None = None,
     accuracy_fn: Callable[[Any, torch.Tensor], tuple[int, int]] | None = None,
-    use_amp: bool = False,
+    amp: torch.dtype | None = None,
     description: str = "",
     progress: bool = True,
 ) -> dict[str, float]:
-    """One pass over the training batches (mixed precision when ``use_amp``): the mean loss per input and, with
+    """One pass over the training batches (autocast to ``amp`` when given): the mean loss per input and, with
     ``accuracy_fn``, the accuracy (``{"loss": ..., "acc": ...}``)."""
     model.train()
     total, count, correct, judged = 0.0, 0, 0, 0
@@ -161,9 +179,11 @@ def train_one_epoch(
         if transform is not None:
             inputs, targets = transform(inputs, targets)
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, enabled=use_amp):
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             outputs = model(inputs)
-            loss = loss_fn(outputs, targets)
+        # The loss in float32 from float32 outputs: a Dice sum over 65k pixels is not exact in a 16-bit type.
+        outputs = _float32(outputs)
+        loss = loss_fn(outputs, targets)
         if accuracy_fn is not None:
             c, n = accuracy_fn(_detach(outputs), targets)
             correct, judged = correct + c, judged + n
@@ -177,6 +197,13 @@ def train_one_epoch(
     if accuracy_fn is not None:
         result["acc"] = correct / max(judged, 1)
     return result
+
+
+def _float32(outputs: Any) -> Any:
+    """Model outputs (a tensor or a dict of tensors, as from autocast) as float32."""
+    if isinstance(outputs, dict):
+        return {k: v.float() for k, v in outputs.items()}
+    return outputs.float()
 
 
 def validate(model: nn.Module, batches: Iterable[Batch], loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],

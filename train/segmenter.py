@@ -38,7 +38,7 @@ from ai.unet import UNet
 from .augment import AugmentConfig, augment_pair
 from .datasets import LungSample, load_gray, load_mask, read_lung_masks, stratified_split
 from .dense_disease import paint_batch, paint_dense_disease, random_spec
-from .engine import FitConfig, History, fit, resolve_device, seed_everything, tensor_batches
+from .engine import PRECISIONS, FitConfig, History, fit, resolve_device, seed_everything, tensor_batches
 from .losses import batch_dice, dice_bce_loss, dice_iou
 from .synthetic_opacities import DEFAULT_PIXEL_SPACING_MM
 
@@ -147,6 +147,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--version", default="1.0.0")
     parser.add_argument("--dense-fraction", type=float, default=0.5,
                         help="share of training images per batch painted with synthetic dense disease (0 = none)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="auto: float16 autocast on CUDA, float32 on CPU; bf16: bfloat16 autocast "
+                             "(fast on CPUs with AMX or AVX-512 BF16)")
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
 
@@ -190,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     model = initial_model(args.base_width, args.init)
     aug = AugmentConfig()
     cfg = FitConfig(epochs=args.epochs, lr=args.lr, patience=args.patience, device=args.device, seed=args.seed,
-                    out_dir=args.out, progress=not args.no_progress, lr_schedule=args.lr_schedule)
+                    out_dir=args.out, progress=not args.no_progress, lr_schedule=args.lr_schedule,
+                    precision=args.precision)
     started = time.perf_counter()
     history = fit(
         model,
@@ -223,7 +227,7 @@ def run_report(model: UNet, args: argparse.Namespace, split: dict[str, list[Lung
         "augmentation": asdict(aug), "dense_fraction": args.dense_fraction,
         "validation": "clean + dense copies" if args.dense_fraction > 0 else "clean",
         "init": str(args.init) if args.init else None,
-        "lr": args.lr, "lr_schedule": args.lr_schedule,
+        "lr": args.lr, "lr_schedule": args.lr_schedule, "precision": args.precision,
         "test": test_report(model, split["test"], args.size, resolve_device(args.device)),
     }
 
