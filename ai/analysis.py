@@ -235,16 +235,18 @@ def _segment(segmenter: Any, todo: list[_Prepared]) -> list[tuple[_Prepared, Any
 
 def analyse_batch(sources: Sequence[Source], device: str | None = None, decode_timeout: float = DECODE_TIMEOUT,
                   limits: ImageLimits = DEFAULT_LIMITS, model_dir: ModelDir = None,
-                  classifier_path: Path | str | None = None) -> list[AnalysisRecord]:
+                  classifier_path: Path | str | None = None, precision: str = "auto") -> list[AnalysisRecord]:
     """Analyse several inputs with one model call for all that reach segmentation (the worker's form).
 
     ``device``: cpu, cuda, ... (None or "auto": CUDA when present); ``decode_timeout``: seconds one compressed
     image may take to decode (then ``decoder_timeout``); ``limits``: images declaring more are refused
     (``image_too_large``) before anything is inflated or decoded; ``model_dir``: a site's own model files
     (``models.directory``), each replacing the bundled file of the same name (None: the bundled models);
-    ``classifier_path``: the classifier file to use instead of the installed one (the registry's champion)."""
+    ``classifier_path``: the classifier file to use instead of the installed one (the registry's champion);
+    ``precision``: the classifier's arithmetic (``ai.precision``; "auto": bfloat16 where the CPU has AMX, float32
+    near a decision)."""
     segmenter = lung_segmenter(device, model_dir)
-    classifier = pneumoconiosis_classifier(device, model_dir, classifier_path)
+    classifier = pneumoconiosis_classifier(device, model_dir, classifier_path, precision)
     prepared = [_prepare(s, decode_timeout, limits) for s in sources]
     todo = [p for p in prepared if p.image is not None]
     if todo:
@@ -269,5 +271,5 @@ def analyse_batch(sources: Sequence[Source], device: str | None = None, decode_t
 
 def analyse(source: Source, device: str | None = None, decode_timeout: float = DECODE_TIMEOUT,
             limits: ImageLimits = DEFAULT_LIMITS, model_dir: ModelDir = None,
-            classifier_path: Path | str | None = None) -> AnalysisRecord:
-    return analyse_batch([source], device, decode_timeout, limits, model_dir, classifier_path)[0]
+            classifier_path: Path | str | None = None, precision: str = "auto") -> AnalysisRecord:
+    return analyse_batch([source], device, decode_timeout, limits, model_dir, classifier_path, precision)[0]

@@ -19,6 +19,7 @@ from .lung_crop import CropGeometry, classifier_input
 from .model_info import ModelInfo
 from .normalise import NormalisedImage
 from .onnx_engine import onnx_model_of, use_onnxruntime
+from .precision import near_decision, resolve_precision
 from .resnet import PneumoconiosisNet
 
 OUTPUTS = ("binary", "profusion", "feature_map")
@@ -48,6 +49,7 @@ class Classification:
     zones: dict[str, float]  # mean heat in the six ILO zones
     heat_map: np.ndarray  # float32 native grid in [0, 1], 0 outside the lung crop
     timings: dict[str, float]
+    precision: str = "fp32"  # the arithmetic these numbers came from: "bf16" (far from every decision) or "fp32"
 
 
 class PneumoconiosisClassifier:
@@ -57,7 +59,7 @@ class PneumoconiosisClassifier:
     trained on and, for demo weights, the notice that must reach every result.
     """
 
-    def __init__(self, path: Path, device: torch.device, engine: str = "auto") -> None:
+    def __init__(self, path: Path, device: torch.device, engine: str = "auto", precision: str = "auto") -> None:
         model_file = checkpoint.load(path, checkpoint.CLASSIFIER_FIELDS)
         self.info: ModelInfo = model_file.info()
         self.threshold = float(model_file["threshold"])
@@ -74,29 +76,53 @@ class PneumoconiosisClassifier:
         self.onnx = (onnx_model_of(_Outputs(self.model), example, OUTPUTS, model_file.sha256)
                      if use_onnxruntime(engine, device) else None)
         self.engine = "onnxruntime" if self.onnx is not None else "torch"
+        # bfloat16 first where it pays, float32 (the engine above) near a decision: ai/precision.py
+        self.precision = resolve_precision(precision, device)
 
     def _forward(self, image: NormalisedImage, labels: np.ndarray
-                 ) -> tuple[torch.Tensor, CropGeometry, float, np.ndarray]:
-        """The lung crop through the network once: the probabilities, and layer4's features for the heat map."""
+                 ) -> tuple[torch.Tensor, CropGeometry, float, np.ndarray, str]:
+        """The lung crop through the network: the probabilities, layer4's features for the heat map and the
+        precision they came from (bfloat16 only where its answer is far from every decision)."""
         x, geometry = classifier_input(image, labels, self.input_size, self.margin, self.suppress_outside)
         with torch.inference_mode():
-            if self.onnx is not None:
-                out = {name: torch.from_numpy(value) for name, value in self.onnx(x[None, None]).items()}
-            else:
-                tensor = torch.from_numpy(x)[None, None].to(self.device).contiguous(memory_format=torch.channels_last)
-                out = self.model.forward_with_feature_map(tensor)
-            probability = float(torch.sigmoid(out["binary"].float())[0])
-            categories = torch.softmax(out["profusion"][0].float(), dim=0).cpu().numpy()
-        return out["feature_map"], geometry, probability, categories
+            if self.precision == "bf16":
+                out = self._run_bf16(x)
+                probability, categories = _probabilities(out)
+                if not near_decision(probability, self.threshold, categories.tolist()):
+                    return out["feature_map"].float(), geometry, probability, categories, "bf16"
+            out = self._run_fp32(x)
+            probability, categories = _probabilities(out)
+        return out["feature_map"], geometry, probability, categories, "fp32"
 
-    def probabilities(self, image: NormalisedImage, labels: np.ndarray) -> tuple[float, np.ndarray]:
-        """Probability of pneumoconiosis and of categories 0-3, without the heat map (evaluation runs)."""
-        _, _, probability, categories = self._forward(image, labels)
-        return probability, categories
+    def _run_fp32(self, x: np.ndarray) -> dict[str, torch.Tensor]:
+        if self.onnx is not None:
+            return {name: torch.from_numpy(value) for name, value in self.onnx(x[None, None]).items()}
+        tensor = torch.from_numpy(x)[None, None].to(self.device).contiguous(memory_format=torch.channels_last)
+        return self.model.forward_with_feature_map(tensor)
+
+    def _run_bf16(self, x: np.ndarray) -> dict[str, torch.Tensor]:
+        tensor = torch.from_numpy(x)[None, None].to(self.device).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16):
+            return self.model.forward_with_feature_map(tensor)
+
+    def probabilities(self, image: NormalisedImage, labels: np.ndarray) -> tuple[float, np.ndarray, str]:
+        """Probability of pneumoconiosis and of categories 0-3, and the precision they came from, without the heat
+        map (evaluation runs)."""
+        _, _, probability, categories, precision = self._forward(image, labels)
+        return probability, categories, precision
+
+    def warm_up(self) -> None:
+        """One pass through each path a job may take (bfloat16 and the float32 engine), so that no first call's
+        set-up falls into a job."""
+        x = np.zeros((self.input_size, self.input_size), dtype=np.float32)
+        with torch.inference_mode():
+            self._run_fp32(x)
+            if self.precision == "bf16":
+                self._run_bf16(x)
 
     def classify(self, image: NormalisedImage, labels: np.ndarray) -> Classification:
         started = time.perf_counter()
-        feature_map, geometry, probability, categories = self._forward(image, labels)
+        feature_map, geometry, probability, categories, precision = self._forward(image, labels)
         classified = time.perf_counter()
         cam = class_activation_map(feature_map, self.model.binary.weight[0], (self.input_size, self.input_size))
         heat = geometry.to_source(cam)
@@ -106,4 +132,11 @@ class PneumoconiosisClassifier:
             category_probabilities=[float(c) for c in categories], most_likely_category=int(categories.argmax()),
             zones=zones, heat_map=heat,
             timings={"classify": classified - started, "heat_map": time.perf_counter() - classified},
+            precision=precision,
         )
+
+
+def _probabilities(out: dict[str, torch.Tensor]) -> tuple[float, np.ndarray]:
+    """The network's outputs as the probability of pneumoconiosis and of categories 0-3, in float32."""
+    probability = float(torch.sigmoid(out["binary"].float())[0])
+    return probability, torch.softmax(out["profusion"][0].float(), dim=0).cpu().numpy()

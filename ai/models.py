@@ -50,14 +50,15 @@ def lung_segmenter(device: str | None = None, model_dir: ModelDir = None) -> Lun
 
 
 @lru_cache(maxsize=4)
-def _load_classifier(path: Path, device: str) -> PneumoconiosisClassifier:
-    return PneumoconiosisClassifier(path, torch.device(device))
+def _load_classifier(path: Path, device: str, precision: str) -> PneumoconiosisClassifier:
+    return PneumoconiosisClassifier(path, torch.device(device), precision=precision)
 
 
-def pneumoconiosis_classifier(device: str | None = None, model_dir: ModelDir = None, path: Path | str | None = None
-                              ) -> PneumoconiosisClassifier | None:
+def pneumoconiosis_classifier(device: str | None = None, model_dir: ModelDir = None, path: Path | str | None = None,
+                              precision: str = "auto") -> PneumoconiosisClassifier | None:
     """The classifier of file ``path`` (the registry's champion; FileNotFoundError when it is missing), else the
-    installed one, or None while no classifier file is installed (lung fields only)."""
+    installed one, or None while no classifier file is installed (lung fields only). ``precision``: its
+    arithmetic (``ai.precision``: "auto", "fp32" or "bf16")."""
     if path is not None:
         chosen = Path(path)
         if not chosen.is_file():
@@ -67,4 +68,4 @@ def pneumoconiosis_classifier(device: str | None = None, model_dir: ModelDir = N
         if not chosen.is_file():
             return None
     with _lock:
-        return _load_classifier(chosen, str(select_device(device)))
+        return _load_classifier(chosen, str(select_device(device)), precision)

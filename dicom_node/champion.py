@@ -33,10 +33,11 @@ class ChampionWatch:
     (None: the installed classifier)."""
 
     def __init__(self, engine: Engine, storage_root: Path, *, device: str | None, model_dir: Path | None,
-                 worker: str) -> None:
+                 worker: str, precision: str = "auto") -> None:
         self.engine = engine
         self.storage_root = storage_root
         self.device = device
+        self.precision = precision
         self.model_dir = model_dir
         self.worker = worker
         self.path: Path | None = None  # the file in use; None: the installed classifier
@@ -82,7 +83,7 @@ class ChampionWatch:
         try:
             if sha256_of(file) != entry.sha256:
                 return "its file's sha256 does not match the registry"
-            classifier = pneumoconiosis_classifier(self.device, self.model_dir, file)
+            classifier = pneumoconiosis_classifier(self.device, self.model_dir, file, self.precision)
         except Exception as exc:  # unreadable file, not a classifier, out of memory: keep the previous one
             return f"its file cannot be loaded as a classifier ({exception_summary(exc)})"
         if classifier is None or classifier.info.sha256 != entry.sha256:

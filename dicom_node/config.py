@@ -85,6 +85,7 @@ def _check_db_url(value: str) -> str | None:
 
 RESULT_KINDS = ("sr", "seg", "sc")
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")  # ai.precision.PRECISIONS (the configuration does not import torch)
 CONSENSUS_RULES = ("latest", "majority")
 
 
@@ -184,6 +185,7 @@ SCHEMA: dict[str, Key] = {
     "worker.device": Key(str, "auto", _one_of(DEVICES)),
     "worker.threads": Key(int, 2, _range(0, 256)),
     "worker.nice": Key(int, 15, _range(0, 19)),
+    "worker.precision": Key(str, "auto", _one_of(PRECISIONS)),
     "models.directory": Key(str, ""),
     "results.device_uid": Key(str, "", lambda v: None if not v or _is_uid(v) else "must be a DICOM UID"),
     "results.institution_name": Key(str, ""),
@@ -372,6 +374,7 @@ class WorkerSettings:
     device: str
     threads: int  # CPU threads of the models in each worker process (0 = torch's default: every core)
     nice: int  # niceness of each worker process: the intake in serve gets the CPU first
+    precision: str  # the classifier's arithmetic (ai/precision.py): auto, fp32 or bf16
 
 
 @dataclass(frozen=True)

@@ -211,10 +211,11 @@ class Worker:
         self.model_dir = config.models.directory
         # what the analysis needs besides the images: the site's models (models.directory), the image limits and
         # the registry champion's classifier file (None: the installed one), looked up between batches
+        self.precision = config.worker.precision
         self.analysis_options: dict[str, Any] = {"model_dir": self.model_dir, "limits": self.limits,
-                                                 "classifier_path": None}
+                                                 "classifier_path": None, "precision": self.precision}
         self.champion = ChampionWatch(engine, archive.root, device=self.device, model_dir=self.model_dir,
-                                      worker=self.owner)
+                                      worker=self.owner, precision=self.precision)
         self.export_routes = config.export.routes  # destination -> result kinds
         self.bells = bells  # serve's doorbells (dicom_node.doorbell); None: poll only
         self._writers = ThreadPoolExecutor(max_workers=len(EXPORT_ORDER), thread_name_prefix="result-write")
@@ -287,15 +288,10 @@ class Worker:
 
             torch.set_num_threads(self.config.worker.threads)  # ONNX Runtime sessions take the same number
         segmenter = lung_segmenter(self.device, self.model_dir)
-        classifier = pneumoconiosis_classifier(self.device, self.model_dir)
+        classifier = pneumoconiosis_classifier(self.device, self.model_dir, precision=self.precision)
         segmenter.probabilities(np.zeros((1, segmenter.input_size, segmenter.input_size), dtype=np.float32))
         if classifier is not None:
-            blank = np.zeros((64, 64), dtype=np.float32)
-            labels = np.zeros((64, 64), dtype=np.uint8)
-            labels[8:56, 6:28], labels[8:56, 36:58] = 1, 2
-            from ai.normalise import NormalisedImage
-
-            classifier.probabilities(NormalisedImage(blank, None, "warm-up", []), labels)
+            classifier.warm_up()
         header = Dataset()
         header.SOPClassUID, header.Modality = "1.2.840.10008.5.1.4.1.1.1", "CR"
         header.StudyInstanceUID = header.SeriesInstanceUID = header.SOPInstanceUID = "2.25.1"
@@ -513,7 +509,8 @@ class Worker:
         header, else on a minimal one); only if that fails, with no object (``finish_job`` then records the audit
         event that ``dicom-node status`` counts)."""
         source = task.source if task.source is not None else self._header_only(task.job)
-        models = _model_descriptions(self.device, self.model_dir, self.analysis_options["classifier_path"])
+        models = _model_descriptions(self.device, self.model_dir, self.analysis_options["classifier_path"],
+                                     self.precision)
         files: list[ResultFile] = []
         notes: list[tuple[str, str]] = []
         if source is not None:
@@ -593,7 +590,7 @@ def modality_of(sop_class_uid: str) -> str:
 
 
 def _model_descriptions(device: str | None = None, model_dir: Path | None = None,
-                        classifier_path: Path | None = None) -> list[ModelInfo]:
+                        classifier_path: Path | None = None, precision: str = "auto") -> list[ModelInfo]:
     """The models as an analysis would name them (for SRs of jobs that never reached the models): those of
     ``model_dir`` (``models.directory``) where it has them, else the bundled ones, and the champion's classifier
     file ``classifier_path`` when the registry names one, loaded on ``device``."""
@@ -602,7 +599,7 @@ def _model_descriptions(device: str | None = None, model_dir: Path | None = None
     models = []
     try:
         models.append(lung_segmenter(device, model_dir).info)
-        classifier = pneumoconiosis_classifier(device, model_dir, classifier_path)
+        classifier = pneumoconiosis_classifier(device, model_dir, classifier_path, precision)
         if classifier is not None:
             models.append(classifier.info)
     except Exception as exc:  # a broken model file is one reason jobs fail; the SR is still written without it

@@ -436,3 +436,24 @@ def test_training_precision_autocasts_as_chosen_and_keeps_float32_weights(tmp_pa
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))  # it learned
     assert math.isfinite(history.epochs[0]["train_loss"])
+
+
+def test_an_evaluation_against_its_reference_lists_each_changed_decision_and_category():
+    from train.evaluate_classifier import against_reference
+
+    def row(file: str, probability: float, categories: list[float]) -> dict:
+        return {"file": file, "probability": probability, "categories": categories}
+
+    reference = {"threshold": 0.5, "binary": {"auc": 0.9}, "rows": [
+        row("a", 0.49, [0.6, 0.4, 0, 0]), row("b", 0.8, [0.1, 0.2, 0.45, 0.25]), row("c", 0.1, [0.9, 0.1, 0, 0]),
+        {"file": "d", "refused": "lung_area_implausible"}]}
+    result = {"threshold": 0.5, "binary": {"auc": 0.91}, "rows": [
+        row("a", 0.51, [0.6, 0.4, 0, 0]), row("b", 0.79, [0.1, 0.2, 0.3, 0.4]), row("c", 0.1, [0.9, 0.1, 0, 0]),
+        row("d", 0.2, [0.9, 0.1, 0, 0])]}
+    out = against_reference(result, reference)
+    assert out["images_compared"] == 4
+    assert [(c["file"], c["before"], c["now"]) for c in out["decisions_changed"]] == [
+        ("a", "absent", "present"), ("d", "refused:lung_area_implausible", "absent")]
+    assert out["most_likely_categories_changed"] == [{"file": "b", "before": 2, "now": 3}]
+    assert out["max_probability_difference"] == pytest.approx(0.02)
+    assert out["auc_difference"] == pytest.approx(0.01)

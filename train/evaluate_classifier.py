@@ -11,8 +11,9 @@ category and profusion accuracy / QWK where categories are known, and the false-
 films that have none.
 
 ``--engine`` chooses the inference engine of both models (ai/onnx_engine.py; default as the node: ONNX Runtime on
-CPU); ``--reference`` an earlier evaluation.json of the same images, e.g. one made with ``--engine torch``: the AUC
-difference and every image whose decision or refusal differs are then reported under ``against_reference``.
+CPU) and ``--precision`` the classifier's arithmetic (ai/precision.py; default as the node); ``--reference`` an
+earlier evaluation.json of the same images, e.g. one made with ``--precision fp32``: the AUC difference and every
+image whose decision, refusal or most likely category differs are then reported under ``against_reference``.
 """
 
 from __future__ import annotations
@@ -30,14 +31,16 @@ from ai.classifier import PneumoconiosisClassifier
 from ai.input_check import check_lung_fields
 from ai.models import LUNG_UNET, model_path
 from ai.normalise import normalise
+from ai.precision import PRECISIONS
 from ai.segment import LungSegmenter
 
 from .classifier import read_items
 from .metrics import binary_summary, multiclass_metrics
 
 
-def evaluate(classifier_file: Path, data: Path, part: str | None, split_seed: int, engine: str = "auto") -> dict:
-    classifier = PneumoconiosisClassifier(classifier_file, torch.device("cpu"), engine)
+def evaluate(classifier_file: Path, data: Path, part: str | None, split_seed: int, engine: str = "auto",
+             precision: str = "auto") -> dict:
+    classifier = PneumoconiosisClassifier(classifier_file, torch.device("cpu"), engine, precision)
     segmenter = LungSegmenter(model_path(LUNG_UNET), torch.device("cpu"), engine)
     items = read_items(data)
     findings: dict[str, str] = {}
@@ -60,15 +63,16 @@ def evaluate(classifier_file: Path, data: Path, part: str | None, split_seed: in
             rows.append({"file": item.image.name, "present": item.present, "category": item.category,
                          "finding": findings.get(item.image.name, ""), "refused": check.reason})
             continue
-        prob, cats = classifier.probabilities(image, seg.labels)
+        prob, cats, precision = classifier.probabilities(image, seg.labels)
         rows.append({"file": item.image.name, "present": item.present, "category": item.category,
                      "finding": findings.get(item.image.name, ""), "probability": prob,
-                     "categories": [float(c) for c in cats]})
+                     "categories": [float(c) for c in cats], "precision": precision})
     done = [r for r in rows if "probability" in r]
     y = np.array([r["present"] for r in done])
     p = np.array([r["probability"] for r in done])
     out: dict = {"model": classifier.info.to_json(), "engine": classifier.engine, "threshold": classifier.threshold,
-                 "images": len(rows),
+                 "precision": classifier.precision,
+                 "answered_in_bf16": sum(r.get("precision") == "bf16" for r in done), "images": len(rows),
                  "refused_by_input_check": len(rows) - len(done), "data": str(data), "part": part}
     if any(r["category"] >= 0 for r in done) and 0 < y.sum() < len(y):  # labelled for this task (synthetic)
         out["binary"] = binary_summary(y, p, classifier.threshold)
@@ -105,6 +109,7 @@ def against_reference(result: dict, reference: dict) -> dict:
 
     before = {r["file"]: r for r in reference["rows"]}
     changed = []
+    categories_changed = []
     deltas = []
     for row in result["rows"]:
         old = before.get(row["file"])
@@ -112,11 +117,14 @@ def against_reference(result: dict, reference: dict) -> dict:
             continue
         if "probability" in row and "probability" in old:
             deltas.append(abs(row["probability"] - old["probability"]))
+            now_category, old_category = int(np.argmax(row["categories"])), int(np.argmax(old["categories"]))
+            if now_category != old_category:
+                categories_changed.append({"file": row["file"], "before": old_category, "now": now_category})
         if decision(row) != decision(old):
             changed.append({"file": row["file"], "before": decision(old), "now": decision(row),
                             "probability_before": old.get("probability"), "probability_now": row.get("probability")})
     out: dict[str, Any] = {"images_compared": sum(r["file"] in before for r in result["rows"]),
-                           "decisions_changed": changed,
+                           "decisions_changed": changed, "most_likely_categories_changed": categories_changed,
                            "max_probability_difference": round(max(deltas), 6) if deltas else None}
     if "binary" in result and "binary" in reference:
         out["auc_difference"] = round(result["binary"]["auc"] - reference["binary"]["auc"], 6)
@@ -133,12 +141,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--engine", choices=["auto", "torch", "onnxruntime"], default="auto")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="the classifier's arithmetic (ai/precision.py; default as the node: bfloat16 where the "
+                             "CPU has AMX, float32 near a decision)")
     parser.add_argument("--reference", type=Path, help="an earlier evaluation.json of the same images")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    result = evaluate(args.model, args.data, args.part, args.split_seed, args.engine)
+    result = evaluate(args.model, args.data, args.part, args.split_seed, args.engine, args.precision)
     result["seconds"] = round(time.perf_counter() - started, 1)
     if args.reference:
         result["against_reference"] = against_reference(result, json.loads(args.reference.read_text()))

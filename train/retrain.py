@@ -176,7 +176,7 @@ def score_holdout(items: Sequence[ManifestItem], segmenter: LungSegmenter,
             continue
         kept.append(item)
         for role, classifier in classifiers.items():
-            p, c = classifier.probabilities(image, seg.labels)
+            p, c, _ = classifier.probabilities(image, seg.labels)
             probs[role].append(p)
             cats[role].append(c)
     return HoldoutScores(
@@ -294,9 +294,10 @@ def _run(manifest: Manifest, out: Path, progress: Progress, started: float) -> d
 
     # 3. The saved model and the champion on the hold-out, the gate
     segmenter = LungSegmenter(manifest.segmenter, device)
-    classifiers = {"candidate": PneumoconiosisClassifier(out / MODEL_FILE, device)}
+    # float32: the gate's figures are the same on every machine (the node's decisions are float32's anyway)
+    classifiers = {"candidate": PneumoconiosisClassifier(out / MODEL_FILE, device, precision="fp32")}
     if manifest.champion is not None:
-        classifiers["champion"] = PneumoconiosisClassifier(manifest.champion.path, device)
+        classifiers["champion"] = PneumoconiosisClassifier(manifest.champion.path, device, precision="fp32")
     scores = score_holdout(manifest.holdout, segmenter, classifiers, scaled(progress, HOLDOUT, WRITING))
     candidate = classifiers["candidate"]
     gate: GateReport = evaluate_gate(

@@ -1,0 +1,56 @@
+"""When the classifier may run in bfloat16, and when its answer must come from float32 after all.
+
+Why: on CPUs with AMX (Intel Xeon since Sapphire Rapids), the classifier's ResNet-34 runs about 2.5x faster in
+bfloat16 (torch autocast, oneDNN) than in float32 ONNX Runtime, in less than half the CPU time
+(``benchmarks/inference_engines.py``, docs/benchmarks.md). bfloat16 keeps 8 bits of mantissa, so the outputs move a
+little: on the classifier card's held-out images the probability moved by at most 0.0103 and a category probability
+by at most 0.0154, which flipped 2 of 144 binary decisions and 1 category when used as it is. So an answer is taken
+from bfloat16 only when no decision can depend on that error: the probability farther than ``PROBABILITY_GUARD``
+from the threshold and the most likely category ahead of the next by more than ``CATEGORY_GUARD``. Otherwise the
+same input goes through the float32 engine, and that answer is the result. The decisions are then those of float32
+whenever the bfloat16 error stays under the guards (5x and 3x the largest error measured).
+
+"auto" uses bfloat16 only where it was measured to pay: on the CPU, with AMX tiles. Elsewhere (older CPUs, where
+bfloat16 is emulated and slower, and CUDA) the classifier runs in float32 as before. ``worker.precision = "fp32"``
+gives float32 everywhere, the same numbers on every machine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+PRECISIONS = ("auto", "fp32", "bf16")
+PROBABILITY_GUARD = 0.05
+"""bfloat16's answer stands only when the probability lies farther than this from the threshold (largest error
+measured: 0.0103)."""
+CATEGORY_GUARD = 0.10
+"""... and when the most likely category's probability exceeds the next one's by more than this (a category
+probability moved by at most 0.0154, so the gap by at most 0.031)."""
+
+
+def amx_available() -> bool:
+    """Whether this CPU has AMX tiles, which oneDNN uses for bfloat16 convolutions."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):  # a torch without the probe: take it as absent
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"bf16" or "fp32" for a classifier on ``device``: "auto" is bf16 on a CPU with AMX, fp32 otherwise."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if device.type == "cpu" and amx_available() else "fp32"
+    return precision
+
+
+def near_decision(probability: float, threshold: float, categories: Sequence[float]) -> bool:
+    """Whether a bfloat16 answer is too close to a decision to stand: the probability within
+    ``PROBABILITY_GUARD`` of the threshold, or the two most likely categories within ``CATEGORY_GUARD``."""
+    if abs(probability - threshold) < PROBABILITY_GUARD:
+        return True
+    ranked = sorted(categories, reverse=True)
+    return len(ranked) > 1 and ranked[0] - ranked[1] < CATEGORY_GUARD

@@ -1,0 +1,86 @@
+"""The classifier's bfloat16 path (ai/precision.py): which precision runs where, and that an answer near a decision
+always comes from float32, so that the decisions are float32's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from pydicom import dcmread
+
+import ai.classifier
+import ai.precision
+from ai.classifier import PneumoconiosisClassifier
+from ai.models import CLASSIFIER, lung_segmenter, model_path
+from ai.normalise import decode_pixels, normalise_dataset
+from ai.precision import CATEGORY_GUARD, PROBABILITY_GUARD, near_decision, resolve_precision
+
+from .support.data import CHEST_UNCOMPRESSED as CHEST
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize(("amx", "device", "expected"), [
+    (True, "cpu", "bf16"), (False, "cpu", "fp32"), (True, "cuda", "fp32"), (False, "cuda", "fp32")])
+def test_auto_is_bfloat16_only_on_a_cpu_with_amx(monkeypatch, amx, device, expected):
+    monkeypatch.setattr(ai.precision, "amx_available", lambda: amx)
+    assert resolve_precision("auto", torch.device(device)) == expected
+    assert resolve_precision("fp32", torch.device(device)) == "fp32"
+    assert resolve_precision("bf16", torch.device(device)) == "bf16"
+
+
+def test_an_unknown_precision_is_refused():
+    with pytest.raises(ValueError, match="unknown precision 'fp16'"):
+        resolve_precision("fp16", CPU)
+
+
+@pytest.mark.parametrize(("probability", "categories", "near"), [
+    (0.80, [0.1, 0.1, 0.7, 0.1], False),  # far from the threshold, one category well ahead
+    (0.50 + PROBABILITY_GUARD * 0.99, [0.1, 0.1, 0.7, 0.1], True),  # inside the probability guard, above
+    (0.50 - PROBABILITY_GUARD * 0.99, [0.7, 0.1, 0.1, 0.1], True),  # ... and below
+    (0.50 + PROBABILITY_GUARD * 1.01, [0.7, 0.1, 0.1, 0.1], False),
+    (0.90, [0.05, 0.05, 0.45, 0.45 - CATEGORY_GUARD * 0.99], True),  # two categories nearly tied
+    (0.90, [0.05, 0.05, 0.5, 0.5 - CATEGORY_GUARD * 1.01], False),
+])
+def test_near_decision(probability, categories, near):
+    assert near_decision(probability, 0.5, categories) is near
+
+
+@pytest.fixture(scope="module")
+def crop_inputs():
+    ds = dcmread(CHEST)
+    image = normalise_dataset(ds, decode_pixels(ds))
+    return image, lung_segmenter("cpu").segment([image])[0].labels
+
+
+@pytest.fixture(scope="module")
+def classifiers():
+    path = model_path(CLASSIFIER)
+    return (PneumoconiosisClassifier(path, CPU, precision="fp32"),
+            PneumoconiosisClassifier(path, CPU, precision="bf16"))
+
+
+def test_an_answer_far_from_every_decision_comes_from_bfloat16_close_to_float32(monkeypatch, crop_inputs,
+                                                                                 classifiers):
+    fp32, bf16 = classifiers
+    monkeypatch.setattr(ai.classifier, "near_decision", lambda *_: False)
+    exact, fast = fp32.classify(*crop_inputs), bf16.classify(*crop_inputs)
+    assert (exact.precision, fast.precision) == ("fp32", "bf16")
+    assert fast.probability != exact.probability  # it did run in bfloat16
+    assert abs(fast.probability - exact.probability) < PROBABILITY_GUARD / 2
+    assert np.abs(np.subtract(fast.category_probabilities, exact.category_probabilities)).max() < CATEGORY_GUARD / 4
+    lungs = crop_inputs[1] > 0
+    assert np.corrcoef(fast.heat_map[lungs], exact.heat_map[lungs])[0, 1] > 0.99
+
+
+def test_an_answer_near_a_decision_is_float32s_exactly(monkeypatch, crop_inputs, classifiers):
+    fp32, bf16 = classifiers
+    exact = fp32.classify(*crop_inputs)
+    # the threshold moved onto this image's probability: the bfloat16 answer must not stand
+    monkeypatch.setattr(bf16, "threshold", exact.probability)
+    guarded = bf16.classify(*crop_inputs)
+    assert guarded.precision == "fp32"
+    assert guarded.probability == exact.probability
+    assert guarded.category_probabilities == exact.category_probabilities
+    assert np.array_equal(guarded.heat_map, exact.heat_map) and guarded.zones == exact.zones
+    assert bf16.probabilities(*crop_inputs)[2] == "fp32"
