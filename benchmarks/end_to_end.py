@@ -152,9 +152,9 @@ def echo_answers(port: int) -> bool:
     return done.returncode == 0
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` and of its descendants (serve's workers, their decoder processes),
-    the children already reaped included, from /proc."""
+def cpu_seconds(pid: int, descendants: bool = True) -> float:
+    """User + system CPU seconds of ``pid`` and, with ``descendants``, of its descendants (serve's workers, their
+    decoder processes), the children already reaped included, from /proc."""
     tick = os.sysconf("SC_CLK_TCK")
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -162,13 +162,16 @@ def cpu_seconds(pid: int) -> float:
                     for c in (task / "children").read_text().split()}
     except OSError:
         return 0.0
-    # utime, stime, cutime, cstime (fields 14-17 of proc(5), counted after the command name)
+    if not descendants:  # utime, stime (fields 14-15 of proc(5), counted after the command name)
+        return sum(int(fields[k]) for k in (11, 12)) / tick
+    # and cutime, cstime (fields 16-17): the children already reaped
     own = sum(int(fields[k]) for k in (11, 12, 13, 14)) / tick
     return own + sum(cpu_seconds(int(c)) for c in children)
 
 
 def cpu_snapshot(node_pids: list[int], orthanc_pid: int) -> dict[str, float]:
-    return {"node": sum(cpu_seconds(p) for p in node_pids), "orthanc": cpu_seconds(orthanc_pid),
+    return {"node": sum(cpu_seconds(p) for p in node_pids), "serve": cpu_seconds(node_pids[0], descendants=False),
+            "orthanc": cpu_seconds(orthanc_pid),
             "benchmark": sum(os.times()[:2])}
 
 
@@ -324,7 +327,8 @@ def main() -> int:
           f"({'met' if busy_p95 <= 2 * idle_p95 else 'NOT met'}) |")
     per_image = {k: (cpu_after[k] - cpu_before[k]) / args.count for k in cpu_after}
     print(f"| sustained: CPU per image, node (serve + workers) / Orthanc / this benchmark | "
-          f"{per_image['node']:.2f} / {per_image['orthanc']:.2f} / {per_image['benchmark']:.2f} core-s | "
+          f"{per_image['node']:.2f} ({per_image['serve']:.2f} + {per_image['node'] - per_image['serve']:.2f}) / "
+          f"{per_image['orthanc']:.2f} / {per_image['benchmark']:.2f} core-s | "
           f"{2 / GOAL_RATE:.2f} core-s in all on 2 cores at the goal |")
     once = sum(1 for n in claims.values() if n == 1)
     print(f"| jobs claimed exactly once | {once} / {len(claims)} | all |")

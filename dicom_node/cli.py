@@ -257,6 +257,10 @@ def _cmd_check(rt: Runtime) -> int:
 
 def _cmd_worker(rt: Runtime) -> int:
     """One analysis worker in the foreground until SIGTERM/SIGINT (it finishes the batch in hand)."""
+    # Idle OpenMP threads sleep rather than spin: libgomp (torch's thread pool) otherwise spins for a while after
+    # each parallel region, and on a shared 2-core node that took CPU the results thread, the intake and the export
+    # needed (docs/benchmarks.md). Read when torch loads, just below; an OMP_WAIT_POLICY set by the site is kept.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from ai import analyse_batch  # torch loads here: only a worker process needs it
 
     from .doorbell import WorkerBells
