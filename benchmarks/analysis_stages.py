@@ -2,11 +2,14 @@
 classifier and heat map (when a classifier is installed), the whole analysis, and the whole minus decode.
 
     .venv/bin/python benchmarks/analysis_stages.py [--runs 15] [--threads 2] [--file PATH] [--dx-size 3000]
+        [--precision auto|fp32|bf16]
 
 Median and p90 of several runs after a warm-up, on the CPU with a fixed number of torch threads; prints a Markdown
-table. The data are read from $PNEUMO_DATA_DIR or ../shared/data. ``--dx-size N`` analyses instead a 16-bit
-N x N DX made from the sample (its pixels resampled to N x N, full 16-bit range, MONOCHROME2, DX SOP class): the
-native grid that normalisation and post-processing run on at the size of large flat-panel detectors.
+table. The data are read from $PNEUMO_DATA_DIR or ../shared/data. As in the node's workers, idle OpenMP threads
+sleep (``OMP_WAIT_POLICY=PASSIVE``) and the classifier's precision is ``worker.precision``'s (``--precision``).
+``--dx-size N`` analyses instead a 16-bit N x N DX made from the sample (its pixels resampled to N x N, full 16-bit
+range, MONOCHROME2, DX SOP class): the native grid that normalisation and post-processing run on at the size of
+large flat-panel detectors.
 """
 
 from __future__ import annotations
@@ -79,7 +82,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--file", type=Path, default=DEFAULT_FILE)
     parser.add_argument("--dx-size", type=int, default=0, help="analyse a 16-bit N x N DX made from --file")
+    parser.add_argument("--precision", default="auto", help="the classifier's arithmetic (ai/precision.py)")
     args = parser.parse_args()
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as dicom-node worker sets it, before torch loads
     if args.dx_size:
         args.file = large_dx(args.file, args.dx_size)
 
@@ -92,10 +97,10 @@ def main() -> int:
 
     model_dir = load_config(REPO / "config.toml").models.directory  # a site's models, as the node would use them
     segmenter = lung_segmenter("cpu", model_dir)
-    classifier = pneumoconiosis_classifier("cpu", model_dir)
+    classifier = pneumoconiosis_classifier("cpu", model_dir, precision=args.precision)
     samples: dict[str, list[float]] = {stage: [] for stage in STAGES}
     for i in range(args.warmup + args.runs):
-        record = analyse(args.file, device="cpu", model_dir=model_dir)
+        record = analyse(args.file, device="cpu", model_dir=model_dir, precision=args.precision)
         if not record.in_scope:
             print(f"warning: {args.file.name} was not analysed ({record.reason})", file=sys.stderr)
         if i >= args.warmup:
@@ -107,7 +112,8 @@ def main() -> int:
     print(f"Analysis stages, {args.file.name} ({record.rows}x{record.columns}), model {segmenter.info.name} "
           f"{segmenter.info.version} at {segmenter.input_size} px; classifier "
           + (f"{classifier.info.name} {classifier.info.version} at {classifier.input_size} px" if classifier
-             else "none"))
+             else "none") + (f" ({classifier.precision}; this image answered in "
+                             f"{record.classification.precision})" if classifier and record.classification else ""))
     print(f"{cpu_model()}, {os.cpu_count()} cores visible, torch {torch.__version__} with {args.threads} threads, "
           f"Python {platform.python_version()}, {args.runs} runs after {args.warmup} warm-up, "
           f"{time.strftime('%Y-%m-%d')}")

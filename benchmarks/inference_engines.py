@@ -29,25 +29,29 @@ sys.path.insert(0, str(REPO))
 from benchmarks.analysis_stages import DEFAULT_FILE, cpu_model  # noqa: E402
 
 
-def timed(call: Callable[[], object], runs: int, warmup: int = 3) -> tuple[float, float]:
+def timed(call: Callable[[], object], runs: int, warmup: int = 3) -> tuple[float, float, float]:
+    """Median and p90 wall-clock ms of ``call``, and its median CPU ms (all threads: what it takes from others)."""
     for _ in range(warmup):
         call()
-    samples = []
+    samples, cpu = [], []
     for _ in range(runs):
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         call()
         samples.append((time.perf_counter() - started) * 1000)
+        cpu.append((time.process_time() - cpu_started) * 1000)
     samples.sort()
-    return statistics.median(samples), samples[min(len(samples) - 1, int(0.9 * len(samples)))]
+    return statistics.median(samples), samples[min(len(samples) - 1, int(0.9 * len(samples)))], statistics.median(cpu)
 
 
-def engines(build: Callable[[], object], example, runs: int) -> list[tuple[str, float, float, float]]:  # noqa: ANN001
-    """(engine, median ms, p90 ms, max |difference| from eager) for one network; ``build()`` gives a fresh
-    eval-mode torch module whose forward returns one tensor."""
+def engines(build: Callable[[], object], example, runs: int  # noqa: ANN001
+            ) -> list[tuple[str, float, float, float, float]]:
+    """(engine, median ms, p90 ms, median CPU ms, max |difference| from eager) for one network; ``build()`` gives
+    a fresh eval-mode torch module whose forward returns one tensor."""
     import numpy as np
     import torch
 
     from ai.onnx_engine import onnx_model_of
+    from ai.precision import amx_available
 
     rows = []
     eager = build()
@@ -59,6 +63,13 @@ def engines(build: Callable[[], object], example, runs: int) -> list[tuple[str, 
         last = example.contiguous(memory_format=torch.channels_last)
         diff = float(np.abs(folded(last).numpy() - reference).max())
         rows.append(("eager, batch norms folded, channels-last", *timed(lambda: folded(last), runs), diff))
+
+        def bf16() -> torch.Tensor:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return folded(last)
+        diff = float(np.abs(bf16().float().numpy() - reference).max())
+        amx = "AMX" if amx_available() else "no AMX: emulated"
+        rows.append((f"the same in bfloat16 autocast ({amx}; ai/precision.py)", *timed(bf16, runs), diff))
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         frozen = torch.jit.freeze(torch.jit.trace(build(), example).eval())
@@ -77,6 +88,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--file", type=Path, default=DEFAULT_FILE)
     args = parser.parse_args()
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as dicom-node worker sets it, before torch loads
 
     import numpy as np
     import torch
@@ -129,10 +141,10 @@ def main() -> int:
           f"after 3 warm-up, {time.strftime('%Y-%m-%d')}")
     for title, build, example in ((f"ResNet-34 classifier at {size} px", lambda: Binary().eval(), crop),
                                   (f"lung U-Net at {unet_size} px", lambda: Lungs().eval(), lungs_input)):
-        print(f"\n{title}\n\n| engine | median ms | p90 ms | max abs difference from eager |")
-        print("| --- | ---: | ---: | ---: |")
-        for name, median, p90, diff in engines(build, example, args.runs):
-            print(f"| {name} | {median:.1f} | {p90:.1f} | {diff:.2e} |")
+        print(f"\n{title}\n\n| engine | median ms | p90 ms | median CPU ms | max abs difference from eager |")
+        print("| --- | ---: | ---: | ---: | ---: |")
+        for name, median, p90, cpu, diff in engines(build, example, args.runs):
+            print(f"| {name} | {median:.1f} | {p90:.1f} | {cpu:.1f} | {diff:.2e} |")
 
     net = Binary().eval().model
     with torch.inference_mode():
