@@ -478,7 +478,8 @@ class Worker:
             LOG.warning("job %d: lease lost before recording; the job's new owner records it", task.job.job_id)
             return
         c = record.classification
-        verdict = (f"p={c.probability:.3f} present={c.present} category={c.most_likely_category}" if c is not None
+        verdict = (f"p={c.probability:.3f} present={c.present} category={c.most_likely_category} ({c.precision})"
+                   if c is not None
                    else "no classifier installed") if record.in_scope else f"not analysed: {record.reason}"
         LOG.info("job %d %s: %s; %s%s (%.2f s)", task.job.job_id, state.value, verdict,
                  "+".join(f.kind.upper() for f in files), f"; {len(notes)} header note(s)" if notes else "", seconds)
