@@ -97,13 +97,15 @@ class PneumoconiosisClassifier:
     def _run_fp32(self, x: np.ndarray) -> dict[str, torch.Tensor]:
         if self.onnx is not None:
             return {name: torch.from_numpy(value) for name, value in self.onnx(x[None, None]).items()}
-        tensor = torch.from_numpy(x)[None, None].to(self.device).contiguous(memory_format=torch.channels_last)
-        return self.model.forward_with_feature_map(tensor)
+        return self.model.forward_with_feature_map(self._tensor(x))
 
     def _run_bf16(self, x: np.ndarray) -> dict[str, torch.Tensor]:
-        tensor = torch.from_numpy(x)[None, None].to(self.device).contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16):
-            return self.model.forward_with_feature_map(tensor)
+            return self.model.forward_with_feature_map(self._tensor(x))
+
+    def _tensor(self, x: np.ndarray) -> torch.Tensor:
+        """The crop as the torch model takes it: a batch of one, on its device, channels-last."""
+        return torch.from_numpy(x)[None, None].to(self.device).contiguous(memory_format=torch.channels_last)
 
     def probabilities(self, image: NormalisedImage, labels: np.ndarray) -> tuple[float, np.ndarray, str]:
         """Probability of pneumoconiosis and of categories 0-3, and the precision they came from, without the heat

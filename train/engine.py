@@ -1,6 +1,6 @@
 """The training loop shared by the segmenter and the classifier: epochs, validation, checkpoints, resume,
 early stopping, a progress bar; CPU or CUDA (mixed precision: float16 on CUDA by default, bfloat16 on request, which
-CPUs with AMX or AVX-512 BF16 run 2-3x faster than float32). Readable top to bottom on purpose.
+CPUs with AMX run 2-3x faster than float32). Readable top to bottom on purpose.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ai import checkpoint
+from ai.precision import PRECISIONS
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -125,12 +126,10 @@ def fit(
     return history
 
 
-PRECISIONS = ("auto", "fp32", "bf16")
-
-
 def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast type of the training passes, or None for plain float32. The weights and the optimizer stay in
-    float32 whatever the choice (autocast casts per operation), so the checkpoints are the same kind of file."""
+    """The autocast type of the training passes, or None for plain float32 (the inference choices of
+    ``ai.precision``, but "auto" means float16 on CUDA here). The weights and the optimizer stay in float32 whatever
+    the choice (autocast casts per operation), so the checkpoints are the same kind of file."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r} ({', '.join(PRECISIONS)})")
     if precision == "bf16":
