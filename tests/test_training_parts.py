@@ -457,3 +457,38 @@ def test_an_evaluation_against_its_reference_lists_each_changed_decision_and_cat
     assert out["most_likely_categories_changed"] == [{"file": "b", "before": 2, "now": 3}]
     assert out["max_probability_difference"] == pytest.approx(0.02)
     assert out["auc_difference"] == pytest.approx(0.01)
+
+
+# --- the segmenter's soft targets ------------------------------------------------------------------------------
+
+
+def test_a_soft_mask_keeps_the_grey_level_that_the_binary_mask_thresholds(tmp_path):
+    from PIL import Image
+
+    from train.datasets import load_mask
+
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[10:50, 13:41] = 255
+    path = tmp_path / "mask.png"
+    Image.fromarray(mask).save(path)
+    soft, binary = load_mask(path, 27, soft=True), load_mask(path, 27)
+    assert soft.min() >= 0 and soft.max() <= 1
+    assert ((soft > 0) & (soft < 1)).any()  # the shrunk edge is partial
+    assert np.array_equal(binary, (soft > 127 / 255).astype(np.float32))
+    assert np.array_equal(load_mask(path, soft=True), mask / 255)
+
+
+def test_the_soft_masks_warp_bilinearly_and_binary_masks_stay_binary():
+    import torch
+
+    from train.augment import AugmentConfig, geometry
+
+    images = torch.rand(2, 1, 32, 32)
+    masks = torch.zeros(2, 1, 32, 32)
+    masks[:, :, 8:24, 8:24] = 1
+    cfg = AugmentConfig(rotation_deg=8.0, scale=(0.9, 0.9), shift=0.0)
+    _, nearest = geometry(images, masks, cfg, torch.Generator().manual_seed(1))
+    _, bilinear = geometry(images, masks, cfg, torch.Generator().manual_seed(1), mask_mode="bilinear")
+    assert set(nearest.unique().tolist()) <= {0.0, 1.0}
+    assert ((bilinear > 0.01) & (bilinear < 0.99)).any()
+    assert (bilinear - nearest).abs().mean() < 0.05

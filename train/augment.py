@@ -40,7 +40,9 @@ def intensity(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generat
 
 
 def geometry(images: torch.Tensor, masks: torch.Tensor, cfg: AugmentConfig,
-             generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             generator: torch.Generator | None = None, mask_mode: str = "nearest") -> tuple[torch.Tensor, torch.Tensor]:
+    """The same random affine transform of images and masks; ``mask_mode`` "nearest" keeps binary masks binary,
+    "bilinear" keeps soft masks' sub-pixel boundaries."""
     n, dev = images.shape[0], images.device
     angle = _uniform(n, -cfg.rotation_deg, cfg.rotation_deg, generator, dev) * math.pi / 180
     scale = _uniform(n, *cfg.scale, generator, dev)
@@ -50,11 +52,12 @@ def geometry(images: torch.Tensor, masks: torch.Tensor, cfg: AugmentConfig,
     theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    masks = F.grid_sample(masks, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    masks = F.grid_sample(masks, grid, mode=mask_mode, padding_mode="zeros", align_corners=False)
     return images, masks
 
 
 def augment_pair(images: torch.Tensor, masks: torch.Tensor, cfg: AugmentConfig,
-                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    images, masks = geometry(images, masks, cfg, generator)
+                 generator: torch.Generator | None = None,
+                 mask_mode: str = "nearest") -> tuple[torch.Tensor, torch.Tensor]:
+    images, masks = geometry(images, masks, cfg, generator, mask_mode)
     return intensity(images, cfg, generator), masks
