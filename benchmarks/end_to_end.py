@@ -13,7 +13,10 @@ Phases, with fresh copies of a chest radiograph (new SOP Instance UIDs):
 2. sustained (``--count``): all instances in one association; images per second from the start of the send until
    the last SR is in Orthanc.
 The modality is pynetdicom, timing each C-STORE from request to response: the intake's latency under load (phase
-2, while the workers analyse the earlier instances) against the idle node's (phase 1).
+2, while the workers analyse the earlier instances) against the idle node's (phase 1). ``--stop-during-burst``
+attributes the loaded latency: the named processes are stopped (SIGSTOP) while the burst is sent and continued
+after it (``workers``: no analysis and no new results during the burst; ``pacs``: the workers analyse, but no
+export gets through); the throughput of such a run means nothing.
 
 Orthanc is watched through ``/changes`` once per interval (each new instance is then looked up once), so the
 benchmark's own polling does not steal the CPU it measures. With ``--postgres`` the node and the workers share a
@@ -28,6 +31,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -175,6 +179,21 @@ def cpu_snapshot(node_pids: list[int], orthanc_pid: int) -> dict[str, float]:
             "benchmark": sum(os.times()[:2])}
 
 
+def paused_during_burst(which: list[str], node: list[subprocess.Popen], orthanc_pid: int) -> list[int]:
+    """Stop (SIGSTOP) serve's worker processes and the external workers ("workers") and/or Orthanc ("pacs");
+    the pids to continue afterwards."""
+    pids = []
+    if "workers" in which:
+        pids += [int(c) for task in Path(f"/proc/{node[0].pid}/task").iterdir()
+                 for c in (task / "children").read_text().split()]
+        pids += [p.pid for p in node[1:]]
+    if "pacs" in which:
+        pids.append(orthanc_pid)
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    return pids
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
@@ -205,6 +224,8 @@ def main() -> int:
                         help="also run this many 'dicom-node worker' processes beside serve")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any other configuration override (e.g. worker.nice=10), as 'dicom-node --set' takes it")
+    parser.add_argument("--stop-during-burst", choices=("workers", "pacs"), action="append", default=[],
+                        help="diagnostic: stop these processes while the burst is sent (see the module docstring)")
     parser.add_argument("--file", type=Path, default=DEFAULT_FILE)
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args()
@@ -276,9 +297,12 @@ def main() -> int:
         burst = Modality(port)
         assert pacs.proc is not None
         cpu_before = cpu_snapshot([p.pid for p in processes], pacs.proc.pid)
+        stopped = paused_during_burst(args.stop_during_burst, processes, pacs.proc.pid)
         burst_started = time.monotonic()
         burst.send(burst_files)
         burst_sent = time.monotonic()
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
         finished = watch.wait([sr_uid[f] for f in burst_files], 60 + 30 * args.count)
         cpu_after = cpu_snapshot([p.pid for p in processes], pacs.proc.pid)
         rate = args.count / (finished - burst_started)
@@ -305,7 +329,9 @@ def main() -> int:
     print(f"End to end, {args.file.name}: {args.idle} idle + {args.count} sustained; {workers}, batch "
           f"{args.batch_size or defaults.worker.batch_size}, threads {threads}; "
           f"database {'PostgreSQL' if args.postgres else 'SQLite'}; Orthanc {orthanc_version}"
-          + (f"; --set {' '.join(args.set)}" if args.set else ""))
+          + (f"; --set {' '.join(args.set)}" if args.set else "")
+          + (f"; stopped during the burst: {', '.join(args.stop_during_burst)} (diagnostic: the throughput "
+             "means nothing)" if args.stop_during_burst else ""))
     print(f"{cpu_model()}, {os.cpu_count()} cores visible, torch {torch.__version__}, "
           f"CUDA {'yes' if torch.cuda.is_available() else 'no'}, Python {platform.python_version()}, "
           f"{time.strftime('%Y-%m-%d')}; {watch.requests} Orthanc requests in all")
