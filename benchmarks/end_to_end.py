@@ -162,15 +162,19 @@ def cpu_seconds(pid: int, descendants: bool = True) -> float:
     tick = os.sysconf("SC_CLK_TCK")
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        children = {c for task in Path(f"/proc/{pid}/task").iterdir()  # a child belongs to the thread that forked it
-                    for c in (task / "children").read_text().split()}
+        children = child_pids(pid)
     except OSError:
         return 0.0
     if not descendants:  # utime, stime (fields 14-15 of proc(5), counted after the command name)
         return sum(int(fields[k]) for k in (11, 12)) / tick
     # and cutime, cstime (fields 16-17): the children already reaped
     own = sum(int(fields[k]) for k in (11, 12, 13, 14)) / tick
-    return own + sum(cpu_seconds(int(c)) for c in children)
+    return own + sum(cpu_seconds(c) for c in children)
+
+
+def child_pids(pid: int) -> set[int]:
+    """The live children of ``pid``, from /proc (a child belongs to the thread that forked it)."""
+    return {int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()}
 
 
 def cpu_snapshot(node_pids: list[int], orthanc_pid: int) -> dict[str, float]:
@@ -184,9 +188,7 @@ def paused_during_burst(which: list[str], node: list[subprocess.Popen], orthanc_
     the pids to continue afterwards."""
     pids = []
     if "workers" in which:
-        pids += [int(c) for task in Path(f"/proc/{node[0].pid}/task").iterdir()
-                 for c in (task / "children").read_text().split()]
-        pids += [p.pid for p in node[1:]]
+        pids += sorted(child_pids(node[0].pid)) + [p.pid for p in node[1:]]
     if "pacs" in which:
         pids.append(orthanc_pid)
     for pid in pids:
@@ -299,10 +301,12 @@ def main() -> int:
         cpu_before = cpu_snapshot([p.pid for p in processes], pacs.proc.pid)
         stopped = paused_during_burst(args.stop_during_burst, processes, pacs.proc.pid)
         burst_started = time.monotonic()
-        burst.send(burst_files)
+        try:
+            burst.send(burst_files)
+        finally:  # a stopped process would not see the SIGTERM that ends the run
+            for pid in stopped:
+                os.kill(pid, signal.SIGCONT)
         burst_sent = time.monotonic()
-        for pid in stopped:
-            os.kill(pid, signal.SIGCONT)
         finished = watch.wait([sr_uid[f] for f in burst_files], 60 + 30 * args.count)
         cpu_after = cpu_snapshot([p.pid for p in processes], pacs.proc.pid)
         rate = args.count / (finished - burst_started)
