@@ -37,6 +37,12 @@ class _Outputs(torch.nn.Module):
         return tuple(out[name] for name in OUTPUTS)
 
 
+def inference_module(model: PneumoconiosisNet) -> torch.nn.Module:
+    """``model`` as its ONNX export takes it (eval mode, a tuple of ``OUTPUTS``): the node's engine and the int8
+    benchmark (benchmarks/int8_classifier.py) export the same graph."""
+    return _Outputs(model).eval()
+
+
 @dataclass
 class Classification:
     """What the classifier says about one accepted radiograph, on the source's native grid."""
@@ -73,7 +79,7 @@ class PneumoconiosisClassifier:
         self.device = device
         # ONNX Runtime on CPU (ai/onnx_engine.py); the torch model stays for the heat map's head weights.
         example = torch.zeros(1, 1, self.input_size, self.input_size)
-        self.onnx = (onnx_model_of(_Outputs(self.model), example, OUTPUTS, model_file.sha256)
+        self.onnx = (onnx_model_of(inference_module(self.model), example, OUTPUTS, model_file.sha256)
                      if use_onnxruntime(engine, device) else None)
         self.engine = "onnxruntime" if self.onnx is not None else "torch"
         # bfloat16 first where it pays, float32 (the engine above) near a decision: ai/precision.py

@@ -241,6 +241,40 @@ YOUDEN_S = [0.1, 0.3, 0.6, 0.4, 0.8, 0.9]
 # J = 1/3, 2/3, 1/3, 2/3, 1/3, 0: maximum 2/3 at 0.8 and 0.4, the higher (fewer false alarms) is chosen.
 
 
+def test_mean_interval_covers_the_mean_narrows_with_n_and_is_reproducible():
+    rng = np.random.default_rng(3)
+    small, large = rng.normal(0.96, 0.03, 30), rng.normal(0.96, 0.03, 600)
+    mean, low, high = M.mean_interval(small)
+    assert low < mean < high and mean == pytest.approx(small.mean())
+    # about 1.96 standard errors either side for a roughly normal sample
+    assert (high - low) / 2 == pytest.approx(1.96 * small.std(ddof=1) / math.sqrt(small.size), rel=0.2)
+    _, low_l, high_l = M.mean_interval(large)
+    assert high_l - low_l < (high - low) / 3
+    assert M.mean_interval(small) == (mean, low, high)  # seeded: a report is reproducible
+    assert M.mean_interval([0.9]) == (0.9, 0.9, 0.9) and M.mean_interval([0.5, 0.5]) == (0.5, 0.5, 0.5)
+    with pytest.raises(ValueError):
+        M.mean_interval([])
+
+
+def test_paired_dice_differences_match_cases_and_say_when_a_change_is_inside_the_noise():
+    from train.evaluate_segmenter import paired_differences
+
+    rng = np.random.default_rng(5)
+    reference = [{"group": "clean", "file": f"c{i}.png", "dice": float(d)} for i, d in
+                 enumerate(rng.uniform(0.93, 0.99, 60))]
+    reference += [{"group": "films", "file": f"t{i}.png", "dice": 0.92} for i in range(10)]
+    noisy = [dict(r, dice=r["dice"] + float(rng.normal(0, 0.01))) for r in reference]
+    better = [dict(r, dice=r["dice"] + 0.01) for r in reference]
+    out = paired_differences(noisy, reference, ["t1.png", "t2.png", "t3.png"])
+    assert set(out) == {"clean", "densest_decile"} and out["densest_decile"]["n"] == 3
+    low, high = out["clean"]["ci95"]
+    assert low < 0 < high  # noise only: the interval holds 0
+    shifted = paired_differences(better, reference, [])
+    assert shifted["clean"]["mean"] == pytest.approx(0.01) and shifted["clean"]["ci95"] == [0.01, 0.01]
+    with pytest.raises(ValueError, match="not the same cases"):
+        paired_differences(list(reversed(noisy)), reference, [])
+
+
 def test_binary_metrics_and_thresholds():
     m = M.binary_metrics(YOUDEN_Y, YOUDEN_S, 0.5)
     assert (m["tp"], m["fp"], m["tn"], m["fn"]) == (2, 1, 2, 1)
