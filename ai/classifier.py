@@ -93,11 +93,11 @@ class PneumoconiosisClassifier:
         with torch.inference_mode():
             if self.precision == "bf16":
                 out = self._run_bf16(x)
-                probability, categories = _probabilities(out)
+                probability, categories = output_probabilities(out)
                 if not near_decision(probability, self.threshold, categories.tolist()):
                     return out["feature_map"].float(), geometry, probability, categories, "bf16"
             out = self._run_fp32(x)
-            probability, categories = _probabilities(out)
+            probability, categories = output_probabilities(out)
         return out["feature_map"], geometry, probability, categories, "fp32"
 
     def _run_fp32(self, x: np.ndarray) -> dict[str, torch.Tensor]:
@@ -144,7 +144,8 @@ class PneumoconiosisClassifier:
         )
 
 
-def _probabilities(out: dict[str, torch.Tensor]) -> tuple[float, np.ndarray]:
-    """The network's outputs as the probability of pneumoconiosis and of categories 0-3, in float32."""
+def output_probabilities(out: dict[str, torch.Tensor]) -> tuple[float, np.ndarray]:
+    """The network's outputs as the probability of pneumoconiosis and of categories 0-3, in float32 (also what the
+    int8 benchmark compares, benchmarks/int8_classifier.py)."""
     probability = float(torch.sigmoid(out["binary"].float())[0])
     return probability, torch.softmax(out["profusion"][0].float(), dim=0).cpu().numpy()

@@ -28,10 +28,8 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the worker, before torch loads
@@ -42,29 +40,20 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 
 from benchmarks.analysis_stages import cpu_model  # noqa: E402
+from benchmarks.inference_engines import timed  # noqa: E402
+from train.datasets import data_dir  # noqa: E402
 
-LUNG_MASKS = Path(os.environ.get("PNEUMO_DATA_DIR", REPO.parent / "shared" / "data")) / "cxr-lung-masks"
 
-
-def node_crops(classifier, data: Path, part: str | None, limit: int) -> np.ndarray:  # noqa: ANN001
+def node_crops(classifier, segmenter, data: Path, part: str | None, limit: int) -> np.ndarray:  # noqa: ANN001
     """The classifier's input crops of the images in ``data`` (a labels.csv folder), made as the node makes them; at
-    most ``limit``, drawn with a fixed seed. ``part`` is one part of the seeded split the classifier card uses."""
-    import torch
-
+    most ``limit``, drawn with a fixed seed. ``part`` is one part of the seeded split the classifier card uses
+    (``train.evaluate_classifier``'s selection)."""
     from ai.input_check import check_lung_fields
     from ai.lung_crop import classifier_input
-    from ai.models import LUNG_UNET, model_path
     from ai.normalise import normalise
-    from ai.segment import LungSegmenter
-    from train.classifier import read_items
+    from train.evaluate_classifier import evaluation_items
 
-    segmenter = LungSegmenter(model_path(LUNG_UNET), torch.device("cpu"))
-    items = read_items(data)
-    if part:
-        from train.datasets import read_lung_masks, stratified_split
-
-        keep = {s.file for s in stratified_split(read_lung_masks(data), 0)[part]}  # evaluate_classifier's seed
-        items = [i for i in items if i.image.name in keep]
+    items = evaluation_items(data, part)
     if len(items) > limit:
         items = [items[i] for i in sorted(np.random.default_rng(0).choice(len(items), limit, replace=False))]
     crops = []
@@ -103,52 +92,47 @@ def quantise(fp32: Path, out: Path, calibration: np.ndarray, exclude: list[str])
 
 
 def answers(model, crops: np.ndarray) -> list[tuple[float, np.ndarray, np.ndarray]]:  # noqa: ANN001
-    """(probability, category probabilities, layer4 features) of each crop."""
+    """(probability, category probabilities, layer4 features) of each crop, computed as the node computes them."""
+    import torch
+
+    from ai.classifier import output_probabilities
+
     out = []
     for x in crops:
-        o = model(x[None, None])
-        logits = o["profusion"][0].astype(np.float64)
-        categories = np.exp(logits - logits.max())
-        out.append((float(1 / (1 + np.exp(-float(o["binary"].ravel()[0])))), categories / categories.sum(),
-                    o["feature_map"].ravel()))
+        outputs = model(x[None, None])
+        probability, categories = output_probabilities({k: torch.from_numpy(v) for k, v in outputs.items()})
+        out.append((probability, categories, outputs["feature_map"].ravel()))
     return out
-
-
-def median_ms(model, x: np.ndarray, runs: int) -> float:  # noqa: ANN001
-    for _ in range(3):
-        model(x)
-    samples = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        model(x)
-        samples.append((time.perf_counter() - started) * 1000)
-    return statistics.median(samples)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=LUNG_MASKS, help="the lung-mask set (real films)")
+    parser.add_argument("--data", type=Path, default=None, help="the lung-mask set (default: the shared data's)")
     parser.add_argument("--synthetic-train", type=Path, required=True)
     parser.add_argument("--synthetic-test", type=Path, required=True)
     parser.add_argument("--calibration", type=int, default=120, help="crops of each training source")
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    data = args.data or data_dir() / "cxr-lung-masks"
 
     import onnx
     import torch
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from ai.classifier import OUTPUTS, PneumoconiosisClassifier, inference_module
-    from ai.models import CLASSIFIER, model_path
+    from ai.models import CLASSIFIER, LUNG_UNET, model_path
     from ai.onnx_engine import OnnxModel, export_onnx
+    from ai.precision import near_decision
+    from ai.segment import LungSegmenter
 
     torch.set_num_threads(args.threads)  # OnnxModel takes its thread count from torch, as in the worker
     classifier = PneumoconiosisClassifier(model_path(CLASSIFIER), torch.device("cpu"), "onnxruntime", "fp32")
-    calibration = np.concatenate([node_crops(classifier, args.data, "train", args.calibration),
-                                  node_crops(classifier, args.synthetic_train, None, args.calibration)])
-    held_out = {"real test": node_crops(classifier, args.data, "test", 10**6),
-                "synthetic test": node_crops(classifier, args.synthetic_test, None, 10**6)}
+    segmenter = LungSegmenter(model_path(LUNG_UNET), torch.device("cpu"))
+    calibration = np.concatenate([node_crops(classifier, segmenter, data, "train", args.calibration),
+                                  node_crops(classifier, segmenter, args.synthetic_train, None, args.calibration)])
+    held_out = {"real test": node_crops(classifier, segmenter, data, "test", 10**6),
+                "synthetic test": node_crops(classifier, segmenter, args.synthetic_test, None, 10**6)}
     n = classifier.input_size
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
@@ -173,7 +157,7 @@ def main() -> int:
               "| decisions changed | categories changed | layer4 correlation min | sent to float32 by a 3x guard |")
         print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
         for name, engine in engines.items():
-            ms = median_ms(engine, example, args.runs)
+            ms = timed(lambda engine=engine: engine(example), args.runs)[0]
             for set_name, crops in held_out.items():
                 ref, got = reference[set_name], answers(engine, crops)
                 dp = np.array([abs(a[0] - b[0]) for a, b in zip(ref, got, strict=True)])
@@ -182,9 +166,9 @@ def main() -> int:
                             for a, b in zip(ref, got, strict=True))
                 categories = sum(int(a[1].argmax()) != int(b[1].argmax()) for a, b in zip(ref, got, strict=True))
                 corr = min(float(np.corrcoef(a[2], b[2])[0, 1]) for a, b in zip(ref, got, strict=True))
-                guard_p, guard_c = 3 * dp.max(), 3 * 2 * dc.max()  # a category gap moves by up to twice the error
-                sent = sum(abs(b[0] - classifier.threshold) < guard_p or np.diff(np.sort(b[1])[-2:])[0] < guard_c
-                           for b in got) if dp.max() > 0 else 0
+                # a category gap moves by up to twice a category's error
+                sent = sum(near_decision(b[0], classifier.threshold, b[1].tolist(), 3 * dp.max(), 3 * 2 * dc.max())
+                           for b in got)
                 print(f"| {name} | {ms:.1f} | {set_name} | {dp.max():.4f} / {np.percentile(dp, 95):.4f} "
                       f"| {dc.max():.4f} | {flips} | {categories} | {corr:.4f} | {sent} of {len(crops)} |")
     return 0

@@ -34,26 +34,33 @@ from ai.normalise import normalise
 from ai.precision import PRECISIONS
 from ai.segment import LungSegmenter
 
-from .classifier import read_items
+from .classifier import Item, read_items
 from .metrics import binary_summary, multiclass_metrics
+
+
+def evaluation_items(data: Path, part: str | None, split_seed: int = 0) -> list[Item]:
+    """The images of ``data`` to evaluate: all of them, or one ``part`` of a lung-mask-layout folder's seeded split
+    (the split the segmenter and the synthetic data used)."""
+    items = read_items(data)
+    if part:
+        from .datasets import read_lung_masks, stratified_split
+
+        keep = {s.file for s in stratified_split(read_lung_masks(data), split_seed)[part]}
+        items = [i for i in items if i.image.name in keep]
+    return items
 
 
 def evaluate(classifier_file: Path, data: Path, part: str | None, split_seed: int, engine: str = "auto",
              precision: str = "auto") -> dict:
     classifier = PneumoconiosisClassifier(classifier_file, torch.device("cpu"), engine, precision)
     segmenter = LungSegmenter(model_path(LUNG_UNET), torch.device("cpu"), engine)
-    items = read_items(data)
+    items = evaluation_items(data, part, split_seed)
     findings: dict[str, str] = {}
     if (data / "labels.csv").is_file() if data.is_dir() else False:
         import csv
 
         with (data / "labels.csv").open(newline="") as fh:
             findings = {r["file"]: r.get("finding", "") for r in csv.DictReader(fh)}
-    if part:
-        from .datasets import read_lung_masks, stratified_split
-
-        keep = {s.file for s in stratified_split(read_lung_masks(data), split_seed)[part]}
-        items = [i for i in items if i.image.name in keep]
     rows: list[dict[str, Any]] = []
     for item in items:
         image = normalise(item.image)
