@@ -526,3 +526,23 @@ def test_the_soft_masks_warp_bilinearly_and_binary_masks_stay_binary():
     assert set(nearest.unique().tolist()) <= {0.0, 1.0}
     assert ((bilinear > 0.01) & (bilinear < 0.99)).any()
     assert (bilinear - nearest).abs().mean() < 0.05
+
+
+def test_lovasz_hinge_is_twice_the_jaccard_loss_at_unit_logits_and_pulls_towards_the_truth():
+    """At logits of +/-1 the hinge errors are 0 or 2, so the loss is 2 * (1 - IoU) per image, averaged; a perfect
+    confident prediction costs nothing; the gradient raises the logits of missed lung and lowers false ones."""
+    import torch
+
+    from train.losses import dice_iou, lovasz_hinge
+
+    gen = torch.Generator().manual_seed(3)
+    truth = (torch.rand(4, 1, 24, 24, generator=gen) > 0.5).float()
+    guess = (torch.rand(4, 1, 24, 24, generator=gen) > 0.4).float()
+    expected = np.mean([2 * (1 - dice_iou(g.numpy() > 0, t.numpy() > 0)[1])
+                        for g, t in zip(guess, truth, strict=True)])
+    assert lovasz_hinge(2 * guess - 1, truth).item() == pytest.approx(expected, rel=1e-5)
+    assert lovasz_hinge(5 * (2 * truth - 1), truth).item() == 0.0
+    logits = torch.zeros(4, 1, 24, 24, requires_grad=True)
+    lovasz_hinge(logits, truth).backward()
+    assert (logits.grad[truth > 0.5] <= 0).all() and (logits.grad[truth < 0.5] >= 0).all()
+    assert logits.grad.abs().sum() > 0

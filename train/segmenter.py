@@ -39,7 +39,7 @@ from .augment import AugmentConfig, augment_pair
 from .datasets import LungSample, load_gray, load_mask, read_lung_masks, stratified_split
 from .dense_disease import paint_batch, paint_dense_disease, random_spec
 from .engine import PRECISIONS, FitConfig, History, fit, resolve_device, seed_everything, tensor_batches
-from .losses import batch_dice, dice_bce_loss, dice_iou
+from .losses import SEGMENTATION_LOSSES, batch_dice, dice_iou
 from .synthetic_opacities import DEFAULT_PIXEL_SPACING_MM
 
 MODEL_NAME = "lung-field-unet"
@@ -155,6 +155,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="auto: float16 autocast on CUDA, float32 on CPU; bf16: bfloat16 autocast "
                              "(fast on CPUs with AMX or AVX-512 BF16)")
+    parser.add_argument("--loss", choices=sorted(SEGMENTATION_LOSSES), default="dice_bce",
+                        help="dice_bce (how the shipped weights were trained), or the per-image Lovasz hinge, alone "
+                             "or + 0.5 BCE, to fine-tune for per-image overlap")
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
 
@@ -206,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         model,
         train_batches=lambda epoch: tensor_batches(train_x, train_y, args.batch_size, shuffle_seed=args.seed + epoch),
         val_batches=lambda: tensor_batches(val_x, val_y, 16),
-        loss_fn=dice_bce_loss,
+        loss_fn=SEGMENTATION_LOSSES[args.loss],
         score_fn=batch_dice,
         cfg=cfg,
         train_transform=train_transform,
@@ -234,7 +237,7 @@ def run_report(model: UNet, args: argparse.Namespace, split: dict[str, list[Lung
         "validation": "clean + dense copies" if args.dense_fraction > 0 else "clean",
         "init": str(args.init) if args.init else None,
         "lr": args.lr, "lr_schedule": args.lr_schedule, "precision": args.precision,
-        "soft_masks": args.soft_masks,
+        "soft_masks": args.soft_masks, "loss": args.loss,
         "test": test_report(model, split["test"], args.size, resolve_device(args.device)),
     }
 
