@@ -1,7 +1,7 @@
 """Whether static int8 quantisation of the classifier keeps its decisions: speed and error against float32.
 
     .venv/bin/python benchmarks/int8_classifier.py --synthetic-train runs/synth_train --synthetic-test runs/synth_test \
-        [--calibration 120] [--runs 15] [--threads 2]
+        [--calibration 120] [--runs 15] [--threads 2] [--full-range]
 
 Issue 14 allows int8 "only if it keeps the decisions". This measures that instead of assuming it. The bundled
 classifier's float32 ONNX export (the one the node runs) is quantised by ONNX Runtime's static quantiser (QDQ, int8
@@ -67,9 +67,9 @@ def node_crops(classifier, segmenter, data: Path, part: str | None, limit: int) 
     return np.stack(crops)
 
 
-def quantise(fp32: Path, out: Path, calibration: np.ndarray, exclude: list[str]) -> None:
-    """ONNX Runtime's static QDQ quantisation of ``fp32`` calibrated on ``calibration`` (reduce_range: 7-bit weights,
-    which avoids the u8s8 saturation of CPUs without VNNI)."""
+def quantise(fp32: Path, out: Path, calibration: np.ndarray, exclude: list[str], reduce_range: bool = True) -> None:
+    """ONNX Runtime's static QDQ quantisation of ``fp32`` calibrated on ``calibration``. ``reduce_range``: 7-bit
+    weights, which avoid the u8s8 saturation of CPUs without VNNI; CPUs with VNNI can take full 8-bit weights."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -87,7 +87,7 @@ def quantise(fp32: Path, out: Path, calibration: np.ndarray, exclude: list[str])
             return None if x is None else {"input": x[None, None]}
 
     quantize_static(str(fp32), str(out), Crops(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=exclude)
 
 
@@ -113,6 +113,8 @@ def main() -> int:
     parser.add_argument("--calibration", type=int, default=120, help="crops of each training source")
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--full-range", action="store_true",
+                        help="8-bit weights (reduce_range off): only for CPUs with VNNI (AVX-512 VNNI, AVX-VNNI)")
     args = parser.parse_args()
     data = args.data or data_dir() / "cxr-lung-masks"
 
@@ -146,12 +148,13 @@ def main() -> int:
         engines = {"float32 (the node)": OnnxModel(fp32.read_bytes(), OUTPUTS)}
         for name, exclude in variants.items():
             out = Path(tmp) / f"{len(engines)}.onnx"
-            quantise(prepared, out, calibration, exclude)
+            quantise(prepared, out, calibration, exclude, reduce_range=not args.full_range)
             engines[name] = OnnxModel(out.read_bytes(), OUTPUTS)
         example = held_out["real test"][0][None, None]
         reference = {k: answers(engines["float32 (the node)"], v) for k, v in held_out.items()}
         print(f"{cpu_model()}, {args.threads} threads, Python {platform.python_version()}, torch {torch.__version__}; "
-              f"calibration {len(calibration)} training crops; held out: "
+              f"calibration {len(calibration)} training crops; "
+              f"{'8' if args.full_range else '7'}-bit weights; held out: "
               + ", ".join(f"{k} {len(v)}" for k, v in held_out.items()) + f"; threshold {classifier.threshold:.4f}\n")
         print("| engine | forward ms | held-out set | probability error max / p95 | category error max "
               "| decisions changed | categories changed | layer4 correlation min | sent to float32 by a 3x guard |")
