@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -16,7 +17,10 @@ def soft_dice(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> t
     return ((2 * inter + eps) / (prob.sum(dims) + target.sum(dims) + eps)).mean()
 
 
-def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor, bce_weight: float = 0.5) -> torch.Tensor:
+BCE_WEIGHT = 0.5  # the BCE term's weight beside an overlap loss (Dice for the shipped weights, or the Lovasz hinge)
+
+
+def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor, bce_weight: float = BCE_WEIGHT) -> torch.Tensor:
     """(1 - soft Dice) + weight * BCE: Dice for overlap, BCE for well-calibrated, sharp boundaries."""
     return (1 - soft_dice(logits, target)) + bce_weight * F.binary_cross_entropy_with_logits(logits, target)
 
@@ -52,7 +56,7 @@ def lovasz_hinge(logits: torch.Tensor, target: torch.Tensor, bce_weight: float =
 
 
 SEGMENTATION_LOSSES = {"dice_bce": dice_bce_loss, "lovasz": lovasz_hinge,
-                       "lovasz_bce": lambda logits, target: lovasz_hinge(logits, target, bce_weight=0.5)}
+                       "lovasz_bce": functools.partial(lovasz_hinge, bce_weight=BCE_WEIGHT)}
 
 
 def dice_iou(pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray) -> tuple[float, float]:
