@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -55,8 +55,11 @@ def lovasz_hinge(logits: torch.Tensor, target: torch.Tensor, bce_weight: float =
     return loss
 
 
-SEGMENTATION_LOSSES = {"dice_bce": dice_bce_loss, "lovasz": lovasz_hinge,
-                       "lovasz_bce": functools.partial(lovasz_hinge, bce_weight=BCE_WEIGHT)}
+SEGMENTATION_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "dice_bce": dice_bce_loss,
+    "lovasz": lovasz_hinge,
+    "lovasz_bce": functools.partial(lovasz_hinge, bce_weight=BCE_WEIGHT),
+}
 
 
 def dice_iou(pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray) -> tuple[float, float]:
