@@ -243,8 +243,8 @@ def analyse_batch(sources: Sequence[Source], device: str | None = None, decode_t
     (``image_too_large``) before anything is inflated or decoded; ``model_dir``: a site's own model files
     (``models.directory``), each replacing the bundled file of the same name (None: the bundled models);
     ``classifier_path``: the classifier file to use instead of the installed one (the registry's champion);
-    ``precision``: the classifier's arithmetic (``ai.precision``; "auto": bfloat16 where the CPU has AMX, float32
-    near a decision)."""
+    ``precision``: the classifier's arithmetic (``ai.precision``; "auto": bfloat16 where the CPU has AMX or
+    AVX-512 BF16, float32 near a decision)."""
     segmenter = lung_segmenter(device, model_dir)
     classifier = pneumoconiosis_classifier(device, model_dir, classifier_path, precision)
     prepared = [_prepare(s, decode_timeout, limits) for s in sources]

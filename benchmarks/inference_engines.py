@@ -51,7 +51,7 @@ def engines(build: Callable[[], object], example, runs: int  # noqa: ANN001
     import torch
 
     from ai.onnx_engine import onnx_model_of
-    from ai.precision import amx_available
+    from ai.precision import bfloat16_hardware
 
     rows = []
     eager = build()
@@ -68,8 +68,8 @@ def engines(build: Callable[[], object], example, runs: int  # noqa: ANN001
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 return folded(last)
         diff = float(np.abs(bf16().float().numpy() - reference).max())
-        amx = "AMX" if amx_available() else "no AMX: emulated"
-        rows.append((f"the same in bfloat16 autocast ({amx}; ai/precision.py)", *timed(bf16, runs), diff))
+        hardware = bfloat16_hardware() or "emulated: no AMX or AVX-512 BF16"
+        rows.append((f"the same in bfloat16 autocast ({hardware}; ai/precision.py)", *timed(bf16, runs), diff))
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         frozen = torch.jit.freeze(torch.jit.trace(build(), example).eval())

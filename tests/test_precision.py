@@ -20,13 +20,29 @@ from .support.data import CHEST_UNCOMPRESSED as CHEST
 CPU = torch.device("cpu")
 
 
-@pytest.mark.parametrize(("amx", "device", "expected"), [
-    (True, "cpu", "bf16"), (False, "cpu", "fp32"), (True, "cuda", "fp32"), (False, "cuda", "fp32")])
-def test_auto_is_bfloat16_only_on_a_cpu_with_amx(monkeypatch, amx, device, expected):
-    monkeypatch.setattr(ai.precision, "amx_available", lambda: amx)
+@pytest.mark.parametrize(("hardware", "device", "expected"), [
+    ("AMX", "cpu", "bf16"), ("AVX-512 BF16", "cpu", "bf16"), (None, "cpu", "fp32"),
+    ("AMX", "cuda", "fp32"), ("AVX-512 BF16", "cuda", "fp32"), (None, "cuda", "fp32")])
+def test_auto_is_bfloat16_only_on_a_cpu_with_bfloat16_instructions(monkeypatch, hardware, device, expected):
+    monkeypatch.setattr(ai.precision, "bfloat16_hardware", lambda: hardware)
     assert resolve_precision("auto", torch.device(device)) == expected
     assert resolve_precision("fp32", torch.device(device)) == "fp32"
     assert resolve_precision("bf16", torch.device(device)) == "bf16"
+
+
+@pytest.mark.parametrize(("amx", "avx512_bf16", "expected"), [
+    (True, True, "AMX"), (True, False, "AMX"), (False, True, "AVX-512 BF16"), (False, False, None)])
+def test_bfloat16_hardware_reads_torchs_cpu_probes(monkeypatch, amx, avx512_bf16, expected):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    assert ai.precision.bfloat16_hardware() == expected
+
+
+def test_a_torch_without_the_probes_means_no_bfloat16_instructions(monkeypatch):
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    assert ai.precision.bfloat16_hardware() is None
+    assert resolve_precision("auto", CPU) == "fp32"
 
 
 def test_an_unknown_precision_is_refused():

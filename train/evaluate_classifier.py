@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", choices=["auto", "torch", "onnxruntime"], default="auto")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="the classifier's arithmetic (ai/precision.py; default as the node: bfloat16 where the "
-                             "CPU has AMX, float32 near a decision)")
+                             "CPU has AMX or AVX-512 BF16, float32 near a decision)")
     parser.add_argument("--reference", type=Path, help="an earlier evaluation.json of the same images")
     args = parser.parse_args(argv)
     if args.threads:
