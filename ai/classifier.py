@@ -6,6 +6,7 @@ The pieces live beside it, the way the segmenter's do (``ai/unet.py``, ``ai/segm
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,9 @@ class PneumoconiosisClassifier:
         self.engine = "onnxruntime" if self.onnx is not None else "torch"
         # bfloat16 first where it pays, float32 (the engine above) near a decision: ai/precision.py
         self.precision = resolve_precision(precision, device)
+        # Its weights converted once: autocast would convert all 21 M of them again at every call, for the same
+        # bfloat16 values (the outputs are bit-identical; 20 % of the pass: docs/benchmarks.md).
+        self.bf16_model = copy.deepcopy(self.model).to(torch.bfloat16) if self.precision == "bf16" else None
 
     def _forward(self, image: NormalisedImage, labels: np.ndarray
                  ) -> tuple[torch.Tensor, CropGeometry, float, np.ndarray, str]:
@@ -106,8 +110,10 @@ class PneumoconiosisClassifier:
         return self.model.forward_with_feature_map(self._tensor(x))
 
     def _run_bf16(self, x: np.ndarray) -> dict[str, torch.Tensor]:
-        with torch.autocast(self.device.type, dtype=torch.bfloat16):
-            return self.model.forward_with_feature_map(self._tensor(x))
+        """What ``torch.autocast`` to bfloat16 gives for the float32 model, from weights stored in bfloat16."""
+        if self.bf16_model is None:
+            raise RuntimeError("this classifier was made for float32 only")
+        return self.bf16_model.forward_with_feature_map(self._tensor(x).to(torch.bfloat16))
 
     def _tensor(self, x: np.ndarray) -> torch.Tensor:
         """The crop as the torch model takes it: a batch of one, on its device, channels-last."""

@@ -11,6 +11,7 @@ from pydicom import dcmread
 import ai.classifier
 import ai.precision
 from ai.classifier import PneumoconiosisClassifier
+from ai.lung_crop import classifier_input
 from ai.models import CLASSIFIER, lung_segmenter, model_path
 from ai.normalise import decode_pixels, normalise_dataset
 from ai.precision import CATEGORY_GUARD, PROBABILITY_GUARD, near_decision, resolve_precision
@@ -87,6 +88,20 @@ def test_an_answer_far_from_every_decision_comes_from_bfloat16_close_to_float32(
     assert np.abs(np.subtract(fast.category_probabilities, exact.category_probabilities)).max() < CATEGORY_GUARD / 4
     lungs = crop_inputs[1] > 0
     assert np.corrcoef(fast.heat_map[lungs], exact.heat_map[lungs])[0, 1] > 0.99
+
+
+def test_the_bfloat16_weights_give_exactly_what_autocast_gives_for_the_float32_model(crop_inputs, classifiers):
+    fp32, bf16 = classifiers
+    assert fp32.bf16_model is None  # no second copy of the weights where bfloat16 never runs
+    x, _ = classifier_input(*crop_inputs, bf16.input_size, bf16.margin, bf16.suppress_outside)
+    with torch.inference_mode():
+        stored = bf16._run_bf16(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            cast = bf16.model.forward_with_feature_map(bf16._tensor(x))
+    assert stored.keys() == cast.keys()
+    for name in cast:
+        assert stored[name].dtype == cast[name].dtype == torch.bfloat16
+        assert torch.equal(stored[name], cast[name]), name
 
 
 def test_an_answer_near_a_decision_is_float32s_exactly(monkeypatch, crop_inputs, classifiers):
