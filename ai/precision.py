@@ -1,7 +1,7 @@
 """When the classifier may run in bfloat16, and when its answer must come from float32 after all.
 
 Why: on CPUs with AMX (Intel Xeon since Sapphire Rapids), the classifier's ResNet-34 runs 2.9x faster in bfloat16
-(torch autocast, oneDNN) than in float32 ONNX Runtime on one thread, 1.6x on two, in less than half the CPU time
+(oneDNN's bfloat16 kernels) than in float32 ONNX Runtime on one thread, 1.6x on two, in less than half the CPU time
 (``benchmarks/inference_engines.py``, docs/benchmarks.md). bfloat16 keeps 8 bits of mantissa, so the outputs move a
 little: on the classifier card's held-out images the probability moved by at most 0.0103 and a category probability
 by at most 0.0154, which flipped 2 of 144 binary decisions and 1 category when used as it is. So an answer is taken

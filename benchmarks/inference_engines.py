@@ -4,6 +4,7 @@ on the same inputs in one run; and the heat map's two methods on the Philips CR 
     .venv/bin/python benchmarks/inference_engines.py [--runs 20] [--threads 2]
 
 Engines: eager torch as the node ran it before (batch norms, NCHW), eager with batch norms folded and channels-last,
+the same in bfloat16 (torch autocast, and with the weights stored in bfloat16 as the node's bfloat16 path runs it),
 TorchScript trace + freeze, and ONNX Runtime (the export the node makes at load, ``ai/onnx_engine.py``). Each
 row gives the median and p90 of one forward pass at batch 1 and the largest output difference from eager torch.
 Heat map: Grad-CAM (backward pass) against the class activation map from the forward pass's features (what the
@@ -14,6 +15,7 @@ Markdown tables.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import platform
 import statistics
@@ -69,7 +71,12 @@ def engines(build: Callable[[], object], example, runs: int  # noqa: ANN001
                 return folded(last)
         diff = float(np.abs(bf16().float().numpy() - reference).max())
         hardware = bfloat16_hardware() or "emulated: no AMX or AVX-512 BF16"
-        rows.append((f"the same in bfloat16 autocast ({hardware}; ai/precision.py)", *timed(bf16, runs), diff))
+        rows.append((f"the same in bfloat16 autocast ({hardware})", *timed(bf16, runs), diff))
+        stored = copy.deepcopy(folded).to(torch.bfloat16)  # what ai/classifier.py runs: converted once
+        last16 = last.to(torch.bfloat16)
+        diff = float(np.abs(stored(last16).float().numpy() - reference).max())
+        rows.append(("the same with weights stored in bfloat16 (the node's bfloat16 path; ai/precision.py)",
+                     *timed(lambda: stored(last16), runs), diff))
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         frozen = torch.jit.freeze(torch.jit.trace(build(), example).eval())
