@@ -86,7 +86,7 @@ class PneumoconiosisClassifier:
         # bfloat16 first where it pays, float32 (the engine above) near a decision: ai/precision.py
         self.precision = resolve_precision(precision, device)
         # Its weights converted once: autocast would convert all 21 M of them again at every call, for the same
-        # bfloat16 values (the outputs are bit-identical; 20 % of the pass: docs/benchmarks.md).
+        # bfloat16 values (the outputs are bit-identical; 3-36 % of the pass's time: docs/benchmarks.md).
         self.bf16_model = copy.deepcopy(self.model).to(torch.bfloat16) if self.precision == "bf16" else None
 
     def _forward(self, image: NormalisedImage, labels: np.ndarray

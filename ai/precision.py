@@ -11,7 +11,7 @@ same input goes through the float32 engine, and that answer is the result. The d
 whenever the bfloat16 error stays under the guards (5x and 3x the largest error measured).
 
 "auto" uses bfloat16 only where it was measured to pay: on a CPU whose instructions compute bfloat16 products, AMX
-tiles or AVX-512 BF16. On an AMD EPYC VM with AVX-512 BF16 and no AMX (2026-12-03) the crop took 104-106 ms against
+tiles or AVX-512 BF16. On an AMD EPYC VM with AVX-512 BF16 and no AMX (2026-12-03) the crop took 75-106 ms against
 118-126 ms in float32 ONNX Runtime on two threads, with 30 % less CPU, and bfloat16 moved the held-out probabilities
 by at most 0.0099. Elsewhere (CPUs without those instructions, where bfloat16 is emulated and up to 4.7x slower than
 float32, and CUDA) the classifier runs in float32. ``worker.precision = "fp32"`` gives float32 everywhere, the same
