@@ -6,7 +6,6 @@ The pieces live beside it, the way the segmenter's do (``ai/unet.py``, ``ai/segm
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from .lung_crop import CropGeometry, classifier_input
 from .model_info import ModelInfo
 from .normalise import NormalisedImage
 from .onnx_engine import onnx_model_of, use_onnxruntime
-from .precision import near_decision, resolve_precision
+from .precision import bfloat16_copy, near_decision, resolve_precision
 from .resnet import PneumoconiosisNet
 
 OUTPUTS = ("binary", "profusion", "feature_map")
@@ -85,9 +84,7 @@ class PneumoconiosisClassifier:
         self.engine = "onnxruntime" if self.onnx is not None else "torch"
         # bfloat16 first where it pays, float32 (the engine above) near a decision: ai/precision.py
         self.precision = resolve_precision(precision, device)
-        # Its weights converted once: autocast would convert all 21 M of them again at every call, for the same
-        # bfloat16 values (the outputs are bit-identical; 3-36 % of the pass's time: docs/benchmarks.md).
-        self.bf16_model = copy.deepcopy(self.model).to(torch.bfloat16) if self.precision == "bf16" else None
+        self.bf16_model = bfloat16_copy(self.model) if self.precision == "bf16" else None
 
     def _forward(self, image: NormalisedImage, labels: np.ndarray
                  ) -> tuple[torch.Tensor, CropGeometry, float, np.ndarray, str]:

@@ -20,7 +20,9 @@ numbers on every machine.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
+from typing import TypeVar
 
 import torch
 
@@ -47,6 +49,16 @@ def bfloat16_hardware() -> str | None:
     if probe("_is_avx512_bf16_supported"):
         return "AVX-512 BF16"
     return None
+
+
+Module = TypeVar("Module", bound=torch.nn.Module)
+
+
+def bfloat16_copy(model: Module) -> Module:
+    """A copy of ``model`` with its weights converted to bfloat16 once. It gives bit for bit what ``torch.autocast``
+    to bfloat16 gives for ``model``, which converts all the weights again at every call (tests/test_precision.py;
+    3-36 % of the classifier's pass: docs/benchmarks.md)."""
+    return copy.deepcopy(model).to(torch.bfloat16)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

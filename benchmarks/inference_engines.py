@@ -15,7 +15,6 @@ Markdown tables.
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import platform
 import statistics
@@ -53,7 +52,7 @@ def engines(build: Callable[[], object], example, runs: int  # noqa: ANN001
     import torch
 
     from ai.onnx_engine import onnx_model_of
-    from ai.precision import bfloat16_hardware
+    from ai.precision import bfloat16_copy, bfloat16_hardware
 
     rows = []
     eager = build()
@@ -72,7 +71,7 @@ def engines(build: Callable[[], object], example, runs: int  # noqa: ANN001
         diff = float(np.abs(bf16().float().numpy() - reference).max())
         hardware = bfloat16_hardware() or "emulated: no AMX or AVX-512 BF16"
         rows.append((f"the same in bfloat16 autocast ({hardware})", *timed(bf16, runs), diff))
-        stored = copy.deepcopy(folded).to(torch.bfloat16)  # what ai/classifier.py runs: converted once
+        stored = bfloat16_copy(folded)  # what ai/classifier.py runs
         last16 = last.to(torch.bfloat16)
         diff = float(np.abs(stored(last16).float().numpy() - reference).max())
         rows.append(("the same with weights stored in bfloat16 (the node's bfloat16 path; ai/precision.py)",
