@@ -45,6 +45,7 @@ from ai.safe_text import escape
 from db.exports import ClaimedExport, backoff_seconds, claim_due, extend_lease, give_back, mark_sent, schedule_retry
 from db.models import ExportState
 
+from .archive import drop_cached
 from .config import Destination, NodeConfig, Peer, TlsSettings
 from .scheduler import NodeScheduler
 from .store_scu import ABORT_GRACE_SECONDS, PeerUnreachable, StoreClient, StoreItem, StoreOutcome
@@ -279,7 +280,10 @@ class Exporter:
                     break
                 keep_lease()
                 export = remaining.pop(0)
-                outcome = association.store(self._item(export))
+                item = self._item(export)
+                outcome = association.store(item)
+                if outcome.stored:
+                    drop_cached(item.path)  # sent: its pages need not stay cached (dicom_node.archive.drop_cached)
                 sent += self._record(export, outcome, association.peer)
                 if remaining and not association.is_established:
                     self._after_lost_association(lane, export, outcome, remaining, association.peer)

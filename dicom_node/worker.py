@@ -68,7 +68,7 @@ from db.results import ResultFile, finish_job
 from db.workers import HEARTBEAT_SECONDS, beat, models_json, upsert
 from db.workers import stop as stop_heartbeat
 
-from .archive import Archive
+from .archive import Archive, drop_cached
 from .champion import ChampionWatch
 from .config import NodeConfig
 from .doorbell import WorkerBells
@@ -419,7 +419,9 @@ class Worker:
     def _read(self, job: ClaimedJob) -> _Task:
         path = self.archive.absolute(job.archive_path)
         try:
-            return _Task(job, read_dataset_bounded(path, self.limits))
+            source = read_dataset_bounded(path, self.limits)
+            drop_cached(path)  # read whole into memory: the archived copy's pages are not needed again soon
+            return _Task(job, source)
         except ImageTooLarge as exc:  # archived before the limits were lowered: refused, never decoded
             return _Task(job, None, exception_summary(exc), retryable=False, reason="image_too_large")
         except Exception as exc:  # missing or corrupt archive file: a job failure, never a crash

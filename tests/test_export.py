@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -35,6 +36,7 @@ from dicom_node.scheduler import NodeScheduler
 
 from .conftest import CONFIG, PEER_ENV, REPO, SAMPLES, free_port, require_tool
 from .support.dicom_files import dataset_bytes
+from .support.page_cache import require_droppable_cache, resident_bytes
 from .support.postgres import SQLITE_ONLY
 
 SR = SAMPLES / "reference-outputs" / "sr_document.dcm"
@@ -531,6 +533,24 @@ def test_failure_status_is_retried_and_a_warning_counts_as_sent(site, status_scp
     assert (row.state, row.attempts, row.last_status, row.last_error) == (ExportState.SENT, 2, 0xB000, None)
     with Session(site.engine) as session:
         assert peer.received == [session.get(Result, sr_id).sop_instance_uid]
+
+
+def test_a_sent_result_file_leaves_the_page_cache_and_one_still_to_send_stays(site, status_scp):
+    require_droppable_cache(site.root)
+    peer = status_scp(status=0xA700)  # out of resources: not stored
+    dests = [peer.destination()]
+    site.add_result(SR, "sr", dests)
+    (path,) = (site.root / "results").rglob("*.dcm")
+    with path.open("rb+") as fh:  # the worker fsyncs every result file before recording it
+        os.fsync(fh.fileno())
+    exporter = site.exporter(dests)
+    assert exporter.run_once() == 0
+    assert resident_bytes(path) >= path.stat().st_size  # the retry reads it again: it stays cached
+    peer.status = 0x0000
+    site.make_due()
+    assert exporter.run_once() == 1
+    assert resident_bytes(path) == 0
+    assert dcmread(path).SOPInstanceUID == dcmread(SR).SOPInstanceUID  # the file itself is untouched
 
 
 def test_missing_result_file_is_dead_at_once(site, status_scp):

@@ -11,6 +11,7 @@ environments that analyse chests are module-scoped and shared where a test only 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ from dicom_node.worker import AnalyseBatch, ResultBuilders, Worker
 from .dicomgen import clone_instances
 from .support.data import CHEST_UNCOMPRESSED as CHEST  # uncompressed: the cheapest chest to decode
 from .support.data import CONFIG, HAND
+from .support.page_cache import require_droppable_cache, resident_bytes
 from .support.postgres import SQLITE_ONLY, Databases
 from .support.result_checks import assert_not_analysed_sr
 from .support.sr_tree import sr_text
@@ -277,6 +279,26 @@ def test_an_archived_file_that_vanished_fails_its_job_with_an_sr_from_the_record
     assert (sr.StudyInstanceUID, sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
             .ReferencedSOPSequence[0].ReferencedSOPInstanceUID) == (rec.study_instance_uid, rec.sop_instance_uid)
     assert_no_tmp_leftovers(env)
+
+
+def test_the_archived_source_is_read_whole_then_its_pages_leave_the_page_cache(tmp_path):
+    env = make_env(tmp_path / "var", queue__max_attempts="1")
+    require_droppable_cache(env.root)
+    [source] = chest_copies(tmp_path / "in", 1)
+    _, rec = env.receive(source)
+    archived = env.archive.absolute(rec.archive_path)
+    with archived.open("rb+") as fh:  # the intake fsyncs every received file before it answers
+        os.fsync(fh.fileno())
+    assert resident_bytes(archived) >= archived.stat().st_size  # whole pages
+    read: list[bytes] = []
+
+    def analyse(sources, device=None, **options):
+        read.extend(bytes(s.PixelData) for s in sources)  # what the read step handed over, in memory
+        raise RuntimeError("the test stops after the read step")
+
+    assert env.worker(analyse=analyse).run_once() == 1
+    assert read == [dcmread(source).PixelData] * 2  # the batch, then the job alone: both from the one read
+    assert resident_bytes(archived) == 0
 
 
 def test_an_own_result_sent_back_is_never_reported_on(analysed, tmp_path):
