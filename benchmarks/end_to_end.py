@@ -166,19 +166,29 @@ def cpu_seconds(pid: int, descendants: bool = True) -> float:
     tick = os.sysconf("SC_CLK_TCK")
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        children = child_pids(pid)
     except OSError:
         return 0.0
     if not descendants:  # utime, stime (fields 14-15 of proc(5), counted after the command name)
         return sum(int(fields[k]) for k in (11, 12)) / tick
     # and cutime, cstime (fields 16-17): the children already reaped
     own = sum(int(fields[k]) for k in (11, 12, 13, 14)) / tick
-    return own + sum(cpu_seconds(c) for c in children)
+    return own + sum(cpu_seconds(c) for c in child_pids(pid))
 
 
 def child_pids(pid: int) -> set[int]:
-    """The live children of ``pid``, from /proc (a child belongs to the thread that forked it)."""
-    return {int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()}
+    """The live children of ``pid``, from /proc (a child belongs to the thread that forked it). A thread that ends
+    while it is read is skipped: it once made a whole reading 0, and serve's share of the CPU negative."""
+    children: set[int] = set()
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return children
+    for task in tasks:
+        try:
+            children.update(int(c) for c in (task / "children").read_text().split())
+        except OSError:
+            continue
+    return children
 
 
 def cpu_snapshot(node_pids: list[int], orthanc_pid: int) -> dict[str, float]:
