@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -29,6 +28,7 @@ from sqlalchemy.orm import Session
 from db import exports as xq
 from db.engine import init_schema, make_engine
 from db.models import Event, Export, ExportState, Instance, Job, JobState, Result, utcnow
+from dicom_node.archive import fsync_path
 from dicom_node.config import load_config
 from dicom_node.export import Exporter
 from dicom_node.netsetup import configure_pynetdicom
@@ -541,8 +541,7 @@ def test_a_sent_result_file_leaves_the_page_cache_and_one_still_to_send_stays(si
     dests = [peer.destination()]
     site.add_result(SR, "sr", dests)
     (path,) = (site.root / "results").rglob("*.dcm")
-    with path.open("rb+") as fh:  # the worker fsyncs every result file before recording it
-        os.fsync(fh.fileno())
+    fsync_path(path)  # the worker fsyncs every result file before recording it
     exporter = site.exporter(dests)
     assert exporter.run_once() == 0
     assert resident_bytes(path) >= path.stat().st_size  # the retry reads it again: it stays cached

@@ -11,7 +11,6 @@ environments that analyse chests are module-scoped and shared where a test only 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from db.findings import finding_of_job
 from db.instances import ReceivedInstance, record_new, record_replacement
 from db.models import Export, Job, JobState, Result
 from db.queue import claim
-from dicom_node.archive import Archive, sha256_of
+from dicom_node.archive import Archive, fsync_path, sha256_of
 from dicom_node.config import load_config
 from dicom_node.received import received_instance
 from dicom_node.results import derive_device_uid
@@ -287,8 +286,7 @@ def test_the_archived_source_is_read_whole_then_its_pages_leave_the_page_cache(t
     [source] = chest_copies(tmp_path / "in", 1)
     _, rec = env.receive(source)
     archived = env.archive.absolute(rec.archive_path)
-    with archived.open("rb+") as fh:  # the intake fsyncs every received file before it answers
-        os.fsync(fh.fileno())
+    fsync_path(archived)  # the intake fsyncs every received file before it answers
     assert resident_bytes(archived) >= archived.stat().st_size  # whole pages
     read: list[bytes] = []
 

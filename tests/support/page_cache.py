@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from dicom_node.archive import fsync_path
+
 
 def resident_bytes(path: Path) -> int:
     out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
@@ -19,10 +21,8 @@ def resident_bytes(path: Path) -> int:
 
 def write_durably(path: Path, data: bytes) -> None:
     """Write and fsync, as the node writes every file it later reads: only clean pages can be dropped."""
-    with path.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+    path.write_bytes(data)
+    fsync_path(path)
 
 
 def require_droppable_cache(directory: Path) -> None:
