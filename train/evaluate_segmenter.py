@@ -18,7 +18,11 @@ labels on the 512 x 512 mask grid) and the seeded test split of ``train.segmente
    (between the two true lungs, row by row, in the lower half of their extent), for the clean and the dense films.
    The training masks follow the convention "lung field = aerated lung outside the heart and mediastinum" (the
    retrocardiac lung is excluded), so that share is 0 in the truth and should stay near 0 in the prediction.
-6. ``dicom_samples``: the real DICOM chests and non-chests of the shared samples (``dicom-samples/chest`` and
+6. ``mask_convention``: which masks hold the heart shadow (``train.mask_convention``, the other convention behind
+   the heart; about one Shenzhen mask in ten), and every clean and densest-decile Dice again on the masks that
+   follow the node's convention and on those that do not, so that a model is not read as missing lung where the
+   truth drew the heart.
+7. ``dicom_samples``: the real DICOM chests and non-chests of the shared samples (``dicom-samples/chest`` and
    ``not-chest``) through the image check alone, with their measurements; ``measurement_ranges`` gives each input
    check measurement's range over every chest above, for re-deriving the thresholds (``ai/input_check.py``).
 
@@ -51,6 +55,7 @@ from ai.segment import LungSegmenter
 from .datasets import LungSample, data_dir, load_mask, read_lung_masks, stratified_split
 from .dense_disease import DENSE_KINDS, GRADES, SIDES, DenseSpec, opaque_fraction, paint_dense_disease
 from .losses import dice_iou
+from .mask_convention import HEART_INCLUDED, heart_in_mask
 from .metrics import mean_interval
 from .synthetic_opacities import DEFAULT_PIXEL_SPACING_MM, OpacitySpec, insert_opacities
 
@@ -72,6 +77,7 @@ class Case:
     pixels: np.ndarray
     truth: np.ndarray | None  # None: a DICOM sample without a mask (judged by the input check only)
     opaque: float  # train.dense_disease.opaque_fraction of the (painted) film
+    heart_in_mask: float | None = None  # train.mask_convention.heart_in_mask of the clean film and its mask
 
 
 def _seed(file: str, k: int) -> int:
@@ -86,17 +92,19 @@ def _film(sample: LungSample) -> tuple[np.ndarray, np.ndarray]:
 def clean_cases(samples: Iterable[LungSample], parts: dict[str, str]) -> Iterator[Case]:
     for s in samples:
         image, truth = _film(s)
-        yield Case(s.file, s.source, s.finding, parts[s.file], "clean", image, truth, opaque_fraction(image, truth))
+        yield Case(s.file, s.source, s.finding, parts[s.file], "clean", image, truth, opaque_fraction(image, truth),
+                   heart_in_mask(image, truth))
 
 
 def dense_cases(samples: Iterable[LungSample]) -> Iterator[Case]:
     for s in samples:
         image, truth = _film(s)
+        heart = heart_in_mask(image, truth)
         for k, (kind, grade) in enumerate(DENSE_GRADES):
             side = SIDES[k % len(SIDES)]
             painted = paint_dense_disease(image, truth, DenseSpec(kind, side, grade, seed=_seed(s.file, k))).image
             yield Case(s.file, s.source, s.finding, "test", f"{kind} {grade} {side}", painted, truth,
-                       opaque_fraction(painted, truth))
+                       opaque_fraction(painted, truth), heart)
 
 
 def check_cases(samples: Iterable[LungSample]) -> Iterator[Case]:
@@ -154,6 +162,7 @@ def segment_cases(segmenters: dict[str, LungSegmenter], cases: Iterable[Case], b
                 row = {"file": case.file, "source": case.source, "finding": case.finding, "part": case.part,
                        "variant": case.variant,
                        "opaque": round(case.opaque, 4), "accepted": check.accepted, "reason": check.reason,
+                       "heart_in_mask": None if case.heart_in_mask is None else round(case.heart_in_mask, 4),
                        "measurements": {k: round(float(v), 4) for k, v in check.measurements.items()}}
                 if case.truth is not None and band is not None:
                     row["dice"] = round(dice_iou(predicted, case.truth)[0], 4)
@@ -184,6 +193,7 @@ def summarise(rows: list[dict]) -> dict:
     clean = [r for r in rows if r["group"] == "clean"]
     out["clean"] = {source: stats([r for r in clean if r["source"] == source]) for source in ("montgomery", "shenzhen")}
     out["clean"]["all"] = stats(clean)
+    out["clean"].update(by_convention(clean, stats))
     dense = [r for r in rows if r["group"] == "dense"]
     out["dense"] = {f"{k} {g}": stats([r for r in dense if r["variant"].startswith(f"{k} {g} ")])
                     for k, g in DENSE_GRADES}
@@ -204,9 +214,16 @@ def summarise(rows: list[dict]) -> dict:
                          held_out=sum(tb[i]["part"] != "train" for i in idx))
                     for d, idx in enumerate(deciles) if len(idx)],
         "densest_held_out": stats([tb[i] for i in deciles[-1] if tb[i]["part"] != "train"]) if tb else {},
+        "densest_by_convention": by_convention([tb[i] for i in deciles[-1]], stats) if tb else {},
+        "heart_included_per_decile": [sum(_holds_heart(tb[i]) for i in idx) for idx in deciles if len(idx)],
         "densest_files": [tb[i]["file"] for i in deciles[-1]] if tb else [],
     }
     out["held_out_files"] = sorted({r["file"] for r in films if r["part"] != "train"})
+    out["mask_convention"] = {
+        "rule": f"train.mask_convention.heart_in_mask > {HEART_INCLUDED}: the mask holds the heart shadow",
+        "heart_included": {source: sum(_holds_heart(r) for r in films if r["source"] == source)
+                           for source in ("montgomery", "shenzhen")},
+        "films": {source: sum(r["source"] == source for r in films) for source in ("montgomery", "shenzhen")}}
     samples = [r for r in rows if r["group"] in ("dicom_chest", "not_chest")]
     out["dicom_samples"] = {f'{r["group"]} {r["file"]}': {"accepted": r["accepted"], "reason": r["reason"],
                                                           **r["measurements"]} for r in samples}
@@ -216,6 +233,18 @@ def summarise(rows: list[dict]) -> dict:
                                      max(r["measurements"][k] for r in chests if k in r["measurements"])]
                                  for k in keys}
     return out
+
+
+def _holds_heart(row: dict) -> bool:
+    return row.get("heart_in_mask") is not None and row["heart_in_mask"] > HEART_INCLUDED
+
+
+def by_convention(rows: list[dict], stats) -> dict:  # noqa: ANN001
+    """The same statistics on the films whose mask follows the node's convention behind the heart and on those
+    whose mask holds the heart shadow (``train.mask_convention``): a model that follows the convention is scored
+    against the other one on the second group."""
+    return {"heart_excluded": stats([r for r in rows if not _holds_heart(r)]),
+            "heart_included": stats([r for r in rows if _holds_heart(r)])}
 
 
 def evaluate(models: dict[str, Path], data: Path | None, limit: int = 0) -> tuple[dict, dict[str, list]]:
@@ -260,7 +289,10 @@ def paired_differences(rows: list[dict], reference: list[dict], densest_files: l
     densest = set(densest_files)
     out = {}
     for key, keep in (("clean", lambda r: r["group"] == "clean"), ("dense", lambda r: r["group"] == "dense"),
-                      ("densest_decile", lambda r: r["group"] == "films" and r["file"] in densest)):
+                      ("densest_decile", lambda r: r["group"] == "films" and r["file"] in densest),
+                      ("clean_heart_excluded", lambda r: r["group"] == "clean" and not _holds_heart(r)),
+                      ("densest_decile_heart_excluded",
+                       lambda r: r["group"] == "films" and r["file"] in densest and not _holds_heart(r))):
         diffs = differences(keep)
         if diffs:
             mean, low, high = mean_interval(diffs)
@@ -295,12 +327,21 @@ def markdown(reports: dict[str, dict]) -> str:
                                                       r["tuberculosis"]["deciles"][d]["dice_mean"],
                                                       r["tuberculosis"]["deciles"][d]["held_out"])
             if d < len(r["tuberculosis"]["deciles"]) else "-"))
+    for key, label in (("heart_excluded", "masks that follow the convention behind the heart"),
+                       ("heart_included", "masks that hold the heart shadow")):
+        row(f"clean, {label}: mean Dice (n)", lambda r, k=key: (
+            f'{_f(r["clean"][k]["dice_mean"])} ({r["clean"][k]["n"]})'))
+        row(f"densest decile, {label}: mean Dice (n)", lambda r, k=key: (
+            f'{_f(r["tuberculosis"]["densest_by_convention"][k]["dice_mean"])} '
+            f'({r["tuberculosis"]["densest_by_convention"][k]["n"]})' if r["tuberculosis"]["deciles"] else "-"))
+    row("tuberculosis deciles 1-10: masks holding the heart shadow", lambda r: " ".join(
+        str(n) for n in r["tuberculosis"]["heart_included_per_decile"]))
     row("clean all: 95 % interval of the mean Dice (bootstrap)", lambda r: "{:.4f}-{:.4f}".format(
         *r["clean"]["all"]["dice_ci95"]))
     row("densest decile: 95 % interval of the mean Dice (bootstrap)", lambda r: "{:.4f}-{:.4f}".format(
         *r["tuberculosis"]["deciles"][-1]["dice_ci95"]) if r["tuberculosis"]["deciles"] else "-")
     first = names[0]
-    for key in ("clean", "dense", "densest_decile"):
+    for key in ("clean", "dense", "densest_decile", "clean_heart_excluded", "densest_decile_heart_excluded"):
         row(f"{key}: paired Dice difference from {first} (95 % interval)", lambda r, k=key: (
             "{mean:+.4f} ({ci95[0]:+.4f} to {ci95[1]:+.4f})".format(**r[f"against_{first}"][k])
             if k in r.get(f"against_{first}", {}) else "-"))

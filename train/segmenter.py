@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from ai import checkpoint
 from ai.geometry import Letterbox
 from ai.lungs import labels_on_source
-from ai.normalise import stretch_contrast
+from ai.normalise import normalise, stretch_contrast
 from ai.unet import UNet
 
 from .augment import AugmentConfig, augment_pair
@@ -40,6 +40,7 @@ from .datasets import LungSample, load_gray, load_mask, read_lung_masks, stratif
 from .dense_disease import paint_batch, paint_dense_disease, random_spec
 from .engine import PRECISIONS, FitConfig, History, fit, resolve_device, seed_everything, tensor_batches
 from .losses import SEGMENTATION_LOSSES, batch_dice, dice_iou
+from .mask_convention import includes_heart
 from .synthetic_opacities import DEFAULT_PIXEL_SPACING_MM
 
 MODEL_NAME = "lung-field-unet"
@@ -158,17 +159,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--loss", choices=sorted(SEGMENTATION_LOSSES), default="dice_bce",
                         help="dice_bce (how the shipped weights were trained), or the per-image Lovasz hinge, alone "
                              "or + 0.5 BCE, to fine-tune for per-image overlap")
+    parser.add_argument("--exclude-heart-masks", action="store_true",
+                        help="leave out of training and validation the films whose mask holds the heart shadow "
+                             "(train.mask_convention: the other convention); the test split is kept whole")
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
 
 
-def prepare_split(data: Path | None, seed: int, limit: int, out: Path) -> dict[str, list[LungSample]]:
-    """The seeded train / validation / test split (``limit`` images per part at most), recorded in split.json."""
+def prepare_split(data: Path | None, seed: int, limit: int, out: Path,
+                  exclude_heart_masks: bool = False) -> dict[str, list[LungSample]]:
+    """The seeded train / validation / test split (``limit`` images per part at most), recorded in split.json;
+    with ``exclude_heart_masks`` the training and validation films whose mask follows the other convention behind
+    the heart are left out (listed under "excluded"), the test split stays whole and comparable."""
     split = stratified_split(read_lung_masks(data), seed)
     if limit:
         split = {k: v[:limit] for k, v in split.items()}
+    record: dict[str, list[str]] = {}
+    if exclude_heart_masks:
+        holds = {s.file for part in ("train", "val") for s in split[part]
+                 if includes_heart(normalise(s.image_path).pixels, load_mask(s.mask_path) > 0.5)}
+        record["excluded"] = sorted(holds)
+        split = {k: (v if k == "test" else [s for s in v if s.file not in holds]) for k, v in split.items()}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "split.json").write_text(json.dumps({k: [s.file for s in v] for k, v in split.items()}, indent=1))
+    record = {**{k: [s.file for s in v] for k, v in split.items()}, **record}
+    (out / "split.json").write_text(json.dumps(record, indent=1))
     return split
 
 
@@ -187,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     generator = seed_everything(args.seed)
-    split = prepare_split(args.data, args.seed, args.limit, args.out)
+    split = prepare_split(args.data, args.seed, args.limit, args.out, args.exclude_heart_masks)
     train_x, train_y = _stack(split["train"], args.size, stretch=False, soft=args.soft_masks)
     val_x, val_y = _stack(split["val"], args.size, soft=args.soft_masks)
     if args.dense_fraction > 0:
@@ -237,7 +251,7 @@ def run_report(model: UNet, args: argparse.Namespace, split: dict[str, list[Lung
         "validation": "clean + dense copies" if args.dense_fraction > 0 else "clean",
         "init": str(args.init) if args.init else None,
         "lr": args.lr, "lr_schedule": args.lr_schedule, "precision": args.precision,
-        "soft_masks": args.soft_masks, "loss": args.loss,
+        "soft_masks": args.soft_masks, "loss": args.loss, "exclude_heart_masks": args.exclude_heart_masks,
         "test": test_report(model, split["test"], args.size, resolve_device(args.device)),
     }
 
