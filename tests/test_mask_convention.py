@@ -75,6 +75,9 @@ def test_the_evaluation_splits_clean_and_densest_dice_by_mask_convention():
     densest = report["tuberculosis"]["densest_by_convention"]
     assert densest["heart_excluded"]["n"] == 1 and densest["heart_included"]["n"] == 1
     assert report["tuberculosis"]["heart_included_per_decile"] == [1] * 10
+    # the densest tenth of the ten films with a conforming mask is the densest of them alone
+    assert report["tuberculosis"]["densest_of_heart_excluded"]["n"] == 1
+    assert report["tuberculosis"]["densest_of_heart_excluded"]["dice_mean"] == pytest.approx(0.95)
     assert report["mask_convention"]["heart_included"]["shenzhen"] == 10
 
 
@@ -91,3 +94,15 @@ def test_the_trainer_leaves_heart_masks_out_of_training_and_validation_but_keeps
     assert [s.file for s in kept["test"]] == [s.file for s in whole["test"]]
     for part in ("train", "val"):
         assert {s.file for s in kept[part]} == {s.file for s in whole[part]} - excluded
+
+
+def test_the_convention_summary_counts_heart_masks_per_source_and_bins_the_scores():
+    from train.mask_convention import summary
+
+    scores = {"a": {"source": "shenzhen", "finding": "normal", "heart_in_mask": 0.22, "holds_heart": False},
+              "b": {"source": "shenzhen", "finding": "normal", "heart_in_mask": 0.86, "holds_heart": True},
+              "c": {"source": "montgomery", "finding": "normal", "heart_in_mask": -0.01, "holds_heart": False},
+              "d": {"source": "montgomery", "finding": "normal", "heart_in_mask": None, "holds_heart": False}}
+    report = summary(scores)
+    assert report["sources"]["shenzhen"] == {"films": 2, "holds_heart": 1, "histogram": {"0.20": 1, "0.85": 1}}
+    assert report["sources"]["montgomery"] == {"films": 2, "holds_heart": 0, "histogram": {"-0.05": 1}}

@@ -262,11 +262,15 @@ def test_paired_dice_differences_match_cases_and_say_when_a_change_is_inside_the
     rng = np.random.default_rng(5)
     reference = [{"group": "clean", "file": f"c{i}.png", "dice": float(d)} for i, d in
                  enumerate(rng.uniform(0.93, 0.99, 60))]
-    reference += [{"group": "films", "file": f"t{i}.png", "dice": 0.92} for i in range(10)]
+    reference += [{"group": "films", "file": f"t{i}.png", "dice": 0.92, "heart_in_mask": 0.9 if i == 1 else 0.2}
+                  for i in range(10)]
     noisy = [dict(r, dice=r["dice"] + float(rng.normal(0, 0.01))) for r in reference]
     better = [dict(r, dice=r["dice"] + 0.01) for r in reference]
     out = paired_differences(noisy, reference, ["t1.png", "t2.png", "t3.png"])
-    assert set(out) == {"clean", "densest_decile"} and out["densest_decile"]["n"] == 3
+    assert set(out) == {"clean", "densest_decile", "clean_heart_excluded", "densest_decile_heart_excluded"}
+    assert out["densest_decile"]["n"] == 3
+    assert out["densest_decile_heart_excluded"]["n"] == 2  # t1's mask holds the heart shadow
+    assert out["clean_heart_excluded"]["n"] == 60
     low, high = out["clean"]["ci95"]
     assert low < 0 < high  # noise only: the interval holds 0
     shifted = paired_differences(better, reference, [])
