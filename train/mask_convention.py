@@ -13,11 +13,11 @@ the heart border) when it follows the border. ``heart_in_mask`` is that strip's 
 aerated lung (0: the 20th percentile inside the mask) to soft tissue (1: ``soft_tissue_level``). Over the 704
 shared masks (``python -m train.mask_convention``) its distribution has two modes, around 0.25 for the masks that
 follow the border and around 0.85 for those that hold the heart, with no mask between 0.65 and 0.70;
-``HEART_INCLUDED`` sits at that gap's lower
-edge. Dense disease in the left lower lobe's medial part can also light the strip; the test is for evaluating and
-training on the public masks, not for the node's input. A site that labels its own archive can run it on its
-masks before retraining (``--data`` a folder laid out as ``cxr-lung-masks``): two annotators who draw the heart
-differently teach the model both conventions.
+``HEART_INCLUDED`` sits at that gap's lower edge. Near it the test is not exact: 33 masks score 0.45-0.65, of both
+kinds by eye. Dense disease in the left lower lobe's medial part can also light the strip; the test is for
+evaluating and training on the public masks, not for the node's input. A site that labels its own archive can run
+it on its masks before retraining (``--data`` a folder laid out as ``cxr-lung-masks``): two annotators who draw
+the heart differently teach the model both conventions.
 
     python -m train.mask_convention [--data DIR] --out runs/mask-convention [--figure docs/figures/mask_convention.png]
 """
