@@ -104,5 +104,34 @@ def test_the_convention_summary_counts_heart_masks_per_source_and_bins_the_score
               "c": {"source": "montgomery", "finding": "normal", "heart_in_mask": -0.01, "holds_heart": False},
               "d": {"source": "montgomery", "finding": "normal", "heart_in_mask": None, "holds_heart": False}}
     report = summary(scores)
-    assert report["sources"]["shenzhen"] == {"films": 2, "holds_heart": 1, "histogram": {"0.20": 1, "0.85": 1}}
-    assert report["sources"]["montgomery"] == {"films": 2, "holds_heart": 0, "histogram": {"-0.05": 1}}
+    assert report["sources"]["shenzhen"] == {"films": 2, "unreadable": 0, "holds_heart": 1,
+                                                 "histogram": {"0.20": 1, "0.85": 1}}
+    assert report["sources"]["montgomery"] == {"films": 2, "unreadable": 0, "holds_heart": 0,
+                                                   "histogram": {"-0.05": 1}}
+
+
+def test_a_site_folder_with_masks_of_another_size_and_a_missing_film_is_scored_and_reported(tmp_path, capsys):
+    from PIL import Image
+
+    from train.mask_convention import main
+
+    image, whole, beside = _chest()
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for name, mask in (("held.png", whole), ("beside.png", beside)):
+        Image.fromarray((np.clip(image, 0, 1) * 255).astype(np.uint8)).save(tmp_path / "images" / name)
+        Image.fromarray(mask.astype(np.uint8) * 255).resize((256, 256)).save(tmp_path / "masks" / name)  # half size
+    (tmp_path / "labels.csv").write_text("file,source,finding\nheld.png,site,normal\nbeside.png,site,normal\n"
+                                         "gone.png,site,normal\n")
+    assert main(["--data", str(tmp_path), "--out", str(tmp_path / "out"),
+                 "--figure", str(tmp_path / "out" / "figure.png")]) == 0
+    import json
+
+    report = json.loads((tmp_path / "out" / "mask_convention.json").read_text())
+    films = report["films"]
+    assert films["held.png"]["holds_heart"] and not films["beside.png"]["holds_heart"]
+    assert "cannot read" in films["gone.png"]["error"]
+    assert report["sources"]["site"]["unreadable"] == 1 and report["sources"]["site"]["holds_heart"] == 1
+    assert (tmp_path / "out" / "figure.png").stat().st_size > 0
+    out = capsys.readouterr().out
+    assert "gone.png: cannot read" in out and "site: 1 of 3 masks hold the heart shadow" in out

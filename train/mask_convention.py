@@ -77,6 +77,21 @@ def heart_in_mask(image: np.ndarray, mask: np.ndarray) -> float | None:
     return float((np.mean(strips) - aerated) / (soft - aerated))
 
 
+def film_and_mask(image_path: Path, mask_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The normalised film and its mask on the film's grid (a site's masks need not share the film's size: the
+    mask is then resized bilinearly and thresholded half-way, as ``train.datasets.load_mask`` does)."""
+    from PIL import Image
+
+    from ai.normalise import normalise
+
+    image = normalise(image_path).pixels
+    with Image.open(mask_path) as img:
+        grey = img.convert("L")
+        if grey.size != (image.shape[1], image.shape[0]):
+            grey = grey.resize((image.shape[1], image.shape[0]), Image.Resampling.BILINEAR)
+        return image, np.asarray(grey) > 127
+
+
 def includes_heart(image: np.ndarray, mask: np.ndarray) -> bool:
     """True when the mask's left field holds the heart shadow (the other convention)."""
     score = heart_in_mask(image, mask)
@@ -100,13 +115,16 @@ def strip_rows(mask: np.ndarray) -> list[tuple[int, int, int]]:
 
 def score_masks(data: Path | None) -> dict[str, dict]:
     """Per film of a ``cxr-lung-masks`` folder: source, finding, ``heart_in_mask`` and whether it holds the heart."""
-    from ai.normalise import normalise
+    from .datasets import read_lung_masks
 
-    from .datasets import load_mask, read_lung_masks
-
-    out = {}
+    out: dict[str, dict] = {}
     for s in read_lung_masks(data):
-        image, mask = normalise(s.image_path).pixels, load_mask(s.mask_path) > 0.5
+        try:
+            image, mask = film_and_mask(s.image_path, s.mask_path)
+        except Exception as exc:  # noqa: BLE001 - one unreadable film or mask is reported, not fatal
+            out[s.file] = {"source": s.source, "finding": s.finding, "heart_in_mask": None, "holds_heart": False,
+                           "error": f"cannot read the film or its mask ({type(exc).__name__})"}
+            continue
         score = heart_in_mask(image, mask)
         out[s.file] = {"source": s.source, "finding": s.finding,
                        "heart_in_mask": None if score is None else round(score, 4),
@@ -124,6 +142,7 @@ def summary(scores: dict[str, dict]) -> dict:
                   if v["source"] == source and v["heart_in_mask"] is not None]
         out["sources"][source] = {
             "films": sum(v["source"] == source for v in scores.values()),
+            "unreadable": sum("error" in v for v in scores.values() if v["source"] == source),
             "holds_heart": sum(v["holds_heart"] for v in scores.values() if v["source"] == source),
             "histogram": {f"{lo + 0.0:.2f}": int(n) for lo, n in zip(edges[:-1], np.histogram(values, bins=edges)[0],
                                                                  strict=True) if n}}
@@ -137,17 +156,19 @@ def figure(scores: dict[str, dict], data: Path | None, out_png: Path, per_row: i
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ai.normalise import normalise, stretch_contrast
+    from ai.normalise import stretch_contrast
 
-    from .datasets import load_mask, read_lung_masks
+    from .datasets import read_lung_masks
 
     samples = {s.file: s for s in read_lung_masks(data)}
     normal = sorted((f for f, v in scores.items() if v["finding"] == "normal" and v["heart_in_mask"] is not None),
                     key=lambda f: scores[f]["heart_in_mask"])
-    chosen = normal[::-1][:per_row] + normal[len(normal) // 2:len(normal) // 2 + per_row]
+    chosen = list(dict.fromkeys(normal[::-1][:per_row] + normal[len(normal) // 2:len(normal) // 2 + per_row]))
     fig, axes = plt.subplots(2, per_row, figsize=(2.6 * per_row, 6.6))
-    for ax, file in zip(axes.ravel(), chosen, strict=True):
-        image, mask = normalise(samples[file].image_path).pixels, load_mask(samples[file].mask_path) > 0.5
+    for ax in axes.ravel()[len(chosen):]:
+        ax.axis("off")  # a small folder: fewer films than panels
+    for ax, file in zip(axes.ravel(), chosen, strict=False):
+        image, mask = film_and_mask(samples[file].image_path, samples[file].mask_path)
         strip = np.zeros(mask.shape, bool)
         for r, c0, c1 in strip_rows(mask):
             strip[r, c0:c1] = True
@@ -177,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "mask_convention.json").write_text(json.dumps(report, indent=1))
     if args.figure:
         figure(scores, args.data, args.figure)
+    for file, entry in scores.items():
+        if "error" in entry:
+            print(f"{file}: {entry['error']}; left out")
     for source, counts in report["sources"].items():
         print(f"{source}: {counts['holds_heart']} of {counts['films']} masks hold the heart shadow")
         print("  heart_in_mask histogram (bin start: films): "

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from ai import checkpoint
 from ai.geometry import Letterbox
 from ai.lungs import labels_on_source
-from ai.normalise import normalise, stretch_contrast
+from ai.normalise import stretch_contrast
 from ai.unet import UNet
 
 from .augment import AugmentConfig, augment_pair
@@ -40,7 +40,7 @@ from .datasets import LungSample, load_gray, load_mask, read_lung_masks, stratif
 from .dense_disease import paint_batch, paint_dense_disease, random_spec
 from .engine import PRECISIONS, FitConfig, History, fit, resolve_device, seed_everything, tensor_batches
 from .losses import SEGMENTATION_LOSSES, batch_dice, dice_iou
-from .mask_convention import includes_heart
+from .mask_convention import film_and_mask, includes_heart
 from .synthetic_opacities import DEFAULT_PIXEL_SPACING_MM
 
 MODEL_NAME = "lung-field-unet"
@@ -177,7 +177,7 @@ def prepare_split(data: Path | None, seed: int, limit: int, out: Path,
     record: dict[str, list[str]] = {}
     if exclude_heart_masks:
         holds = {s.file for part in ("train", "val") for s in split[part]
-                 if includes_heart(normalise(s.image_path).pixels, load_mask(s.mask_path) > 0.5)}
+                 if includes_heart(*film_and_mask(s.image_path, s.mask_path))}
         record["excluded"] = sorted(holds)
         split = {k: (v if k == "test" else [s for s in v if s.file not in holds]) for k, v in split.items()}
     out.mkdir(parents=True, exist_ok=True)
