@@ -72,16 +72,18 @@ def load_gray(path: Path, size: int | None = None) -> np.ndarray:
         return np.asarray(gray, dtype=np.float32) / 255.0
 
 
-def load_mask(path: Path, size: int | None = None, soft: bool = False) -> np.ndarray:
-    """Lung mask as float32: resized bilinearly to ``size`` x ``size`` when given, then thresholded at 127 (0/1,
-    the resized edge lies where the interpolated mask crosses half-way), or with ``soft`` kept as the resized
-    grey level in [0, 1]. A soft target keeps the boundary's sub-pixel position, which a binary one rounds to the
-    model's grid: on the held-out 512 px masks, shrunk to 256 px and grown back, Dice 0.9994 soft against 0.9939
-    binary."""
+def load_mask(path: Path, size: int | None = None, soft: bool = False,
+              shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Lung mask as float32: resized bilinearly to ``size`` x ``size`` (or to ``shape``, rows x columns: a film's
+    own grid) when given, then thresholded at 127 (0/1, the resized edge lies where the interpolated mask crosses
+    half-way), or with ``soft`` kept as the resized grey level in [0, 1]. A soft target keeps the boundary's
+    sub-pixel position, which a binary one rounds to the model's grid: on the held-out 512 px masks, shrunk to 256
+    px and grown back, Dice 0.9994 soft against 0.9939 binary."""
+    target = (shape[1], shape[0]) if shape is not None else None if size is None else (size, size)
     with Image.open(path) as img:
         gray = img.convert("L")
-        if size is not None and gray.size != (size, size):
-            gray = gray.resize((size, size), Image.Resampling.BILINEAR)
+        if target is not None and gray.size != target:
+            gray = gray.resize(target, Image.Resampling.BILINEAR)
         if soft:
             return np.asarray(gray, dtype=np.float32) / 255.0
         return (np.asarray(gray) > 127).astype(np.float32)

@@ -55,7 +55,7 @@ from ai.segment import LungSegmenter
 from .datasets import LungSample, data_dir, load_mask, read_lung_masks, stratified_split
 from .dense_disease import DENSE_KINDS, GRADES, SIDES, DenseSpec, opaque_fraction, paint_dense_disease
 from .losses import dice_iou
-from .mask_convention import HEART_INCLUDED, heart_in_mask
+from .mask_convention import HEART_INCLUDED, heart_in_mask, holds_heart
 from .metrics import mean_interval
 from .synthetic_opacities import DEFAULT_PIXEL_SPACING_MM, OpacitySpec, insert_opacities
 
@@ -243,7 +243,7 @@ def densest_tenth(ranked: list[dict]) -> list[dict]:
 
 
 def _holds_heart(row: dict) -> bool:
-    return row.get("heart_in_mask") is not None and row["heart_in_mask"] > HEART_INCLUDED
+    return holds_heart(row.get("heart_in_mask"))
 
 
 def by_convention(rows: list[dict], stats) -> dict:  # noqa: ANN001

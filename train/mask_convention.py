@@ -29,7 +29,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
+
+from ai.lungs import LEFT_LUNG, postprocess_probability
 
 from .dense_disease import soft_tissue_level
 
@@ -40,66 +41,13 @@ MIN_ROW_WIDTH = 10  # pixels; narrower rows (the costophrenic tip) are skipped
 
 
 def left_field(mask: np.ndarray) -> np.ndarray:
-    """The mask's left lung: of its two largest components, the one further to the image's right."""
-    components, count = ndimage.label(np.asarray(mask, bool))
-    if count == 0:
-        return np.zeros(np.shape(mask), bool)
-    sizes = ndimage.sum_labels(components > 0, components, index=np.arange(1, count + 1))
-    keep = (np.argsort(sizes)[::-1][:2] + 1).tolist()
-    centres = [c[1] for c in ndimage.center_of_mass(components > 0, components, keep)]
-    if len(keep) == 1 and centres[0] < mask.shape[1] / 2:
-        return np.zeros(np.shape(mask), bool)  # a single field on the image's left: the right lung
-    return components == keep[int(np.argmax(centres))]
-
-
-def heart_in_mask(image: np.ndarray, mask: np.ndarray) -> float | None:
-    """Brightness of the left field's lower medial strip, 0 = aerated lung, 1 = soft tissue; None without a field."""
-    mask = np.asarray(mask, bool)
-    left = left_field(mask)
-    rows = np.nonzero(left.any(axis=1))[0]
-    if rows.size == 0:
-        return None
-    top, height = rows[0], rows[-1] - rows[0]
-    img = np.asarray(image, np.float64)
-    strips = []
-    for r in range(int(top + LOWER_PART[0] * height), int(top + LOWER_PART[1] * height)):
-        cols = np.nonzero(left[r])[0]
-        if cols.size < MIN_ROW_WIDTH:
-            continue
-        width = max(3, int(MEDIAL_SHARE * cols.size))
-        strips.append(img[r, cols[0]:cols[0] + width].mean())
-    if not strips:
-        return None
-    aerated = float(np.percentile(img[mask], 20))
-    soft = soft_tissue_level(img, mask)
-    if soft - aerated <= 1e-6:
-        return None
-    return float((np.mean(strips) - aerated) / (soft - aerated))
-
-
-def film_and_mask(image_path: Path, mask_path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """The normalised film and its mask on the film's grid (a site's masks need not share the film's size: the
-    mask is then resized bilinearly and thresholded half-way, as ``train.datasets.load_mask`` does)."""
-    from PIL import Image
-
-    from ai.normalise import normalise
-
-    image = normalise(image_path).pixels
-    with Image.open(mask_path) as img:
-        grey = img.convert("L")
-        if grey.size != (image.shape[1], image.shape[0]):
-            grey = grey.resize((image.shape[1], image.shape[0]), Image.Resampling.BILINEAR)
-        return image, np.asarray(grey) > 127
-
-
-def includes_heart(image: np.ndarray, mask: np.ndarray) -> bool:
-    """True when the mask's left field holds the heart shadow (the other convention)."""
-    score = heart_in_mask(image, mask)
-    return score is not None and score > HEART_INCLUDED
+    """The mask's left lung, told apart from the right one as the node tells its own fields apart
+    (``ai.lungs.postprocess_probability``: the two largest components, named by side)."""
+    return postprocess_probability(np.asarray(mask, np.float32)) == LEFT_LUNG
 
 
 def strip_rows(mask: np.ndarray) -> list[tuple[int, int, int]]:
-    """(row, first column, last column + 1) of each medial strip that ``heart_in_mask`` measures (for figures)."""
+    """(row, first column, last column + 1) of each medial strip that ``heart_in_mask`` measures."""
     left = left_field(mask)
     rows = np.nonzero(left.any(axis=1))[0]
     if rows.size == 0:
@@ -111,6 +59,40 @@ def strip_rows(mask: np.ndarray) -> list[tuple[int, int, int]]:
         if cols.size >= MIN_ROW_WIDTH:
             out.append((r, int(cols[0]), int(cols[0]) + max(3, int(MEDIAL_SHARE * cols.size))))
     return out
+
+
+def heart_in_mask(image: np.ndarray, mask: np.ndarray) -> float | None:
+    """Brightness of the left field's lower medial strip, 0 = aerated lung, 1 = soft tissue; None without a field."""
+    mask = np.asarray(mask, bool)
+    img = np.asarray(image, np.float64)
+    strips = [img[r, c0:c1].mean() for r, c0, c1 in strip_rows(mask)]
+    if not strips:
+        return None
+    aerated = float(np.percentile(img[mask], 20))
+    soft = soft_tissue_level(img, mask)
+    if soft - aerated <= 1e-6:
+        return None
+    return float((np.mean(strips) - aerated) / (soft - aerated))
+
+
+def holds_heart(score: float | None) -> bool:
+    """The rule on a ``heart_in_mask`` score: above ``HEART_INCLUDED`` the mask holds the heart shadow."""
+    return score is not None and score > HEART_INCLUDED
+
+
+def includes_heart(image: np.ndarray, mask: np.ndarray) -> bool:
+    """True when the mask's left field holds the heart shadow (the other convention)."""
+    return holds_heart(heart_in_mask(image, mask))
+
+
+def film_and_mask(image_path: Path, mask_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The normalised film and its mask on the film's grid (a site's masks need not share the film's size)."""
+    from ai.normalise import normalise
+
+    from .datasets import load_mask
+
+    image = normalise(image_path).pixels
+    return image, load_mask(mask_path, shape=image.shape) > 0.5
 
 
 def score_masks(data: Path | None) -> dict[str, dict]:
@@ -128,7 +110,7 @@ def score_masks(data: Path | None) -> dict[str, dict]:
         score = heart_in_mask(image, mask)
         out[s.file] = {"source": s.source, "finding": s.finding,
                        "heart_in_mask": None if score is None else round(score, 4),
-                       "holds_heart": score is not None and score > HEART_INCLUDED}
+                       "holds_heart": holds_heart(score)}
     return out
 
 
