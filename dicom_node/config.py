@@ -86,6 +86,7 @@ def _check_db_url(value: str) -> str | None:
 RESULT_KINDS = ("sr", "seg", "sc")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")  # ai.precision.PRECISIONS (the configuration does not import torch)
+SC_COMPRESSIONS = ("jpeg", "none")  # how the heat-map SC is stored and sent: dicom_node.results.sc
 CONSENSUS_RULES = ("latest", "majority")
 
 
@@ -189,6 +190,7 @@ SCHEMA: dict[str, Key] = {
     "models.directory": Key(str, ""),
     "results.device_uid": Key(str, "", lambda v: None if not v or _is_uid(v) else "must be a DICOM UID"),
     "results.institution_name": Key(str, ""),
+    "results.sc_compression": Key(str, "jpeg", _one_of(SC_COMPRESSIONS)),
     "export.destinations": Key(list, [], _check_destinations),
     "export.retry_initial_seconds": Key(float, 30.0, _range(0.1)),
     "export.retry_max_seconds": Key(float, 3600.0, _range(0.1)),
@@ -386,6 +388,7 @@ class ModelsSettings:
 class ResultsSettings:
     device_uid: str  # empty: derived from the AE title
     institution_name: str
+    sc_compression: str  # "jpeg" (lossy JPEG Baseline) or "none" (uncompressed RGB)
 
 
 @dataclass(frozen=True)

@@ -122,13 +122,12 @@ def test_the_created_objects_and_the_contexts_the_scu_proposes_for_them_are_list
         assert item.transfer_syntax_uid in uids_in(annex)
     contexts = requested_contexts(items)
     assert {str(cx.abstract_syntax) for cx in contexts} == {i.sop_class_uid for i in items}
-    for cx in contexts:
-        row = next((line for line in scu_section.splitlines()
-                    if line.startswith("| ") and "| SCU | None |" in line
-                    and str(cx.abstract_syntax) in UID_TOKEN.findall(line)), None)
-        assert row is not None, f"no proposed-context row for {cx.abstract_syntax}"
-        assert [str(ts) for ts in cx.transfer_syntax] == [u for u in UID_TOKEN.findall(row)
-                                                          if u.startswith(TRANSFER_SYNTAX_ROOT)], row
+    for sop_class in {str(cx.abstract_syntax) for cx in contexts}:  # one row per context, in the proposed order
+        rows = [line for line in scu_section.splitlines()
+                if line.startswith("| ") and "| SCU | None |" in line and sop_class in UID_TOKEN.findall(line)]
+        listed = [[u for u in UID_TOKEN.findall(row) if u.startswith(TRANSFER_SYNTAX_ROOT)] for row in rows]
+        proposed = [[str(ts) for ts in cx.transfer_syntax] for cx in contexts if cx.abstract_syntax == sop_class]
+        assert listed == proposed, f"proposed contexts for {sop_class}: {proposed}, listed {listed}"
 
 
 def test_the_destination_test_proposes_what_the_scu_section_lists(scu_section):

@@ -16,12 +16,10 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pydicom
 import pytest
 from PIL import Image
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.testclient import TestClient
@@ -40,12 +38,12 @@ from dicom_node.runtime import Runtime, open_runtime
 from .support.data import CHEST_UNCOMPRESSED, CONFIG, REPO
 from .support.net import free_port
 from .support.node import Node
+from .support.sc_picture import SC_CLASS, red_ramp, write_sc
 
 PATIENT_NAME = "Planted^Patient"
 PATIENT_ID = "PID-PLANTED-4711"
 PASSWORD = "correct horse battery"
 DESTINATION = "pacs"
-SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 
 
@@ -72,23 +70,12 @@ def _store(intake: Intake, rt: Runtime, tmp: Path, calling_aet: str) -> str:
 
 
 def _heatmap_sc(rt: Runtime, name: str) -> ResultFile:
-    """A small RGB secondary capture like the node's heat-map picture (pixel data RGB, uncompressed)."""
-    ds = pydicom.Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.SeriesInstanceUID = SC_CLASS, generate_uid(), generate_uid()
-    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = SC_CLASS, ds.SOPInstanceUID
-    pixels = np.zeros((600, 1500, 3), np.uint8)
-    pixels[:, :, 0] = np.linspace(0, 255, 1500, dtype=np.uint8)
-    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = 600, 1500, 3, "RGB"
-    ds.PlanarConfiguration, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 0, 8, 8, 7, 0
-    ds.ImageComments = "DEMO model: not for clinical use."
-    ds.PixelData = pixels.tobytes()
+    """A small secondary capture like the node's heat-map picture, stored as the node stores it by default (JPEG
+    Baseline, YBR_FULL_422)."""
     relative = f"results/{name}.dcm"
-    (rt.archive.root / "results").mkdir(exist_ok=True)
-    ds.save_as(rt.archive.root / relative, enforce_file_format=True)
+    ds = write_sc(rt.archive.root / relative, red_ramp())
     return ResultFile(kind="sc", sop_instance_uid=ds.SOPInstanceUID, sop_class_uid=SC_CLASS,
-                      series_instance_uid=ds.SeriesInstanceUID, transfer_syntax_uid=ExplicitVRLittleEndian,
+                      series_instance_uid=ds.SeriesInstanceUID, transfer_syntax_uid=JPEGBaseline8Bit,
                       archive_path=relative, size_bytes=(rt.archive.root / relative).stat().st_size, analysed=True,
                       reason="analysed")
 
@@ -263,7 +250,9 @@ def test_heatmap_png_from_the_sc_and_404_without_one(client, data):
     assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
     image = Image.open(io.BytesIO(answer.content))
     assert image.mode == "RGB" and image.size == (1024, 410)
-    assert image.getpixel((1023, 200))[0] > 240 and image.getpixel((0, 200))[0] < 10
+    red, green, blue = image.getpixel((1023, 200))
+    assert red > 240 and green < 15 and blue < 15, "the picture's colours as stored (RGB from YBR, converted once)"
+    assert max(image.getpixel((0, 200))) < 10
     assert client.get(f"/jobs/{data.failed_job}/heatmap.png").status_code == 404
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit
 from pynetdicom import AE, evt
 from pynetdicom.presentation import StoragePresentationContexts
 from sqlalchemy import select, update
@@ -38,6 +38,7 @@ from .conftest import CONFIG, PEER_ENV, REPO, SAMPLES, free_port, require_tool
 from .support.dicom_files import dataset_bytes
 from .support.page_cache import require_droppable_cache, resident_bytes
 from .support.postgres import SQLITE_ONLY
+from .support.sc_picture import red_ramp, write_sc
 
 SR = SAMPLES / "reference-outputs" / "sr_document.dcm"
 SEG = SAMPLES / "reference-outputs" / "seg_image_cr_binary.dcm"
@@ -430,6 +431,28 @@ def test_compressed_object_goes_uncompressed_to_a_peer_without_its_syntax(site, 
     assert received.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
     assert received.SOPInstanceUID == original.SOPInstanceUID
     assert (received.pixel_array == original.pixel_array).all()  # lossless: the same pixels
+
+
+def test_the_jpeg_heat_map_goes_as_jpeg_or_decoded_to_rgb_still_marked_lossy(site, scp_factory, tmp_path):
+    """The node's default SC (JPEG Baseline, YBR_FULL_422): a peer that takes JPEG gets the file's bytes, one that
+    takes only uncompressed syntaxes gets RGB pixels (decoded once, not left in YBR) and the lossy marking."""
+    picture = tmp_path / "sc_jpeg.dcm"
+    write_sc(picture, red_ramp(120, 300))
+    stored = dcmread(picture)
+    with_jpeg, without = scp_factory(accept_all=True).start(), scp_factory(accept_all=False).start()
+    destinations = [with_jpeg.destination("jpeg"), without.destination("plain")]
+    site.add_result(picture, "sc", destinations)
+    assert site.exporter(destinations).run_once() == 2
+    for pacs, accept_all, syntax in ((with_jpeg, True, JPEGBaseline8Bit), (without, False, ExplicitVRLittleEndian)):
+        pacs.stop()
+        (copy,) = pacs.files()
+        received = dcmread(copy)
+        assert received.file_meta.TransferSyntaxUID == syntax and received.SOPInstanceUID == stored.SOPInstanceUID
+        assert received.PhotometricInterpretation == ("YBR_FULL_422" if accept_all else "RGB")
+        assert received.LossyImageCompression == "01" and received.LossyImageCompressionMethod == "ISO_10918_1"
+        assert (received.pixel_array == stored.pixel_array).all()  # both RGB as pydicom returns them
+        red, green, blue = received.pixel_array[60, 299]
+        assert red > 240 and green < 15 and blue < 15
 
 
 def test_peer_down_is_retried_with_backoff_and_delivered_exactly_once(site, scp_factory):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import os
 import re
 import warnings
 from pathlib import Path
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 from pydicom import dcmread, dcmwrite
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
 from scipy import ndimage
 
 from ai import analyse
@@ -120,7 +121,7 @@ def test_results_are_seg_sr_sc_in_the_source_study_each_in_its_own_series(demo, 
     series = set()
     for kind, path in paths.items():
         ds = dcmread(path)
-        assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+        assert ds.file_meta.TransferSyntaxUID == (JPEGBaseline8Bit if kind == "sc" else ExplicitVRLittleEndian)
         assert ds.StudyInstanceUID == chest.StudyInstanceUID
         for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber",
                         "StudyID", "StudyDate", "StudyTime", "StudyDescription", "ReferringPhysicianName"):
@@ -318,7 +319,11 @@ def test_sc_is_rgb_with_burnt_in_heat_map_contours_and_banner(demo, chest, demo_
     _, paths = demo
     assert_dciodvfy_clean(paths["sc"])
     sc = dcmread(paths["sc"])
-    assert sc.BurnedInAnnotation == "YES" and sc.PhotometricInterpretation == "RGB" and sc.SamplesPerPixel == 3
+    assert sc.BurnedInAnnotation == "YES" and sc.SamplesPerPixel == 3
+    # the node's default (results.sc_compression = "jpeg"): lossy JPEG Baseline, said so in the header
+    assert sc.file_meta.TransferSyntaxUID == JPEGBaseline8Bit and sc.PhotometricInterpretation == "YBR_FULL_422"
+    assert sc.LossyImageCompression == "01" and values(sc, "LossyImageCompressionMethod") == ["ISO_10918_1"]
+    assert 5 < float(sc.LossyImageCompressionRatio) < 60 and "lossy JPEG" in sc.DerivationDescription
     assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and sc.ConversionType == "WSD"
     assert [r.ReferencedSOPInstanceUID for r in sc.SourceImageSequence] == [chest.SOPInstanceUID]
     assert list(sc.PatientOrientation) == list(chest.PatientOrientation)
@@ -352,6 +357,45 @@ def test_sc_is_rgb_with_burnt_in_heat_map_contours_and_banner(demo, chest, demo_
     assert "probability 0.83" in lines[0] and "threshold 0.42" in lines[0] and "ILO category 1" in lines[0]
     assert "pneumo-resnet34 0.1.0-demo" in lines[1] and NOTICE in lines
     assert sc.ImageComments == NOTICE
+
+
+def values(ds: Dataset, keyword: str) -> list:
+    """An attribute's values as a list, whatever its multiplicity."""
+    return list(ds[keyword].value) if ds[keyword].VM > 1 else [ds[keyword].value]
+
+
+def test_sc_uncompressed_on_request_and_jpeg_within_a_few_grey_levels_of_it(demo, chest, demo_record, node):
+    _, paths = demo
+    plain = build_results(chest, demo_record, dataclasses.replace(node, sc_compression="none"))[2].dataset
+    assert plain.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian and plain.PhotometricInterpretation == "RGB"
+    assert "LossyImageCompression" not in plain and "lossy" not in plain.DerivationDescription
+    jpeg = dcmread(paths["sc"])
+    assert jpeg.SOPInstanceUID == plain.SOPInstanceUID  # the same picture, however it is stored
+    truth, decoded = plain.pixel_array.astype(int), jpeg.pixel_array.astype(int)  # pydicom returns RGB
+    assert decoded.shape == truth.shape
+    error = np.abs(decoded - truth)
+    assert error.mean() < 2 and np.percentile(error, 99) <= 12
+    coloured = (truth.max(axis=-1) - truth.min(axis=-1)) > 60  # contours and heat map keep their colour
+    assert ((decoded.max(axis=-1) - decoded.min(axis=-1))[coloured] > 30).mean() > 0.97
+    assert os.path.getsize(paths["sc"]) * 5 < len(plain.PixelData)
+
+
+@pytest.mark.parametrize("compression", ["jpeg", "none"])
+def test_sc_of_a_lossy_source_says_lossy_with_the_source_history(demo_record, node, compression, tmp_path):
+    lossy = dcmread(CHEST)
+    lossy.LossyImageCompression, lossy.LossyImageCompressionRatio = "01", ["2.5"]
+    lossy.LossyImageCompressionMethod = ["ISO_14495_1"]
+    sc = build_results(lossy, demo_record, dataclasses.replace(node, sc_compression=compression))[2].dataset
+    assert sc.LossyImageCompression == "01"
+    expected = ["ISO_14495_1"] + (["ISO_10918_1"] if compression == "jpeg" else [])
+    assert values(sc, "LossyImageCompressionMethod") == expected
+    ratios = values(sc, "LossyImageCompressionRatio")
+    assert float(ratios[0]) == 2.5 and len(ratios) == len(expected)
+    dcmwrite(tmp_path / "sc.dcm", sc, enforce_file_format=True)
+    assert_dciodvfy_clean(tmp_path / "sc.dcm")
+    lossy.LossyImageCompressionMethod = ["ISO_14495_1", "ISO_10918_1"]  # one method too many: no history
+    sc = build_results(lossy, demo_record, dataclasses.replace(node, sc_compression="none"))[2].dataset
+    assert sc.LossyImageCompression == "01" and "LossyImageCompressionMethod" not in sc
 
 
 # --- UIDs ------------------------------------------------------------------------------------------------------

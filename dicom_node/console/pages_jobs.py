@@ -309,13 +309,9 @@ def _heatmap_png(request: Request, job_id: int) -> bytes:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(path)
-            pixels = np.asarray(ds.pixel_array)
+            pixels = np.asarray(ds.pixel_array)  # YBR (the JPEG SC's YBR_FULL_422) comes back as RGB already
             if pixels.ndim == 4:  # frames: the first
                 pixels = pixels[0]
-            if str(ds.get("PhotometricInterpretation", "")).startswith("YBR"):
-                from pydicom.pixels import convert_color_space
-
-                pixels = convert_color_space(pixels, str(ds.PhotometricInterpretation), "RGB")
         if pixels.dtype != np.uint8:
             top = float(pixels.max()) or 1.0
             pixels = (pixels.astype(np.float32) * (255.0 / top)).astype(np.uint8)

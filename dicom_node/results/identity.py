@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class NodeIdentity:
-    """The node as a device (observer context, equipment, contributing equipment)."""
+    """The node as a device (observer context, equipment, contributing equipment) and how it writes its pictures."""
 
     ae_title: str
     device_uid: str  # config results.device_uid; when empty the caller uses derive_device_uid(ae_title)
@@ -34,14 +34,16 @@ class NodeIdentity:
     model_name: str = "pneumo-cad-node"
     software_version: str = dicom_node.__version__
     institution_name: str = ""  # empty = copy the source's InstitutionName if any
+    sc_compression: str = "jpeg"  # config results.sc_compression: "jpeg" (lossy JPEG Baseline) or "none"
 
     @classmethod
     def from_config(cls, config: NodeConfig) -> NodeIdentity:
-        """The node as ``network.ae_title``, ``results.device_uid`` (derived from the AE title when empty) and
-        ``results.institution_name`` describe it."""
+        """The node as ``network.ae_title``, ``results.device_uid`` (derived from the AE title when empty),
+        ``results.institution_name`` and ``results.sc_compression`` describe it."""
         ae_title = config.network.ae_title
         return cls(ae_title=ae_title, device_uid=config.results.device_uid or derive_device_uid(ae_title),
-                   institution_name=config.results.institution_name)
+                   institution_name=config.results.institution_name,
+                   sc_compression=config.results.sc_compression)
 
 
 def as_highdicom_knows(source: Dataset) -> Dataset:
