@@ -364,10 +364,13 @@ def values(ds: Dataset, keyword: str) -> list:
     return list(ds[keyword].value) if ds[keyword].VM > 1 else [ds[keyword].value]
 
 
-def test_sc_uncompressed_on_request_and_jpeg_within_a_few_grey_levels_of_it(demo, chest, demo_record, node):
+def test_sc_uncompressed_on_request_and_jpeg_within_a_few_grey_levels_of_it(demo, chest, demo_record, node,
+                                                                              tmp_path):
     _, paths = demo
     plain = build_results(chest, demo_record, dataclasses.replace(node, sc_compression="none"))[2].dataset
     assert plain.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian and plain.PhotometricInterpretation == "RGB"
+    dcmwrite(tmp_path / "sc.dcm", plain, enforce_file_format=True)
+    assert_dciodvfy_clean(tmp_path / "sc.dcm")
     assert "LossyImageCompression" not in plain and "lossy" not in plain.DerivationDescription
     jpeg = dcmread(paths["sc"])
     assert jpeg.SOPInstanceUID == plain.SOPInstanceUID  # the same picture, however it is stored
