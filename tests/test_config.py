@@ -83,6 +83,7 @@ def test_precedence_file_then_environment_then_command_line(tmp_path):
         ('[training]\nschedule = "at two"\n', {}, {}, "training.schedule: is not a cron expression"),
         ('', {"training.consensus": "loudest"}, {}, "training.consensus: must be one of latest, majority"),
         ('[worker]\nprecision = "fp16"\n', {}, {}, "worker.precision: must be one of auto, fp32, bf16"),
+        ('[results]\nsc_compression = "png"\n', {}, {}, "results.sc_compression: must be one of jpeg, none"),
         ('', {"promotion.min_sensitivity": "1.5"}, {}, "promotion.min_sensitivity: must be between 0 and 1"),
     ],
 )

@@ -25,6 +25,7 @@ from ai.classifier import Classification
 from ai.explain import zone_scores
 from ai.lungs import LEFT_LUNG, RIGHT_LUNG
 from ai.model_info import ModelInfo
+from dicom_node.config import load_config
 from dicom_node.results import (
     NodeIdentity,
     build_not_analysed,
@@ -38,6 +39,7 @@ from dicom_node.results.sr import NO_CLASSIFIER_NOTE
 
 from .support.data import CHEST_JPEG_LS
 from .support.data import CHEST_UNCOMPRESSED as CHEST
+from .support.data import CONFIG as CONFIG_FILE
 from .support.data import NOT_CHEST_TINY as NOT_CHEST
 from .support.dicom_tools import assert_dciodvfy_clean, assert_dsrdump_clean
 from .support.result_checks import assert_not_analysed_sr, our_equipment
@@ -381,6 +383,12 @@ def test_sc_uncompressed_on_request_and_jpeg_within_a_few_grey_levels_of_it(demo
     coloured = (truth.max(axis=-1) - truth.min(axis=-1)) > 60  # contours and heat map keep their colour
     assert ((decoded.max(axis=-1) - decoded.min(axis=-1))[coloured] > 30).mean() > 0.97
     assert os.path.getsize(paths["sc"]) * 5 < len(plain.PixelData)
+
+
+def test_the_node_writes_its_sc_as_config_results_sc_compression_says():
+    assert NodeIdentity.from_config(load_config(CONFIG_FILE)).sc_compression == "jpeg"
+    chosen = load_config(CONFIG_FILE, {"results.sc_compression": "none"})
+    assert NodeIdentity.from_config(chosen).sc_compression == "none"
 
 
 @pytest.mark.parametrize("compression", ["jpeg", "none"])
