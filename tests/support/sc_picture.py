@@ -20,8 +20,8 @@ def red_ramp(rows: int = 600, cols: int = 1500) -> np.ndarray:
     return pixels
 
 
-def write_sc(path: Path, pixels: np.ndarray, jpeg: bool = True) -> Dataset:
-    """An SC of ``pixels`` at ``path``: JPEG Baseline (YBR_FULL_422, the node's default) or uncompressed RGB."""
+def write_sc(path: Path, pixels: np.ndarray) -> Dataset:
+    """An SC of ``pixels`` at ``path`` in JPEG Baseline (YBR_FULL_422), as the node stores it by default."""
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -34,8 +34,7 @@ def write_sc(path: Path, pixels: np.ndarray, jpeg: bool = True) -> Dataset:
     ds.ImageComments = "DEMO model: not for clinical use."
     ds.DerivationDescription = "test picture"
     ds.PixelData = pixels.tobytes()
-    if jpeg:
-        compress_jpeg(ds, pixels)
+    compress_jpeg(ds, pixels)
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return ds
