@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import io
 import os
 import platform
 import shutil
@@ -76,26 +75,11 @@ def dciodvfy_errors(path: Path) -> str:
     return str(sum(line.startswith("Error") for line in (out.stdout + out.stderr).splitlines()))
 
 
-def jpeg_variant(quality: int, subsampling: int, photometric: str) -> Callable:
-    """An encoder like ``compress_jpeg`` with other settings (for comparison only)."""
-    import numpy as np
-    from PIL import Image
-    from pydicom.encaps import encapsulate
-    from pydicom.uid import JPEGBaseline8Bit
+def jpeg_variant(quality: int, subsampling: int) -> Callable:
+    """The node's ``compress_jpeg`` with other settings (for comparison only)."""
+    from dicom_node.results.sc import compress_jpeg
 
-    def encode(ds, rgb) -> None:  # noqa: ANN001
-        with io.BytesIO() as buffer:
-            Image.fromarray(np.ascontiguousarray(rgb), mode="RGB").save(buffer, format="JPEG", quality=quality,
-                                                                         subsampling=subsampling)
-            frame = buffer.getvalue()
-        ds.PixelData = encapsulate([frame])
-        ds["PixelData"].VR = "OB"
-        ds["PixelData"].is_undefined_length = True
-        ds.PhotometricInterpretation = photometric
-        ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
-        ds.LossyImageCompression, ds.LossyImageCompressionMethod = "01", "ISO_10918_1"
-        ds.LossyImageCompressionRatio = f"{rgb.size / len(frame):.2f}"
-    return encode
+    return lambda ds, rgb: compress_jpeg(ds, rgb, quality=quality, subsampling=subsampling)
 
 
 def lossless_variant(uid, plugin: str) -> Callable | None:  # noqa: ANN001
@@ -137,7 +121,7 @@ def main() -> int:
     node = NodeIdentity(ae_title="PNEUMOCAD", device_uid=derive_device_uid("PNEUMOCAD"), sc_compression="none")
     plain = next(r.dataset for r in build_results(source, record, node) if r.kind == "sc")
     heat = record.classification.heat_map if record.classification is not None else None
-    rgb = render(record.image.pixels, record.labels, heat, banner_lines(record))
+    rgb = plain.pixel_array  # the picture as drawn, uncompressed
     truth = rgb.astype(np.int16)
     coloured = (truth.max(axis=-1) - truth.min(axis=-1)) > COLOURED
     render_ms = cpu_ms(lambda: render(record.image.pixels, record.labels, heat, banner_lines(record)), args.runs)
@@ -145,9 +129,9 @@ def main() -> int:
     candidates: list[tuple[str, Callable | None]] = [
         ("uncompressed RGB, Explicit VR Little Endian (`none`)", lambda ds, pixels: None),
         ("JPEG Baseline q95, 4:2:2, YBR_FULL_422 (the node's `jpeg`)", compress_jpeg),
-        ("JPEG Baseline q95, 4:4:4, YBR_FULL", jpeg_variant(95, 0, "YBR_FULL")),
-        ("JPEG Baseline q95, 4:2:0, YBR_FULL_422 (highdicom's JPEG path)", jpeg_variant(95, 2, "YBR_FULL_422")),
-        ("JPEG Baseline q90, 4:2:2, YBR_FULL_422", jpeg_variant(90, 1, "YBR_FULL_422")),
+        ("JPEG Baseline q95, 4:4:4, YBR_FULL", jpeg_variant(95, 0)),
+        ("JPEG Baseline q95, 4:2:0, YBR_FULL_422 (highdicom's JPEG path)", jpeg_variant(95, 2)),
+        ("JPEG Baseline q90, 4:2:2, YBR_FULL_422", jpeg_variant(90, 1)),
         ("RLE Lossless (pylibjpeg-rle)", lossless_variant(RLELossless, "pylibjpeg")),
         ("JPEG-LS Lossless (pyjpegls)", lossless_variant(JPEGLSLossless, "pyjpegls")),
         ("JPEG 2000 Lossless (pylibjpeg-openjpeg)", lossless_variant(JPEG2000Lossless, "pylibjpeg")),

@@ -39,6 +39,7 @@ HEAT_MAP_DESCRIPTION = "AI heat map (not for diagnosis)"
 CONTOURS_DESCRIPTION = "AI lung fields overlay (not for diagnosis)"
 NOT_FOR_CLINICAL_USE = "AI output for orientation only - not for clinical use."
 JPEG_QUALITY = 95
+SUBSAMPLING_422 = 1  # Pillow's subsampling code for 4:2:2 (chrominance halved horizontally)
 JPEG_METHOD = "ISO_10918_1"  # Lossy Image Compression Method of JPEG lossy (PS3.3 C.7.6.1.1.5.1)
 
 
@@ -123,8 +124,11 @@ def _values(ds: Dataset, keyword: str) -> list:
     return list(value) if isinstance(value, MultiValue) else [value]
 
 
-def compress_jpeg(sc: Dataset, rgb: np.ndarray, quality: int = JPEG_QUALITY) -> None:
-    """Replace the SC's uncompressed RGB pixel data by one JPEG Baseline frame of ``rgb`` (YBR_FULL_422).
+def compress_jpeg(sc: Dataset, rgb: np.ndarray, quality: int = JPEG_QUALITY, subsampling: int = SUBSAMPLING_422
+                  ) -> None:
+    """Replace the SC's uncompressed RGB pixel data by one JPEG Baseline frame of ``rgb``: by default 4:2:2,
+    YBR_FULL_422 (``subsampling`` is Pillow's: 0 = 4:4:4, YBR_FULL, which is not an SC Image value; 2 = 4:2:0, which
+    DICOM also labels YBR_FULL_422; ``benchmarks/sc_encoding.py`` compares them).
 
     highdicom validates the picture uncompressed first; its own JPEG path is not used because it lets Pillow
     subsample the chrominance vertically too (4:2:0) under a Photometric Interpretation that says 4:2:2. The frame
@@ -132,13 +136,13 @@ def compress_jpeg(sc: Dataset, rgb: np.ndarray, quality: int = JPEG_QUALITY) -> 
     lossily are written as PS3.3 C.7.6.1.1.5 asks."""
     with io.BytesIO() as buffer:
         Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8), mode="RGB").save(
-            buffer, format="JPEG", quality=quality, subsampling=1)  # 1 = 4:2:2
+            buffer, format="JPEG", quality=quality, subsampling=subsampling)
         frame = buffer.getvalue()
     ratio = rgb.size / len(frame)
     sc.PixelData = encapsulate([frame])
     sc["PixelData"].VR = "OB"
     sc["PixelData"].is_undefined_length = True
-    sc.PhotometricInterpretation = "YBR_FULL_422"
+    sc.PhotometricInterpretation = "YBR_FULL" if subsampling == 0 else "YBR_FULL_422"
     sc.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
     sc.LossyImageCompression = "01"
     sc.LossyImageCompressionRatio = _values(sc, "LossyImageCompressionRatio") + [f"{ratio:.2f}"]
