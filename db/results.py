@@ -1,4 +1,6 @@
-"""Recording what a worker produced: the job's final state, its result objects and their exports, in one commit.
+"""Recording what a worker produced: the job's final state, its result objects and their exports, in one commit;
+for an analysed job, its report (SR and SEG) in a commit of its own just before (``record_report``), so that it goes
+to PACS while the heat-map SC is still being built.
 
 A job ends (done, not analysed, failed) in the same transaction that records its result rows and queues their
 export, fenced by the worker's lease: a worker that lost its lease records nothing, and the worker that took the job
@@ -50,26 +52,12 @@ def finish_job(engine: Engine, job: ClaimedJob, state: JobState, reason: str | N
 
     Returns False (and records nothing) when this worker no longer holds the job's lease.
     """
-    from .exports import queue_exports
-
     with Session(engine) as session, session.begin():
         if not JOBS.fenced_update(session, [job.job_id], job.lease_owner, state=state, reason=reason,
                                   last_error=(detail or "")[:ERROR_TEXT_LIMIT] or None, updated_at=utcnow(),
                                   **RELEASED):
             return False
-        for item in results:
-            row = session.scalars(select(Result).where(Result.sop_instance_uid == item.sop_instance_uid)).first()
-            if row is None:
-                row = Result(job_id=job.job_id, instance_id=job.instance_id, kind=item.kind,
-                             sop_instance_uid=item.sop_instance_uid, sop_class_uid=item.sop_class_uid,
-                             series_instance_uid=item.series_instance_uid,
-                             transfer_syntax_uid=item.transfer_syntax_uid, archive_path=item.archive_path,
-                             size_bytes=item.size_bytes, analysed=item.analysed, reason=item.reason)
-                session.add(row)
-                session.flush()
-            else:  # the same input analysed again with the same models: same object, same row
-                row.job_id, row.size_bytes = job.job_id, item.size_bytes
-            queue_exports(session, row, routes)
+        _record_results(session, job, results, routes)
         for kind, note in notes:
             session.add(Event(kind=kind, sop_instance_uid=job.sop_instance_uid, detail=f"job {job.job_id}: {note}"))
         if finding is not None:
@@ -81,6 +69,57 @@ def finish_job(engine: Engine, job: ClaimedJob, state: JobState, reason: str | N
             session.add(Event(kind=NO_RESULT_EVENT, sop_instance_uid=job.sop_instance_uid,
                               detail=f"job {job.job_id} ended {state.value} ({reason}) with no result object"))
         return True
+
+
+def record_report(engine: Engine, job: ClaimedJob, results: Sequence[ResultFile],
+                  routes: Mapping[str, Collection[str]], finding: FindingValues | None = None) -> bool:
+    """Record the report of a job still in progress (its SR and the SEG it measures on) with their exports and the
+    classifier's ``finding``, in one commit fenced by the lease, so that the report goes to PACS before the job's
+    last object (the heat-map SC) is built; the job stays running until ``finish_job`` ends it.
+
+    Recording the same objects again (a retried job, the same models: the same UIDs) changes nothing and queues no
+    second export. Returns False (and records nothing) when this worker no longer holds the job's lease."""
+    with Session(engine) as session, session.begin():
+        if not JOBS.fenced_update(session, [job.job_id], job.lease_owner, updated_at=utcnow()):
+            return False
+        _record_results(session, job, results, routes)
+        if finding is not None:
+            add_finding(session, job.job_id, job.instance_id, finding)
+    return True
+
+
+def _record_results(session: Session, job: ClaimedJob, results: Sequence[ResultFile],
+                    routes: Mapping[str, Collection[str]]) -> None:
+    """One row per result object (the row of the same UID again when it exists) and its pending exports."""
+    from .exports import queue_exports
+
+    for item in results:
+        row = session.scalars(select(Result).where(Result.sop_instance_uid == item.sop_instance_uid)).first()
+        if row is None:
+            row = Result(job_id=job.job_id, instance_id=job.instance_id, kind=item.kind,
+                         sop_instance_uid=item.sop_instance_uid, sop_class_uid=item.sop_class_uid,
+                         series_instance_uid=item.series_instance_uid,
+                         transfer_syntax_uid=item.transfer_syntax_uid, archive_path=item.archive_path,
+                         size_bytes=item.size_bytes, analysed=item.analysed, reason=item.reason)
+            session.add(row)
+            session.flush()
+        else:  # the same input analysed again with the same models: same object, same row
+            row.job_id, row.size_bytes = job.job_id, item.size_bytes
+        queue_exports(session, row, routes)
+
+
+def reported_results(engine: Engine, job_id: int) -> list[ResultFile]:
+    """The result objects already recorded for ``job_id`` when they include an analysed SR (``record_report`` of an
+    earlier attempt), else none: a job whose worker died after its report was sent must not get a second,
+    contradicting "not analysed" SR."""
+    with Session(readonly(engine)) as session:
+        rows = session.scalars(select(Result).where(Result.job_id == job_id).order_by(Result.id)).all()
+        if not any(r.kind == "sr" and r.analysed for r in rows):
+            return []
+        return [ResultFile(kind=r.kind, sop_instance_uid=r.sop_instance_uid, sop_class_uid=r.sop_class_uid,
+                           series_instance_uid=r.series_instance_uid, transfer_syntax_uid=r.transfer_syntax_uid,
+                           archive_path=r.archive_path, size_bytes=r.size_bytes, analysed=r.analysed,
+                           reason=r.reason) for r in rows]
 
 
 def count_without_result(engine: Engine) -> int:

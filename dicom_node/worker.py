@@ -4,8 +4,10 @@ and ``dicom_node.results``.
 Each batch goes through named steps: *claim* up to ``worker.batch_size`` jobs (``db.queue.claim``), *read* each
 archived source (``_read``), *analyse* the readable ones in one call of the injected analysis function (``analyse``,
 ``ai.analyse_batch`` in production), *build* the result objects (``ResultBuilders``: ``dicom_node.results``),
-*write* them under the storage root (``ResultStore``) and *record* them with the job's final state and their exports
-in one fenced transaction (``db.results.finish_job``). Whether a source is one of the node's own results is
+*write* them under the storage root (``ResultStore``) and *record* them with their exports in fenced transactions:
+an analysed job's report (SR and SEG) first (``db.results.record_report``), so that it is sent while the heat-map
+SC is drawn and encoded, then the SC with the job's final state (``db.results.finish_job``); any other outcome in
+one commit. Whether a source is one of the node's own results is
 ``dicom_node.results.identity.is_own_result``; the node's identity comes from ``NodeIdentity.from_config``.
 
 One worker is one process (the models load once per process, with ``worker.threads`` CPU threads, and are warmed
@@ -18,7 +20,10 @@ champion (``dicom_node.champion``): a promotion or a rollback reaches its next b
 ``dicom-node serve`` supervises ``worker.processes`` of them; ``dicom-node worker`` runs one alone, e.g. on a GPU
 host that shares the database and the storage root. Outcomes per job:
 
-- analysed: SEG + SR + heat-map SC, job ``done``;
+- analysed: SEG + SR + heat-map SC, job ``done``. The SR and SEG are recorded (and sent) before the SC is built;
+  if the SC then cannot be encoded, or the attempts run out while writing it or drawing it kills the worker, the
+  job still ends ``done`` with its report and a ``heat_map_missing`` audit event, never with a second, "not
+  analysed" SR that would contradict the one in PACS;
 - refused by header or pixels (not a frontal chest, ...): a "not analysed" SR with the reason, job ``not_analysed``;
 - failed: transient errors (an archive file that cannot be read, a model error) are retried up to
   ``queue.max_attempts``; permanent ones (pixels that cannot be decoded, a decoder that crashed) are not. The job
@@ -64,7 +69,7 @@ from db.findings import FindingValues
 from db.instances import instance_uids
 from db.models import JobState
 from db.queue import ClaimedJob, claim, fail
-from db.results import ResultFile, finish_job
+from db.results import ResultFile, finish_job, record_report, reported_results
 from db.workers import HEARTBEAT_SECONDS, beat, models_json, upsert
 from db.workers import stop as stop_heartbeat
 
@@ -74,7 +79,7 @@ from .config import NodeConfig
 from .doorbell import WorkerBells
 from .log_safety import format_exception_safely
 from .result_store import ResultStore
-from .results import NodeIdentity, ResultObject, build_last_resort_sr, build_results, coerce_header
+from .results import NodeIdentity, ResultObject, build_last_resort_sr, build_picture, build_report, coerce_header
 from .results.identity import is_own_result
 
 LOG = logging.getLogger("dicom_node.worker")
@@ -97,7 +102,8 @@ STOPPING_DATABASE_WAIT_S = 4.0
 class ResultBuilders:
     """How the worker turns an outcome into result objects (``dicom_node.results``'s builders, by default)."""
 
-    analysed: BuildObjects = build_results  # (coerced header, record, identity)
+    report: BuildObjects = build_report  # (coerced header, record, identity): SEG + SR, or the "not analysed" SR
+    picture: BuildObjects = build_picture  # (coerced header, record, identity): the heat-map SC, or nothing
     last_resort: BuildObjects = build_last_resort_sr  # (header, reason, explanation, identity, models)
 
 
@@ -188,6 +194,7 @@ class _Task:
     error: str | None = None  # log-safe: reading the archived file failed, or the analysis raised
     retryable: bool = True
     reason: str = "unreadable_file"  # why reading failed
+    report: list[ResultFile] | None = None  # the report, once recorded and on its way to PACS (``record_report``)
 
 
 class Worker:
@@ -436,21 +443,37 @@ class Worker:
         return header, [("header_coerced", f"{len(repairs)} header repair(s): {listed}"[:2000])]
 
     def _finish(self, task: _Task, record: Any, seconds: float) -> None:
+        """Build, write and record the report first (the SR and the SEG it measures on) and ring the exporter, so
+        that what the radiologist reads never waits for the heat-map SC (its drawing and JPEG encoding are the
+        largest part of the result objects' time); then the SC, and the job's end."""
         built = self._build(task, record)
         if built is None:
             return
-        objects, notes = built
+        header, objects, notes = built
         files = self._write(task, record, objects)
-        if files is not None:
-            self._record(task, record, files, notes, seconds)
+        if files is None:
+            return
+        if record.in_scope:
+            if not record_report(self.engine, task.job, files, self.export_routes,
+                                 _finding_values(record, seconds)):
+                LOG.warning("job %d: lease lost before recording; the job's new owner records it", task.job.job_id)
+                return
+            task.report = files
+            self._results_recorded()  # the SR's export is due now
+            picture = self._picture(task, header, record)
+            if picture is None:
+                return
+            files, notes = files + picture[0], notes + picture[1]
+        self._record(task, record, files, notes, seconds)
 
-    def _build(self, task: _Task, record: Any) -> tuple[list[ResultObject], list[tuple[str, str]]] | None:
-        """Build step: the result objects and the header repairs' audit notes; None when they could not be encoded
-        (the job then got its last-resort report)."""
+    def _build(self, task: _Task, record: Any
+               ) -> tuple[Dataset, list[ResultObject], list[tuple[str, str]]] | None:
+        """Build step of the report: the coerced header, the report's objects and the header repairs' audit notes;
+        None when they could not be encoded (the job then got its last-resort report)."""
         assert task.source is not None
         try:
             header, notes = self._coerced(task.source)
-            return self.builders.analysed(header, record, self.identity), notes
+            return header, self.builders.report(header, record, self.identity), notes
         except Exception as exc:  # the analysis is done; only its encoding failed: a last-resort report, no retry
             LOG.warning("job %d: result encoding failed (%s)", task.job.job_id, exception_summary(exc))
             _log_traceback(task.job.job_id)
@@ -458,6 +481,22 @@ class Worker:
             self._last_resort(task, "result_encoding_error",
                               "the analysis finished but its result objects could not be encoded")
             return None
+
+    def _picture(self, task: _Task, header: Dataset, record: Any
+                 ) -> tuple[list[ResultFile], list[tuple[str, str]]] | None:
+        """The heat-map SC, built and written after the report went out: its files and audit notes. A picture that
+        cannot be encoded leaves the job done with its report and an audit note (the report already says what the
+        analysis found); None when writing it failed (a retried attempt, or the job's end without it)."""
+        try:
+            objects = self.builders.picture(header, record, self.identity)
+        except Exception as exc:  # noqa: BLE001 - the report is out; only the picture is missing
+            problem = exception_summary(exc)  # a ResultEncodingError's fixed text, else the type alone
+            LOG.warning("job %d: the heat-map SC could not be encoded (%s); the job keeps its report",
+                        task.job.job_id, problem)
+            _log_traceback(task.job.job_id)
+            return [], [("heat_map_missing", f"the heat-map SC could not be encoded ({problem})")]
+        files = self._write(task, record, objects)
+        return None if files is None else (files, [])
 
     def _write(self, task: _Task, record: Any, objects: list[ResultObject]) -> list[ResultFile] | None:
         """Write step: each object durably under the storage root; None when that failed (a retried attempt)."""
@@ -495,13 +534,29 @@ class Worker:
             LOG.warning("job %d attempt %d/%d failed (%s): %s; %s", task.job.job_id, task.job.attempt, max_attempts,
                         reason, error, "lease lost" if state is None else "will retry")
             return
+        if task.report is not None:  # the report is out: the job ends done with it, the failure audited
+            self._done_without_picture(task, f"{reason}: {error}")
+            return
         task.error = error
         self._last_resort(task, reason, f"analysis failed: {error}")
+
+    def _done_without_picture(self, task: _Task, why: str) -> None:
+        """End a job whose report an attempt already recorded and sent, without its heat-map SC: a second,
+        "not analysed" SR would contradict the report in PACS."""
+        files = task.report or []
+        if finish_job(self.engine, task.job, JobState.DONE, None, None, files, self.export_routes,
+                      [("heat_map_missing", f"no heat-map SC ({why})"[:2000])]):
+            LOG.error("job %d done without its heat-map SC after %d attempt(s): %s", task.job.job_id,
+                      task.job.attempt, why)
 
     def _report_lost_job(self, job: ClaimedJob) -> None:
         """A job whose worker died or hung on every attempt: its report, without analysing it again."""
         attempts = job.attempt - 1
         task = _Task(job, None, f"the worker processing it stopped (died or hung) {attempts} time(s)", False)
+        task.report = reported_results(self.engine, job.job_id) or None
+        if task.report is not None:  # an earlier attempt sent the report and died drawing the heat map
+            self._done_without_picture(task, f"the worker stopped {attempts} time(s) after sending the report")
+            return
         LOG.error("job %d: lost its worker %d time(s); writing its 'not analysed' SR without analysing it again",
                   job.job_id, attempts)
         self._last_resort(task, "lease_expired",

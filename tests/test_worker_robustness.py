@@ -226,7 +226,7 @@ def test_a_job_with_no_result_object_is_counted_and_audited(tmp_path):
 
     env = make_env(tmp_path / "var")
     job_id, rec = env.receive(SAMPLES / "not-chest" / "Kodak_CR500_hand_J2KR.dcm")
-    no_builder_works = ResultBuilders(analysed=broken, last_resort=broken)
+    no_builder_works = ResultBuilders(report=broken, last_resort=broken)
     assert env.worker(builders=no_builder_works).run_once() == 1
     assert env.job(job_id).state == JobState.FAILED and env.results(job_id=job_id) == []
     assert count_without_result(env.engine) == 1
@@ -269,7 +269,7 @@ def test_a_worker_outlives_an_exclusive_lock_longer_than_the_busy_timeout(tmp_pa
 
 def test_results_are_built_off_the_model_thread_while_the_next_job_is_analysed(tmp_path):
     """``run``'s results lane: job 1's objects are built while job 2 is in the models; stopping drains the lane."""
-    from dicom_node.results import build_results
+    from dicom_node.results import build_report
 
     env = make_env(tmp_path / "var", worker__batch_size="1", worker__poll_seconds="0.05")
     events: list[tuple[str, str, float]] = []
@@ -281,11 +281,11 @@ def test_results_are_built_off_the_model_thread_while_the_next_job_is_analysed(t
     def slow_build(header, record, identity):  # type: ignore[no-untyped-def]
         events.append(("build", threading.current_thread().name, time.monotonic()))
         time.sleep(1.5)  # longer than one analysis: the next one must start meanwhile
-        return build_results(header, record, identity)
+        return build_report(header, record, identity)
 
     job_ids = [env.receive(p)[0] for p in clone_instances(CHEST, tmp_path / "in", 3)]
     stop = threading.Event()
-    thread = threading.Thread(target=env.worker(analyse=analyse, builders=ResultBuilders(analysed=slow_build)).run,
+    thread = threading.Thread(target=env.worker(analyse=analyse, builders=ResultBuilders(report=slow_build)).run,
                               args=(stop,), daemon=True)
     thread.start()
     deadline = time.monotonic() + 120

@@ -37,9 +37,9 @@ from .uids import derive_device_uid, model_versions, result_series_uid, result_u
 if TYPE_CHECKING:  # ai.analysis loads torch; building results needs only the record's data
     from ai.analysis import AnalysisRecord
 
-__all__ = ["NodeIdentity", "ResultObject", "Repair", "ResultEncodingError", "build_results", "build_not_analysed",
-           "build_last_resort_sr", "coerce_header", "derive_device_uid", "result_uid", "result_series_uid",
-           "model_versions", "LAST_RESORT_REASON"]
+__all__ = ["NodeIdentity", "ResultObject", "Repair", "ResultEncodingError", "build_results", "build_report",
+           "build_picture", "build_not_analysed", "build_last_resort_sr", "coerce_header", "derive_device_uid",
+           "result_uid", "result_series_uid", "model_versions", "LAST_RESORT_REASON"]
 
 LAST_RESORT_REASON = "result_encoding_error"
 
@@ -92,10 +92,18 @@ def _finish(obj: Dataset, header: Dataset) -> Dataset:
 
 def build_results(source: Dataset, record: AnalysisRecord, node: NodeIdentity) -> list[ResultObject]:
     """An analysed record gives [SEG, SR, SC]; any other record (refused, unreadable, failed) one SR that says
-    it was not analysed and why."""
+    it was not analysed and why. ``build_report`` followed by ``build_picture``."""
+    report = build_report(source, record, node)
+    if not record.in_scope or record.labels is None:
+        return report
+    return report + build_picture(source, record, node)
+
+
+def build_report(source: Dataset, record: AnalysisRecord, node: NodeIdentity) -> list[ResultObject]:
+    """What the radiologist reads: an analysed record gives [SEG, SR] (the SR measures the lung fields on the SEG,
+    so the two go together); any other record the one SR that says it was not analysed and why."""
     if not record.in_scope or record.labels is None:
         return build_not_analysed(source, record.reason, record.explanation, node, record.models)
-    from .sc import build_sc
     from .seg import build_seg
     from .sr import build_sr
 
@@ -106,9 +114,22 @@ def build_results(source: Dataset, record: AnalysisRecord, node: NodeIdentity) -
             seg = _finish(build_seg(header, record, node), header)
         with _encoding("SR"):
             sr = _finish(build_sr(header, record, node, seg), header)
+    return [ResultObject("seg", seg), ResultObject("sr", sr)]
+
+
+def build_picture(source: Dataset, record: AnalysisRecord, node: NodeIdentity) -> list[ResultObject]:
+    """The heat-map SC of an analysed record ([SC]); nothing for any other record. Neither the SR nor the SEG
+    references it, so it can be built after they are sent."""
+    if not record.in_scope or record.labels is None:
+        return []
+    from .sc import build_sc
+
+    with _quiet("result objects"):
+        with _encoding("source header"):
+            header, _ = coerce_header(source)
         with _encoding("SC"):
             sc = _finish(build_sc(header, record, node), header)
-    return [ResultObject("seg", seg), ResultObject("sr", sr), ResultObject("sc", sc)]
+    return [ResultObject("sc", sc)]
 
 
 def build_not_analysed(source: Dataset, reason: str, explanation: str, node: NodeIdentity,
