@@ -1,7 +1,9 @@
 """Which model files a process uses, and the per-process model cache (models load once per file and device).
 
 The caller says where a site's own model files are (the configuration's ``models.directory``) and which device to
-use (``worker.device``, or ``dicom-node analyse --device``); nothing here reads the environment.
+use (``worker.device``, or ``dicom-node analyse --device``); nothing here reads the environment. Torch and the
+networks load only when a model does: the commands that only need to know which file is installed (``dicom-node
+models list``, ``retrain``'s registration) do not pay torchvision's import (about 3 s of CPU).
 """
 
 from __future__ import annotations
@@ -9,11 +11,13 @@ from __future__ import annotations
 import threading
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from .classifier import PneumoconiosisClassifier
-from .segment import LungSegmenter
+    from .classifier import PneumoconiosisClassifier
+    from .segment import LungSegmenter
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "models"
 LUNG_UNET = "lung_unet.pt"
@@ -27,6 +31,8 @@ _lock = threading.Lock()
 
 def select_device(preferred: str | None = None) -> torch.device:
     """``preferred`` when given (cpu, cuda, cuda:1; "auto" or None: not given), else CUDA when present, else CPU."""
+    import torch
+
     if preferred and preferred != "auto":
         return torch.device(preferred)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -41,6 +47,10 @@ def model_path(file_name: str, model_dir: ModelDir = None) -> Path:
 
 @lru_cache(maxsize=4)
 def _load_segmenter(path: Path, device: str) -> LungSegmenter:
+    import torch
+
+    from .segment import LungSegmenter
+
     return LungSegmenter(path, torch.device(device))
 
 
@@ -51,6 +61,10 @@ def lung_segmenter(device: str | None = None, model_dir: ModelDir = None) -> Lun
 
 @lru_cache(maxsize=4)
 def _load_classifier(path: Path, device: str, precision: str) -> PneumoconiosisClassifier:
+    import torch
+
+    from .classifier import PneumoconiosisClassifier
+
     return PneumoconiosisClassifier(path, torch.device(device), precision=precision)
 
 
