@@ -16,7 +16,6 @@ from sqlalchemy.orm import Session
 
 from db.findings import finding_of_job
 from db.models import Event, JobState
-from db.queue import claim
 from db.results import count_without_result
 from dicom_node.doorbell import ServeBells, WorkerBells
 from dicom_node.results import build_picture
