@@ -2,8 +2,9 @@
 exporter rung before the heat-map SC is built; and once the report is out, no fault of the picture makes the job
 end with a second, contradicting "not analysed" SR.
 
-Real models, a real SQLite queue and real files (``tests/test_worker.py``'s environment); the doorbells are the
-real pipes ``serve`` hands its workers (``dicom_node.doorbell``), both ends in this process.
+Real models, a real queue (SQLite, and PostgreSQL where the database's fencing is the subject: ``databases``) and
+real files (``tests/test_worker.py``'s environment); the doorbells are the real pipes ``serve`` hands its workers
+(``dicom_node.doorbell``), both ends in this process.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ def _analysed_srs(env: Env, job_id: int) -> list[bool]:
     return [r.analysed for r in env.results(job_id=job_id) if r.kind == "sr"]
 
 
-def test_the_report_is_recorded_queued_and_rung_for_before_the_picture_is_built(tmp_path):
-    env = make_env(tmp_path / "var", export__destinations=DESTINATIONS)
+def test_the_report_is_recorded_queued_and_rung_for_before_the_picture_is_built(tmp_path, databases):
+    env = make_env(tmp_path / "var", databases, export__destinations=DESTINATIONS)
     [source] = clone_instances(CHEST, tmp_path / "in", 1)
     job_id, _ = env.receive(source)
     serve = ServeBells()
@@ -91,7 +92,7 @@ def test_a_picture_that_cannot_be_encoded_leaves_the_job_done_with_its_report(tm
     assert dciodvfy_errors(env.root / sr_row.archive_path) == []
 
 
-def test_a_worker_that_dies_drawing_the_picture_on_its_last_attempt_leaves_one_report(tmp_path):
+def test_a_worker_that_dies_drawing_the_picture_on_its_last_attempt_leaves_one_report(tmp_path, databases):
     """The report was sent; drawing the picture killed the worker (simulated: the builder never returns, as after
     kill -9) on every attempt. The last claim only reports, and the report already exists: the job ends done
     with it and an audit note, not with a "not analysed" SR beside the analysed one."""
@@ -102,7 +103,7 @@ def test_a_worker_that_dies_drawing_the_picture_on_its_last_attempt_leaves_one_r
     def dies(header, record, identity):  # type: ignore[no-untyped-def]
         raise Died
 
-    env = make_env(tmp_path / "var", queue__max_attempts="2", export__destinations=DESTINATIONS)
+    env = make_env(tmp_path / "var", databases, queue__max_attempts="2", export__destinations=DESTINATIONS)
     [source] = clone_instances(CHEST, tmp_path / "in", 1)
     job_id, _ = env.receive(source)
     for attempt in range(2):
