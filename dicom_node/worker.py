@@ -534,9 +534,6 @@ class Worker:
             LOG.warning("job %d attempt %d/%d failed (%s): %s; %s", task.job.job_id, task.job.attempt, max_attempts,
                         reason, error, "lease lost" if state is None else "will retry")
             return
-        if task.report is not None:  # the report is out: the job ends done with it, the failure audited
-            self._done_without_picture(task, f"{reason}: {error}")
-            return
         task.error = error
         self._last_resort(task, reason, f"analysis failed: {error}")
 
@@ -553,19 +550,20 @@ class Worker:
         """A job whose worker died or hung on every attempt: its report, without analysing it again."""
         attempts = job.attempt - 1
         task = _Task(job, None, f"the worker processing it stopped (died or hung) {attempts} time(s)", False)
-        task.report = reported_results(self.engine, job.job_id) or None
-        if task.report is not None:  # an earlier attempt sent the report and died drawing the heat map
-            self._done_without_picture(task, f"the worker stopped {attempts} time(s) after sending the report")
-            return
-        LOG.error("job %d: lost its worker %d time(s); writing its 'not analysed' SR without analysing it again",
-                  job.job_id, attempts)
+        LOG.error("job %d: lost its worker %d time(s); ending it without analysing it again", job.job_id, attempts)
         self._last_resort(task, "lease_expired",
                           f"the analysis was interrupted {attempts} time(s): the worker process died or hung")
 
     def _last_resort(self, task: _Task, reason: str, explanation: str) -> None:
         """End the job failed with a "not analysed" SR (``build_last_resort_sr``: the normal one on the coerced
         header, else on a minimal one); only if that fails, with no object (``finish_job`` then records the audit
-        event that ``dicom-node status`` counts)."""
+        event that ``dicom-node status`` counts). A job whose report this or an earlier attempt already recorded and
+        sent ends done with it instead (``_done_without_picture``)."""
+        report = task.report or reported_results(self.engine, task.job.job_id)
+        if report:
+            task.report = report
+            self._done_without_picture(task, f"{reason}: {explanation}")
+            return
         source = task.source if task.source is not None else self._header_only(task.job)
         models = _model_descriptions(self.device, self.model_dir, self.analysis_options["classifier_path"],
                                      self.precision)

@@ -127,7 +127,7 @@ def test_a_worker_that_dies_drawing_the_picture_on_its_last_attempt_leaves_one_r
     assert sorted(r.kind for r in env.results(job_id=job_id)) == ["seg", "sr"]
     assert env.exports() == exports_before, "nothing queued twice"
     [note] = _events(env, "heat_map_missing")
-    assert "stopped 2 time(s) after sending the report" in note
+    assert "lease_expired" in note and "interrupted 2 time(s)" in note
     assert count_without_result(env.engine) == 0
 
 
@@ -155,3 +155,31 @@ def test_a_picture_write_failure_is_retried_and_after_the_last_attempt_the_job_k
     [note] = _events(env, "heat_map_missing")
     assert "result_write_error" in note
     assert list(env.archive.tmp_dir.iterdir()) == []
+
+
+def test_a_report_of_an_earlier_attempt_is_kept_when_the_last_attempt_fails_otherwise(tmp_path):
+    """Attempt 1 sent its report, then could not store its picture; attempt 2's analysis fails. Out of attempts,
+    the job ends done with attempt 1's report, not failed with a "not analysed" SR beside it."""
+    env = make_env(tmp_path / "var", queue__max_attempts="2")
+    [source] = clone_instances(CHEST, tmp_path / "in", 1)
+    job_id, _ = env.receive(source)
+    first = env.worker()
+    store_write = first.store.write
+
+    def write(kind, ds, analysed, reason):  # type: ignore[no-untyped-def]
+        if kind == "sc":
+            raise OSError(5, "Input/output error")
+        return store_write(kind, ds, analysed, reason)
+
+    first.store.write = write  # type: ignore[method-assign]
+    assert first.run_once() == 1 and env.job(job_id).state == JobState.QUEUED
+
+    def broken(sources, device=None, **_):  # type: ignore[no-untyped-def]
+        raise RuntimeError("the model file went bad")
+
+    assert env.worker(analyse=broken).run_once() == 1
+    job = env.job(job_id)
+    assert (job.state, job.attempts) == (JobState.DONE, 2)
+    assert _analysed_srs(env, job_id) == [True], "no 'not analysed' SR beside the analysed one"
+    [note] = _events(env, "heat_map_missing")
+    assert "analysis_error" in note
