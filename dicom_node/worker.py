@@ -194,7 +194,6 @@ class _Task:
     error: str | None = None  # log-safe: reading the archived file failed, or the analysis raised
     retryable: bool = True
     reason: str = "unreadable_file"  # why reading failed
-    report: list[ResultFile] | None = None  # the report, once recorded and on its way to PACS (``record_report``)
 
 
 class Worker:
@@ -458,7 +457,6 @@ class Worker:
                                  _finding_values(record, seconds)):
                 LOG.warning("job %d: lease lost before recording; the job's new owner records it", task.job.job_id)
                 return
-            task.report = files
             self._results_recorded()  # the SR's export is due now
             picture = self._picture(task, header, record)
             if picture is None:
@@ -511,11 +509,12 @@ class Worker:
 
     def _record(self, task: _Task, record: Any, files: list[ResultFile], notes: list[tuple[str, str]],
                 seconds: float) -> None:
-        """Record step: the job's final state, its result objects and their exports, in one fenced commit."""
+        """Record step: the job's final state, its result objects and their exports, in one fenced commit (an
+        analysed job's finding went in with its report)."""
         state = JobState.DONE if record.in_scope else JobState.NOT_ANALYSED
         reason = None if record.in_scope else record.reason
         if not finish_job(self.engine, task.job, state, reason, None if record.in_scope else record.explanation,
-                          files, self.export_routes, notes, finding=_finding_values(record, seconds)):
+                          files, self.export_routes, notes):
             LOG.warning("job %d: lease lost before recording; the job's new owner records it", task.job.job_id)
             return
         c = record.classification
@@ -537,11 +536,10 @@ class Worker:
         task.error = error
         self._last_resort(task, reason, f"analysis failed: {error}")
 
-    def _done_without_picture(self, task: _Task, why: str) -> None:
+    def _done_without_picture(self, task: _Task, report: list[ResultFile], why: str) -> None:
         """End a job whose report an attempt already recorded and sent, without its heat-map SC: a second,
         "not analysed" SR would contradict the report in PACS."""
-        files = task.report or []
-        if finish_job(self.engine, task.job, JobState.DONE, None, None, files, self.export_routes,
+        if finish_job(self.engine, task.job, JobState.DONE, None, None, report, self.export_routes,
                       [("heat_map_missing", f"no heat-map SC ({why})"[:2000])]):
             LOG.error("job %d done without its heat-map SC after %d attempt(s): %s", task.job.job_id,
                       task.job.attempt, why)
@@ -559,10 +557,9 @@ class Worker:
         header, else on a minimal one); only if that fails, with no object (``finish_job`` then records the audit
         event that ``dicom-node status`` counts). A job whose report this or an earlier attempt already recorded and
         sent ends done with it instead (``_done_without_picture``)."""
-        report = task.report or reported_results(self.engine, task.job.job_id)
+        report = reported_results(self.engine, task.job.job_id)
         if report:
-            task.report = report
-            self._done_without_picture(task, f"{reason}: {explanation}")
+            self._done_without_picture(task, report, f"{reason}: {explanation}")
             return
         source = task.source if task.source is not None else self._header_only(task.job)
         models = _model_descriptions(self.device, self.model_dir, self.analysis_options["classifier_path"],

@@ -38,6 +38,19 @@ def _analysed_srs(env: Env, job_id: int) -> list[bool]:
     return [r.analysed for r in env.results(job_id=job_id) if r.kind == "sr"]
 
 
+def _failing_sc_writes(worker: Worker, error: OSError) -> Worker:
+    """``worker`` with a result store whose SC writes raise ``error`` (the report's writes still succeed)."""
+    store_write = worker.store.write
+
+    def write(kind, ds, analysed, reason):  # type: ignore[no-untyped-def]
+        if kind == "sc":
+            raise error
+        return store_write(kind, ds, analysed, reason)
+
+    worker.store.write = write  # type: ignore[method-assign]
+    return worker
+
+
 def test_the_report_is_recorded_queued_and_rung_for_before_the_picture_is_built(tmp_path, databases):
     env = make_env(tmp_path / "var", databases, export__destinations=DESTINATIONS)
     [source] = clone_instances(CHEST, tmp_path / "in", 1)
@@ -135,15 +148,7 @@ def test_a_picture_write_failure_is_retried_and_after_the_last_attempt_the_job_k
     env = make_env(tmp_path / "var", queue__max_attempts="2", export__destinations=DESTINATIONS)
     [source] = clone_instances(CHEST, tmp_path / "in", 1)
     job_id, _ = env.receive(source)
-    worker = env.worker()
-    store_write = worker.store.write
-
-    def write(kind, ds, analysed, reason):  # type: ignore[no-untyped-def]
-        if kind == "sc":  # the disk filled up between the report and the picture
-            raise OSError(28, "No space left on device")
-        return store_write(kind, ds, analysed, reason)
-
-    worker.store.write = write  # type: ignore[method-assign]
+    worker = _failing_sc_writes(env.worker(), OSError(28, "No space left on device"))  # the disk filled up
     assert worker.run_once() == 1
     job = env.job(job_id)
     assert (job.state, job.reason) == (JobState.QUEUED, "result_write_error"), "a transient failure: retried"
@@ -163,15 +168,7 @@ def test_a_report_of_an_earlier_attempt_is_kept_when_the_last_attempt_fails_othe
     env = make_env(tmp_path / "var", queue__max_attempts="2")
     [source] = clone_instances(CHEST, tmp_path / "in", 1)
     job_id, _ = env.receive(source)
-    first = env.worker()
-    store_write = first.store.write
-
-    def write(kind, ds, analysed, reason):  # type: ignore[no-untyped-def]
-        if kind == "sc":
-            raise OSError(5, "Input/output error")
-        return store_write(kind, ds, analysed, reason)
-
-    first.store.write = write  # type: ignore[method-assign]
+    first = _failing_sc_writes(env.worker(), OSError(5, "Input/output error"))
     assert first.run_once() == 1 and env.job(job_id).state == JobState.QUEUED
 
     def broken(sources, device=None, **_):  # type: ignore[no-untyped-def]

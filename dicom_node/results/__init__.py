@@ -90,19 +90,21 @@ def _finish(obj: Dataset, header: Dataset) -> Dataset:
     return obj
 
 
+def _analysed(record: AnalysisRecord) -> bool:
+    """Whether ``record`` has lung fields to report on (in scope and segmented)."""
+    return bool(record.in_scope and record.labels is not None)
+
+
 def build_results(source: Dataset, record: AnalysisRecord, node: NodeIdentity) -> list[ResultObject]:
     """An analysed record gives [SEG, SR, SC]; any other record (refused, unreadable, failed) one SR that says
     it was not analysed and why. ``build_report`` followed by ``build_picture``."""
-    report = build_report(source, record, node)
-    if not record.in_scope or record.labels is None:
-        return report
-    return report + build_picture(source, record, node)
+    return build_report(source, record, node) + build_picture(source, record, node)
 
 
 def build_report(source: Dataset, record: AnalysisRecord, node: NodeIdentity) -> list[ResultObject]:
     """What the radiologist reads: an analysed record gives [SEG, SR] (the SR measures the lung fields on the SEG,
     so the two go together); any other record the one SR that says it was not analysed and why."""
-    if not record.in_scope or record.labels is None:
+    if not _analysed(record):
         return build_not_analysed(source, record.reason, record.explanation, node, record.models)
     from .seg import build_seg
     from .sr import build_sr
@@ -120,7 +122,7 @@ def build_report(source: Dataset, record: AnalysisRecord, node: NodeIdentity) ->
 def build_picture(source: Dataset, record: AnalysisRecord, node: NodeIdentity) -> list[ResultObject]:
     """The heat-map SC of an analysed record ([SC]); nothing for any other record. Neither the SR nor the SEG
     references it, so it can be built after they are sent."""
-    if not record.in_scope or record.labels is None:
+    if not _analysed(record):
         return []
     from .sc import build_sc
 
