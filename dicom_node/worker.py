@@ -81,6 +81,7 @@ from .log_safety import format_exception_safely
 from .result_store import ResultStore
 from .results import NodeIdentity, ResultObject, build_last_resort_sr, build_picture, build_report, coerce_header
 from .results.identity import is_own_result
+from .results.uids import model_versions
 
 LOG = logging.getLogger("dicom_node.worker")
 
@@ -449,6 +450,8 @@ class Worker:
         if built is None:
             return
         header, objects, notes = built
+        if self._earlier_report_stands(task, record, objects):
+            return
         files = self._write(task, record, objects)
         if files is None:
             return
@@ -479,6 +482,21 @@ class Worker:
             self._last_resort(task, "result_encoding_error",
                               "the analysis finished but its result objects could not be encoded")
             return None
+
+    def _earlier_report_stands(self, task: _Task, record: Any, objects: list[ResultObject]) -> bool:
+        """A retried job whose earlier attempt sent a report other than the one this attempt built (the champion
+        changed between the attempts: other model versions, so other UIDs) ends done with the report already in
+        PACS, without a picture: a second SR of the image that may say something else, or a heat map from another
+        model than the report's, would leave the radiologist two answers. Returns True when it ended the job."""
+        if task.job.attempt == 1:  # only a retry can find a report of its job (one read, on retries only)
+            return False
+        earlier = reported_results(self.engine, task.job.job_id)
+        if not earlier or {str(o.dataset.SOPInstanceUID) for o in objects} <= {f.sop_instance_uid for f in earlier}:
+            return False
+        self._done_without_picture(
+            task, earlier, f"models_changed: an earlier attempt sent the report; this attempt ran "
+                           f"{model_versions(record.models)}, so its report and heat map were not kept")
+        return True
 
     def _picture(self, task: _Task, header: Dataset, record: Any
                  ) -> tuple[list[ResultFile], list[tuple[str, str]]] | None:

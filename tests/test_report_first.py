@@ -10,6 +10,7 @@ real files (``tests/test_worker.py``'s environment); the doorbells are the real 
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 from pydicom import dcmread
 from sqlalchemy import select
@@ -180,3 +181,35 @@ def test_a_report_of_an_earlier_attempt_is_kept_when_the_last_attempt_fails_othe
     assert _analysed_srs(env, job_id) == [True], "no 'not analysed' SR beside the analysed one"
     [note] = _events(env, "heat_map_missing")
     assert "analysis_error" in note
+
+
+def test_a_retry_under_another_champion_keeps_the_report_already_sent(tmp_path, databases):
+    """Attempt 1 sent its report, then could not store its picture; before the retry a retrained classifier was
+    promoted (other model versions, so the retry's report would have other UIDs). PACS must not get a second SR
+    of the image from another model, nor a heat map that is not the report's: the job ends done with attempt 1's
+    report, and nothing of the retry is written or queued."""
+    env = make_env(tmp_path / "var", databases, queue__max_attempts="3", export__destinations=DESTINATIONS)
+    [source] = clone_instances(CHEST, tmp_path / "in", 1)
+    job_id, _ = env.receive(source)
+    first = _failing_sc_writes(env.worker(), OSError(5, "Input/output error"))
+    assert first.run_once() == 1 and env.job(job_id).state == JobState.QUEUED
+    rows_before, exports_before = env.results(job_id=job_id), env.exports()
+    files_before = sorted(p for p in env.root.rglob("*") if p.is_file())
+    promoted = env.worker().analyse
+
+    def under_a_new_champion(sources, device=None, **options):  # type: ignore[no-untyped-def]
+        records = promoted(sources, device=device, **options)
+        for record in records:
+            record.classifier = replace(record.classifier, version="0.2.0-site")
+        return records
+
+    assert env.worker(analyse=under_a_new_champion).run_once() == 1
+    job = env.job(job_id)
+    assert (job.state, job.attempts) == (JobState.DONE, 2)
+    assert [r.sop_instance_uid for r in env.results(job_id=job_id)] == [r.sop_instance_uid for r in rows_before]
+    assert _analysed_srs(env, job_id) == [True], "one SR of the image in PACS, the one already sent"
+    assert env.exports() == exports_before, "nothing of the retry queued"
+    assert sorted(p for p in env.root.rglob("*") if p.is_file() and p not in files_before
+                  and p.suffix == ".dcm") == [], "nothing of the retry written"
+    [note] = _events(env, "heat_map_missing")
+    assert "models_changed" in note and "0.2.0-site" in note
