@@ -17,14 +17,26 @@ import secrets
 import shutil
 import subprocess
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
 
 from .net import free_port
 
 SKIP_ENV = "PNEUMO_SKIP_POSTGRES"
+# Every engine that has connected, so that a database's engines give their pooled connections back before it is
+# dropped: otherwise psycopg finds them open when the engine is collected, long after ("deleted while still open").
+_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+@event.listens_for(Engine, "engine_connect")
+def _remember_engine(connection: Connection) -> None:
+    _ENGINES.add(connection.engine)
+
 SERVER_BINARIES = ("initdb", "pg_ctl", "postgres")
 SUPERUSER = "postgres"  # the cluster's superuser (a database role, not the OS user)
 SERVER_SETTINGS = {
@@ -185,8 +197,13 @@ class PostgresCluster:
         return self.url(name)
 
     def drop_database(self, url: str) -> None:
-        """Drop the database of ``url``, ending the connections the test's engines still hold."""
-        self._admin("DROP DATABASE IF EXISTS {} WITH (FORCE)", url.rsplit("/", 1)[1])
+        """Drop the database of ``url``: the test's engines close their pooled connections first, and the server ends
+        any a test still holds checked out."""
+        name = url.rsplit("/", 1)[1]
+        for engine in list(_ENGINES):
+            if engine.url.get_backend_name() == "postgresql" and engine.url.database == name:
+                engine.dispose()
+        self._admin("DROP DATABASE IF EXISTS {} WITH (FORCE)", name)
 
 
 class Databases:
