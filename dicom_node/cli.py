@@ -33,7 +33,7 @@ from db.reconciliation import last_reconciliation
 from db.results import count_without_result, results_of_jobs
 
 from . import __version__
-from .config import ConfigError, default_config_path, load_config, parse_set_options
+from .config import ConfigError, NodeConfig, default_config_path, load_config, parse_set_options
 from .log_safety import setup_logging
 from .netsetup import configure_pynetdicom
 from .patient_key import PatientKeySecretError, backfill_patient_keys, load_or_create_secret
@@ -44,6 +44,16 @@ LOG = logging.getLogger("dicom_node")
 COMMAND_MODULES: list[str] = ["cli_retrain", "cli_models", "cli_labels", "cli_console"]
 EXIT_CONFIG = 2
 EXIT_INCONSISTENT = 1  # dicom-node check: something was missing from the archive or the database
+
+
+def _layout_note(cfg: NodeConfig) -> str:
+    """Why ``worker.processes``/``worker.threads`` = "auto" chose what they did ("" when both were numbers)."""
+    from .worker_layout import AUTO, resolve_layout
+
+    given = (cfg.values["worker.processes"], cfg.values["worker.threads"])
+    if AUTO not in given:
+        return ""
+    return "; auto: " + resolve_layout(*given, cfg.worker.precision, cfg.worker.device).reason
 
 
 def _stop_on_signals(what_happens: str) -> threading.Event:
@@ -106,6 +116,8 @@ def _cmd_serve(rt: Runtime) -> int:
     if cfg.worker.processes > 0:
         from .supervisor import WorkerSupervisor
 
+        LOG.info("workers: %d process(es) of %d model thread(s)%s", cfg.worker.processes, cfg.worker.threads,
+                 _layout_note(cfg))
         supervisor = WorkerSupervisor(cfg.worker.processes, rt.config_path, rt.overrides, bells)
         supervisor.start(scheduler)
     else:

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from ai.safe_text import escape
 
+from .worker_layout import AUTO, resolve_layout
+
 if TYPE_CHECKING:
     from ai.limits import ImageLimits
 
@@ -45,6 +47,16 @@ def _range(lo: float, hi: float | None = None) -> Callable[[Any], str | None]:
         return None
 
     return check
+
+
+def _auto_or(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
+    def either(value: Any) -> str | None:
+        if value == AUTO:
+            return None
+        problem = check(value)
+        return f"{problem}, or \"auto\"" if problem else None
+
+    return either
 
 
 def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str | None]:
@@ -155,6 +167,7 @@ class Key:
     type: type
     default: Any
     check: Callable[[Any], str | None] | None = None
+    auto: bool = False  # the value may also be "auto" (resolved when the configuration is built)
 
 
 SCHEMA: dict[str, Key] = {
@@ -180,11 +193,11 @@ SCHEMA: dict[str, Key] = {
     "database.identity_check_seconds": Key(float, 2.0, _range(0.1, 60)),
     "queue.lease_seconds": Key(float, 300.0, _range(1)),
     "queue.max_attempts": Key(int, 3, _range(1, 100)),
-    "worker.processes": Key(int, 1, _range(0, 64)),
+    "worker.processes": Key(int, "auto", _auto_or(_range(0, 64)), auto=True),
     "worker.batch_size": Key(int, 4, _range(1, 64)),
     "worker.poll_seconds": Key(float, 0.1, _range(0.05)),
     "worker.device": Key(str, "auto", _one_of(DEVICES)),
-    "worker.threads": Key(int, 2, _range(0, 256)),
+    "worker.threads": Key(int, "auto", _auto_or(_range(0, 256)), auto=True),
     "worker.nice": Key(int, 15, _range(0, 19)),
     "worker.precision": Key(str, "auto", _one_of(PRECISIONS)),
     "models.directory": Key(str, ""),
@@ -244,6 +257,8 @@ def _env_name(key: str) -> str:
 def _coerce(key: str, raw: Any, from_text: bool) -> Any:
     """Convert ``raw`` to the key's type; text from env/CLI is parsed, TOML values must already match."""
     spec = SCHEMA[key]
+    if spec.auto and isinstance(raw, str) and raw.strip().lower() == AUTO:
+        return AUTO
     try:
         if spec.type is list:
             if from_text:
@@ -281,7 +296,8 @@ def _coerce(key: str, raw: Any, from_text: bool) -> Any:
             raise TypeError
         return str(raw)
     except (TypeError, ValueError):
-        raise ConfigError(f"{key}: expected {spec.type.__name__}, got {raw!r}") from None
+        expected = f"{spec.type.__name__} or \"auto\"" if spec.auto else spec.type.__name__
+        raise ConfigError(f"{key}: expected {expected}, got {raw!r}") from None
 
 
 def _flatten(table: Mapping[str, Any], source: str) -> dict[str, Any]:
@@ -370,11 +386,11 @@ class QueueSettings:
 
 @dataclass(frozen=True)
 class WorkerSettings:
-    processes: int
+    processes: int  # resolved: "auto" is replaced by dicom_node.worker_layout
     batch_size: int
     poll_seconds: float
     device: str
-    threads: int  # CPU threads of the models in each worker process (0 = torch's default: every core)
+    threads: int  # CPU threads of the models in each worker process (0 = torch's default: every core); resolved
     nice: int  # niceness of each worker process: the intake in serve gets the CPU first
     precision: str  # the classifier's arithmetic (ai/precision.py): auto, fp32 or bf16
 
@@ -552,7 +568,7 @@ class NodeConfig:
             storage=StorageSettings(**storage),
             database=DatabaseSettings(**database),
             queue=QueueSettings(**_section_values(values, "queue")),
-            worker=WorkerSettings(**_section_values(values, "worker")),
+            worker=_worker_settings(values),
             models=ModelsSettings(directory=_resolve_path(directory, base_dir) if directory else None),
             results=ResultsSettings(**_section_values(values, "results")),
             export=ExportSettings(**export),
@@ -576,6 +592,15 @@ def default_config_path() -> Path | None:
         return Path(env)
     candidate = Path.cwd() / "config.toml"
     return candidate if candidate.is_file() else None
+
+
+def _worker_settings(values: Mapping[str, Any]) -> WorkerSettings:
+    """The [worker] section with "auto" processes and threads resolved for this host (dicom_node/worker_layout.py)."""
+    worker = _section_values(values, "worker")
+    if AUTO in (worker["processes"], worker["threads"]):
+        layout = resolve_layout(worker["processes"], worker["threads"], worker["precision"], worker["device"])
+        worker.update(processes=layout.processes, threads=layout.threads)
+    return WorkerSettings(**worker)
 
 
 def load_config(

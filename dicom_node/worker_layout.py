@@ -1,0 +1,62 @@
+"""``worker.processes`` and ``worker.threads`` = "auto": the layout measured best for this host's CPU.
+
+Why two layouts: a worker process runs its models on one thread and builds its result objects (highdicom, pure
+Python) on another, and the two share one interpreter lock. With one process of two model threads the model
+thread sets the pace and a fifth of two cores stays idle under load; two processes of one thread each keep both
+cores busy (docs/benchmarks.md, 2026-12-06: 3.4-3.8 against 2.8-3.3 images/s on an Intel Xeon with AMX, 3.2
+against 2.6-2.9 with its classifier forced to float32). A single thread per model costs the idle node latency,
+though, which only a fast classifier can afford: its bfloat16 pass gains nothing from a second thread (42.5 against
+43.9 ms with AMX), while a float32 pass on a CPU without bfloat16 instructions takes 1.9x as long on one thread (the
+AMD EPYC Zen 3 sections: 280 against 150 ms, and an idle p95 already at 0.73-0.87 s of the 1.0 s goal with two).
+
+So "auto" is two processes of one thread where the classifier runs in bfloat16 on bfloat16 instructions (AMX or
+AVX-512 BF16, as ``ai.precision`` decides "auto"), and one process of two threads elsewhere, never more of either
+than the cores. More cores or a GPU: set the numbers (the README's "Sizing the workers"). The CPU is read from
+/proc/cpuinfo, because ``serve`` decides the processes before any model (or torch) loads; ``ai.precision`` asks
+torch the same question of the same CPUID bits.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+AUTO = "auto"
+BFLOAT16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo names of AMX-BF16 and AVX-512 BF16
+
+
+@dataclass(frozen=True)
+class WorkerLayout:
+    processes: int
+    threads: int
+    reason: str  # one line for the log: why "auto" chose these
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """The first processor's feature flags; empty where /proc/cpuinfo cannot be read (not Linux)."""
+    try:
+        with cpuinfo.open(encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def resolve_layout(processes: int | str, threads: int | str, precision: str, device: str,
+                   cores: int | None = None, flags: frozenset[str] | None = None) -> WorkerLayout:
+    """The numbers to run: the configured ones, each "auto" replaced as the module docstring says."""
+    cores = max(1, cores if cores is not None else (os.cpu_count() or 1))
+    flags = cpu_flags() if flags is None else flags
+    fast = device != "cuda" and precision != "fp32" and any(f in flags for f in BFLOAT16_FLAGS)
+    if fast:
+        auto_processes, auto_threads = min(2, cores), 1
+        reason = "the classifier runs in bfloat16 on this CPU: two processes of one thread"
+    else:
+        auto_processes, auto_threads = 1, min(2, cores)
+        reason = ("a GPU worker" if device == "cuda" else "the classifier runs in float32 here") + \
+            ": one process of two threads"
+    return WorkerLayout(processes=auto_processes if processes == AUTO else int(processes),
+                        threads=auto_threads if threads == AUTO else int(threads), reason=reason)
