@@ -53,10 +53,11 @@ def resolve_layout(processes: int | str, threads: int | str, precision: str, dev
     fast = device != "cuda" and precision != "fp32" and any(f in flags for f in BFLOAT16_FLAGS)
     if fast:
         auto_processes, auto_threads = min(2, cores), 1
-        reason = "the classifier runs in bfloat16 on this CPU: two processes of one thread"
+        reason = "the classifier runs in bfloat16 on this CPU (AMX or AVX-512 BF16)"
     else:
         auto_processes, auto_threads = 1, min(2, cores)
-        reason = ("a GPU worker" if device == "cuda" else "the classifier runs in float32 here") + \
-            ": one process of two threads"
+        reason = ("the models run on a GPU" if device == "cuda" else
+                  "worker.precision = fp32: the classifier runs in float32" if precision == "fp32" else
+                  "no bfloat16 instructions on this CPU")
     return WorkerLayout(processes=auto_processes if processes == AUTO else int(processes),
                         threads=auto_threads if threads == AUTO else int(threads), reason=reason)

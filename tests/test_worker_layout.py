@@ -42,7 +42,9 @@ def test_never_more_than_the_cores_and_numbers_given_are_kept():
     assert layout(threads=4, flags=AMX) == (2, 4)
     assert layout(processes=0, threads=0, flags=ZEN3) == (0, 0)
     assert "bfloat16" in resolve_layout("auto", "auto", "auto", "cpu", 2, AMX).reason
-    assert "float32" in resolve_layout("auto", "auto", "auto", "cpu", 2, ZEN3).reason
+    assert "no bfloat16" in resolve_layout("auto", "auto", "auto", "cpu", 2, ZEN3).reason
+    assert "float32" in resolve_layout("auto", "auto", "fp32", "cpu", 2, AMX).reason
+    assert "GPU" in resolve_layout("auto", "auto", "auto", "cuda", 2, AMX).reason
 
 
 def test_cpu_flags_come_from_the_first_processor(tmp_path):
