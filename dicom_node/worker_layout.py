@@ -9,11 +9,13 @@ though, which only a fast classifier can afford: its bfloat16 pass gains nothing
 43.9 ms with AMX), while a float32 pass on a CPU without bfloat16 instructions takes 1.9x as long on one thread (the
 AMD EPYC Zen 3 sections: 280 against 150 ms, and an idle p95 already at 0.73-0.87 s of the 1.0 s goal with two).
 
-So "auto" is two processes of one thread where the classifier runs in bfloat16 on bfloat16 instructions (AMX or
-AVX-512 BF16, as ``ai.precision`` decides "auto"), and one process of two threads elsewhere, never more of either
-than the cores. More cores or a GPU: set the numbers (the README's "Sizing the workers"). The CPU is read from
-/proc/cpuinfo, because ``serve`` decides the processes before any model (or torch) loads; ``ai.precision`` asks
-torch the same question of the same CPUID bits.
+So "auto" is two processes of one thread where the classifier runs in bfloat16 on AMX tiles (where that was
+measured), and one process of two threads elsewhere, never more of either than the cores. CPUs with AVX-512 BF16
+but no AMX (AMD EPYC Zen 4 and Zen 5) also run the classifier in bfloat16, but nobody has measured one thread
+there: on Zen 4 the two-thread pass took 75-101 ms, twice AMX's, so they keep the layout that protects the idle
+latency until someone does. More cores or a GPU: set the numbers (the README's "Sizing the workers"). The CPU is
+read from /proc/cpuinfo, because ``serve`` decides the processes before any model (or torch) loads;
+``ai.precision`` asks torch about the same CPUID bits.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 AUTO = "auto"
-BFLOAT16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo names of AMX-BF16 and AVX-512 BF16
+AMX_FLAGS = ("amx_tile", "amx_bf16")  # /proc/cpuinfo names of AMX tiles and their bfloat16 products
 
 
 @dataclass(frozen=True)
@@ -50,14 +52,14 @@ def resolve_layout(processes: int | str, threads: int | str, precision: str, dev
     """The numbers to run: the configured ones, each "auto" replaced as the module docstring says."""
     cores = max(1, cores if cores is not None else (os.cpu_count() or 1))
     flags = cpu_flags() if flags is None else flags
-    fast = device != "cuda" and precision != "fp32" and any(f in flags for f in BFLOAT16_FLAGS)
+    fast = device != "cuda" and precision != "fp32" and all(f in flags for f in AMX_FLAGS)
     if fast:
         auto_processes, auto_threads = min(2, cores), 1
-        reason = "the classifier runs in bfloat16 on this CPU (AMX or AVX-512 BF16)"
+        reason = "the classifier runs in bfloat16 on this CPU's AMX tiles"
     else:
         auto_processes, auto_threads = 1, min(2, cores)
         reason = ("the models run on a GPU" if device == "cuda" else
                   "worker.precision = fp32: the classifier runs in float32" if precision == "fp32" else
-                  "no bfloat16 instructions on this CPU")
+                  "no AMX on this CPU")
     return WorkerLayout(processes=auto_processes if processes == AUTO else int(processes),
                         threads=auto_threads if threads == AUTO else int(threads), reason=reason)

@@ -20,9 +20,9 @@ def layout(processes="auto", threads="auto", precision="auto", device="auto", co
     return chosen.processes, chosen.threads
 
 
-def test_bfloat16_cpus_get_two_processes_of_one_thread_others_one_of_two():
+def test_amx_cpus_get_two_processes_of_one_thread_others_one_of_two():
     assert layout(flags=AMX) == (2, 1)
-    assert layout(flags=ZEN4) == (2, 1)
+    assert layout(flags=ZEN4) == (1, 2)  # bfloat16 without AMX: one thread not measured there
     assert layout(flags=ZEN3) == (1, 2)
     assert layout(flags=frozenset()) == (1, 2)  # nothing known about the CPU: the layout that keeps idle latency
 
@@ -42,7 +42,7 @@ def test_never_more_than_the_cores_and_numbers_given_are_kept():
     assert layout(threads=4, flags=AMX) == (2, 4)
     assert layout(processes=0, threads=0, flags=ZEN3) == (0, 0)
     assert "bfloat16" in resolve_layout("auto", "auto", "auto", "cpu", 2, AMX).reason
-    assert "no bfloat16" in resolve_layout("auto", "auto", "auto", "cpu", 2, ZEN3).reason
+    assert "no AMX" in resolve_layout("auto", "auto", "auto", "cpu", 2, ZEN3).reason
     assert "float32" in resolve_layout("auto", "auto", "fp32", "cpu", 2, AMX).reason
     assert "GPU" in resolve_layout("auto", "auto", "auto", "cuda", 2, AMX).reason
 
@@ -57,11 +57,11 @@ def test_cpu_flags_come_from_the_first_processor(tmp_path):
 
 def test_this_cpu_is_read_as_torch_reads_it():
     """The layout (decided in serve, without torch) and the classifier's precision (decided in the worker, by
-    torch's CPUID probes) agree on whether this CPU computes bfloat16."""
+    torch's CPUID probes) agree on whether this CPU has AMX."""
     from ai.precision import bfloat16_hardware
 
     fast = resolve_layout("auto", "auto", "auto", "cpu", cores=2).processes == 2
-    assert fast == (bfloat16_hardware() is not None)
+    assert fast == (bfloat16_hardware() == "AMX")
 
 
 def test_auto_from_the_file_the_environment_and_the_command_line(tmp_path):
