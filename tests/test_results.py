@@ -35,7 +35,7 @@ from dicom_node.results import (
     result_uid,
 )
 from dicom_node.results.sc import banner_lines
-from dicom_node.results.sr import NO_CLASSIFIER_NOTE
+from dicom_node.results.sr import ARITHMETIC, NO_CLASSIFIER_NOTE
 
 from .support.data import CHEST_JPEG_LS
 from .support.data import CHEST_UNCOMPRESSED as CHEST
@@ -248,7 +248,7 @@ def test_sr_pneumoconiosis_findings_report_the_classification(demo_sr, chest, de
     assert only(finding, ("111001", "DCM")).TextValue == DEMO_CLASSIFIER.name
     assert only(finding, ("111003", "DCM")).TextValue == DEMO_CLASSIFIER.version
     assert {i.TextValue for i in children(finding, ("111002", "DCM"))} == {
-        "model card: classifier.md", "trained on: synthetic opacities"}
+        "model card: classifier.md", "trained on: synthetic opacities", f"arithmetic: {ARITHMETIC[c.precision]}"}
     source = only(finding, ("121112", "DCM"))
     assert source.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == chest.SOPInstanceUID
     assert code_of(only(finding, ("40122008", "SCT"))) == ("52101004", "SCT")  # Present

@@ -83,10 +83,19 @@ def source_image_reference(source: Dataset, item_class=SourceImageForMeasurement
                       referenced_sop_instance_uid=str(source.SOPInstanceUID))
 
 
-def algorithm_identification(model: ModelInfo) -> AlgorithmIdentification:
-    """TID 4019: name (DCM 111001), version (DCM 111003), and the model card / training data as parameters."""
+ARITHMETIC = {"bf16": "bfloat16 (the answer lies far from every decision; float32 decides near one)",
+              "fp32": "float32"}
+"""What the classifier's numbers were computed in (ai/precision.py): the same weights give probabilities a few
+thousandths apart in bfloat16, so a reader comparing two reports of one image can tell why."""
+
+
+def algorithm_identification(model: ModelInfo, precision: str | None = None) -> AlgorithmIdentification:
+    """TID 4019: name (DCM 111001), version (DCM 111003), and the model card, the training data and (for the
+    classifier) the arithmetic of this answer as parameters."""
+    arithmetic = ARITHMETIC.get(precision, precision) if precision else ""
     parameters = [f"{label}: {value}" for label, value in (("model card", model.card_id),
-                                                           ("trained on", model.trained_on)) if value]
+                                                           ("trained on", model.trained_on),
+                                                           ("arithmetic", arithmetic)) if value]
     return AlgorithmIdentification(name=model.name, version=model.version, parameters=parameters or None)
 
 
@@ -183,7 +192,7 @@ def pneumoconiosis_group(source: Dataset, record: AnalysisRecord, c: Classificat
     ]
     return MeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(source, model_versions(record.models), "Pneumoconiosis"),
-        finding_type=codes.PNEUMOCONIOSIS, algorithm_id=algorithm_identification(model),
+        finding_type=codes.PNEUMOCONIOSIS, algorithm_id=algorithm_identification(model, c.precision),
         finding_sites=[FindingSite(codes.LUNG)], measurements=measurements, qualitative_evaluations=evaluations,
         source_images=[source_image_reference(source)])
 
