@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 AUTO = "auto"
@@ -35,8 +36,10 @@ class WorkerLayout:
     reason: str  # one line for the log: why "auto" chose these
 
 
+@lru_cache(maxsize=4)
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
-    """The first processor's feature flags; empty where /proc/cpuinfo cannot be read (not Linux)."""
+    """The first processor's feature flags; empty where /proc/cpuinfo cannot be read (not Linux). Read once per
+    process: every configuration load resolves the layout, and ``serve`` asks again for its log line."""
     try:
         with cpuinfo.open(encoding="ascii", errors="replace") as fh:
             for line in fh:
